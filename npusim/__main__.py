@@ -1,0 +1,3 @@
+from npusim.cli import run
+
+run()

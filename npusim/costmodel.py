@@ -1,0 +1,289 @@
+"""Roofline cost of one forward iteration, and the memory footprint of a model on a device.
+
+Every op is priced as ``max(flops / effective compute, bytes / effective bandwidth)`` plus a fixed
+per-kernel latency. Per-layer ops are the same for every layer, so they are priced once and
+multiplied by the layer count. The simulator calls :meth:`CostModel.step_time` once per iteration:
+the token-count-dependent dense part is memoised, the attention part is a few multiplications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from npusim.errors import NpusimError
+from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
+                          ModelSpec, ceil_div, dtype_bytes, gib)
+
+ACT_BYTES = 2.0  # activations in bf16/fp16
+LOGIT_BYTES = 4.0  # logits are upcast to fp32 for sampling
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op of an iteration, summed over layers where it repeats."""
+
+    name: str
+    flops: float
+    bytes: float
+    time_s: float
+    bound: str  # "compute" | "memory" | "latency"
+    kernels: int
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["time_ms"] = d.pop("time_s") * 1e3
+        return d
+
+
+def _pad_efficiency(x: int, tile: int) -> float:
+    """Fraction of a tile-padded dimension that does useful work (a 17-row GEMM on a 16-row cube
+    wastes 15 rows of its second pass)."""
+    return x / (ceil_div(x, tile) * tile)
+
+
+class CostModel:
+    """Prices iterations of `model` on `hw` (or on a partition of it, see HardwareSpec.partition)."""
+
+    def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
+                 kv_dtype: str = "bf16"):
+        self.hw = hw
+        self.model = model
+        self.weight_dtype = weight_dtype
+        self.kv_dtype = kv_dtype
+        self.w_bytes = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        self.kv_bytes = dtype_bytes(kv_dtype, KV_DTYPES, "kv_dtype")
+        compute_dtype = "fp16" if weight_dtype == "fp16" else "bf16"
+        self.mm_rate = hw.matmul_tflops(compute_dtype) * 1e12 * hw.matmul_efficiency
+        self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
+        self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
+        self.latency = hw.kernel_latency_us * 1e-6
+        self.host_overhead_s = hw.host_overhead_ms * 1e-3
+        self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
+        self._dense_cache: dict[tuple[int, int], float] = {}
+        # Decode attention per layer: Q·K and P·V over the whole context for every head.
+        m = model
+        self._attn_flops_per_ctx = 4.0 * m.num_heads * m.head_dim
+        group = m.num_heads // m.num_kv_heads
+        # GQA packs the query heads of one KV head as the rows of a small GEMM.
+        self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
+
+    # -- primitive pricing -----------------------------------------------------------------------
+    def _price(self, flops: float, nbytes: float, rate: float, kernels: int) -> tuple[float, str]:
+        tc = flops / rate
+        tm = nbytes / self.bw
+        t = max(tc, tm)
+        lat = kernels * self.latency
+        bound = "compute" if tc >= tm else "memory"
+        if lat > t:
+            bound = "latency"
+        return t + lat, bound
+
+    def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
+        hw = self.hw
+        eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
+               * _pad_efficiency(k, hw.matmul_tile_k))
+        flops = 2.0 * m * n * k
+        nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, 1)
+        return Op(name, flops, nbytes, t, bound, 1)
+
+    def _vector(self, name: str, flops: float, nbytes: float, kernels: int = 1) -> Op:
+        t, bound = self._price(flops, nbytes, self.vec_rate, kernels)
+        return Op(name, flops, nbytes, t, bound, kernels)
+
+    @property
+    def _linear_weight_bytes(self) -> float:
+        if self.weight_dtype == "int4":
+            return self.w_bytes + 2.0 / 128  # one 16-bit scale per group of 128
+        return self.w_bytes
+
+    # -- op lists --------------------------------------------------------------------------------
+    def layer_dense_ops(self, tokens: int) -> list[Op]:
+        """Ops of one layer whose cost depends only on the number of new tokens."""
+        m = self.model
+        h, f, T, w = m.hidden_size, m.intermediate_size, tokens, self._linear_weight_bytes
+        qkv_n = m.q_dim + 2 * m.kv_dim
+        return [
+            self._vector("rmsnorm_attn", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
+            self._gemm("qkv_proj", T, h, qkv_n, w),
+            self._vector("rope", 6.0 * T * (m.q_dim + m.kv_dim), 2.0 * T * (m.q_dim + m.kv_dim) * ACT_BYTES),
+            self._vector("kv_cache_write", 0.0, T * m.kv_dim * 2 * (ACT_BYTES + self.kv_bytes)),
+            self._gemm("o_proj", T, m.q_dim, h, w),
+            self._vector("residual_attn", T * h, 3.0 * T * h * ACT_BYTES),
+            self._vector("rmsnorm_mlp", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
+            self._gemm("gate_up_proj", T, h, 2 * f, w),
+            self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
+            self._gemm("down_proj", T, f, h, w),
+            self._vector("residual_mlp", T * h, 3.0 * T * h * ACT_BYTES),
+        ]
+
+    def edge_ops(self, tokens: int, sampled: int) -> list[Op]:
+        """Ops run once per iteration: embedding, final norm, LM head and sampling."""
+        m = self.model
+        h, V = m.hidden_size, m.vocab_size
+        ops = [self._vector("embedding", 0.0, 2.0 * tokens * h * ACT_BYTES)]
+        ops.append(self._vector("final_norm", 4.0 * sampled * h, 2.0 * sampled * h * ACT_BYTES + h * ACT_BYTES))
+        if sampled:
+            ops.append(self._gemm("lm_head", sampled, h, V, ACT_BYTES))  # kept 16-bit under weight-only quant
+            ops.append(self._vector("sampling", 5.0 * sampled * V, 2.0 * sampled * V * LOGIT_BYTES, kernels=3))
+        return ops
+
+    def attention_decode_op(self, num_decodes: int, context_tokens: int, kv_slots: int) -> Op:
+        """One layer's decode attention: every sequence reads every KV slot of its pages, including
+        the unfilled tail of its last page (`kv_slots` >= `context_tokens`)."""
+        m = self.model
+        flops = self._attn_flops_per_ctx * context_tokens
+        nbytes = kv_slots * self.kv_bytes_per_token_layer + 2.0 * num_decodes * m.q_dim * ACT_BYTES
+        t, bound = self._price(flops, nbytes, self._attn_decode_rate, 1)
+        return Op("attention_decode", flops, nbytes, t, bound, 1)
+
+    def attention_prefill_op(self, chunks: Sequence[tuple[int, int]]) -> Op:
+        """One layer's causal prefill attention over chunks of (new tokens c, cached context p):
+        each new token attends to p plus the new tokens up to itself."""
+        m = self.model
+        pairs = 0.0
+        kv_tokens = 0
+        new = 0
+        for c, p in chunks:
+            pairs += c * p + c * (c + 1) / 2.0
+            kv_tokens += c + p
+            new += c
+        flops = self._attn_flops_per_ctx * pairs
+        nbytes = kv_tokens * self.kv_bytes_per_token_layer + 2.0 * new * m.q_dim * ACT_BYTES
+        eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, 1)
+        return Op("attention_prefill", flops, nbytes, t, bound, 1)
+
+    def ops(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
+            prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> list[Op]:
+        """Every op of one iteration, per-layer ops summed over the layers."""
+        tokens = num_decodes + sum(c for c, _ in prefill_chunks)
+        if tokens <= 0:
+            raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
+        sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
+        L = self.model.num_layers
+        layer = self.layer_dense_ops(tokens)
+        if prefill_chunks:
+            layer.insert(3, self.attention_prefill_op(prefill_chunks))
+        if num_decodes:
+            layer.insert(3, self.attention_decode_op(num_decodes, decode_context_tokens, decode_kv_slots))
+        edge = self.edge_ops(tokens, sampled)
+        scaled = [Op(o.name, o.flops * L, o.bytes * L, o.time_s * L, o.bound, o.kernels * L) for o in layer]
+        return edge[:1] + scaled + edge[1:]
+
+    # -- the hot path ----------------------------------------------------------------------------
+    def dense_time(self, tokens: int, sampled: int) -> float:
+        key = (tokens, sampled)
+        t = self._dense_cache.get(key)
+        if t is None:
+            t = (self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
+                 + sum(o.time_s for o in self.edge_ops(tokens, sampled)))
+            self._dense_cache[key] = t
+        return t
+
+    def step_time(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
+                  prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> float:
+        """Device seconds of one iteration (equal to the sum of `ops(...)`, without building them)."""
+        tokens = num_decodes
+        for c, _ in prefill_chunks:
+            tokens += c
+        if tokens <= 0:
+            raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
+        sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
+        t = self.dense_time(tokens, sampled)
+        attn = 0.0
+        if num_decodes:
+            attn += self.decode_attention_time(num_decodes, decode_context_tokens, decode_kv_slots)
+        if prefill_chunks:
+            attn += self.attention_prefill_op(prefill_chunks).time_s
+        return t + self.model.num_layers * attn
+
+    def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
+        """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""
+        tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
+        tm = (kv_slots * self.kv_bytes_per_token_layer
+              + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
+        return (tc if tc > tm else tm) + self.latency
+
+
+# --------------------------------------------------------------------------- memory
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where device memory goes, and how many KV blocks are left, computed as vLLM does."""
+
+    device_bytes: float
+    usable_bytes: float  # device × gpu_memory_utilization
+    weight_bytes: float
+    activation_bytes: float
+    reserve_bytes: float
+    kv_pool_bytes: float
+    block_size: int
+    block_bytes: float
+    kv_bytes_per_token: float
+    num_blocks_formula: int
+    num_blocks: int  # the formula's, or the measured override
+    fits: bool
+    verdict: str
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def as_dict(self) -> dict:
+        g = lambda b: round(gib(b), 3)  # noqa: E731
+        return {
+            "device_gib": g(self.device_bytes), "usable_gib": g(self.usable_bytes),
+            "weights_gib": g(self.weight_bytes), "activation_peak_gib": g(self.activation_bytes),
+            "runtime_reserve_gib": g(self.reserve_bytes), "kv_pool_gib": g(self.kv_pool_bytes),
+            "kv_bytes_per_token": self.kv_bytes_per_token, "block_size": self.block_size,
+            "block_bytes": self.block_bytes, "num_blocks_formula": self.num_blocks_formula,
+            "num_blocks": self.num_blocks, "kv_capacity_tokens": self.kv_capacity_tokens,
+            "fits": self.fits, "verdict": self.verdict,
+        }
+
+
+def activation_peak_bytes(model: ModelSpec, max_num_batched_tokens: int, max_num_seqs: int) -> float:
+    """Estimate of vLLM's profiled activation peak: a forward pass of max_num_batched_tokens holding
+    the MLP input, gate/up output and activation output at once, plus fp32 logits (and a softmax
+    copy) for max_num_seqs sampled rows."""
+    T, h, f = max_num_batched_tokens, model.hidden_size, model.intermediate_size
+    mlp = T * (2 * h + 3 * f) * ACT_BYTES
+    logits = 2.0 * min(max_num_seqs, T) * model.vocab_size * LOGIT_BYTES
+    return mlp + logits
+
+
+def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None = None,
+                memory_fraction: float = 1.0) -> MemoryPlan:
+    """KV blocks left for one instance owning `memory_fraction` of the device's memory:
+    (memory × utilisation − weights − activation peak − runtime reserve) // block bytes."""
+    e = engine or EngineConfig()
+    device = hw.memory_bytes * memory_fraction
+    usable = device * e.gpu_memory_utilization
+    weights = model.weight_bytes(e.weight_dtype)
+    act = activation_peak_bytes(model, e.max_num_batched_tokens, e.max_num_seqs)
+    reserve = hw.runtime_reserve_gib * 2**30
+    kv_per_token = model.kv_bytes_per_token(e.kv_dtype)
+    block_bytes = kv_per_token * e.block_size
+    pool = usable - weights - act - reserve
+    formula = max(0, int(pool // block_bytes))
+    num_blocks = e.num_blocks if e.num_blocks is not None else formula
+    need = weights + act + reserve
+    g = lambda b: f"{gib(b):.2f} GiB"  # noqa: E731
+    if formula <= 0 and e.num_blocks is None:
+        verdict = (f"does not fit: {model.name} weights {g(weights)} ({e.weight_dtype}) + activations "
+                   f"{g(act)} + runtime reserve {g(reserve)} = {g(need)} exceed the usable {g(usable)} "
+                   f"({g(device)} x {e.gpu_memory_utilization}) by {g(need - usable + block_bytes)} "
+                   f"(room for not even one {e.block_size}-token KV block)")
+        fits = False
+    else:
+        fits = True
+        verdict = (f"fits: {num_blocks} KV blocks of {e.block_size} tokens = {num_blocks * e.block_size} "
+                   f"tokens ({g(num_blocks * block_bytes)}) after weights {g(weights)}, activations "
+                   f"{g(act)}, reserve {g(reserve)}")
+    return MemoryPlan(device, usable, weights, act, reserve, pool, e.block_size, block_bytes,
+                      kv_per_token, formula, num_blocks, fits, verdict)
+
+
+__all__ = ["Op", "CostModel", "MemoryPlan", "memory_plan", "activation_peak_bytes", "DTYPE_BYTES"]

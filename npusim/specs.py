@@ -1,0 +1,466 @@
+"""Specs a user writes: hardware, model, engine settings. Validated pydantic models, loaded from YAML/JSON.
+
+Hardware profiles keep every number with its provenance: in the YAML each number is a mapping
+``{value: ..., kind: datasheet|derived|third-party|calibrated|assumed, source: "..."}``. The loaded
+``HardwareSpec`` holds plain floats (the cost model reads them on its hot path) and a ``provenance``
+dict with the kind and source of each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from npusim.errors import NpusimError
+
+DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+WEIGHT_DTYPES = ("bf16", "fp16", "int8", "int4")
+KV_DTYPES = ("bf16", "fp16", "int8")
+PROVENANCE_KINDS = ("datasheet", "derived", "third-party", "calibrated", "assumed")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HW_PROFILE_DIR = REPO_ROOT / "hw_profiles"
+
+
+# --------------------------------------------------------------------------- errors, file loading
+
+_RULE_WORDS = {
+    "greater_than": ("must be >", "gt"),
+    "greater_than_equal": ("must be >=", "ge"),
+    "less_than": ("must be <", "lt"),
+    "less_than_equal": ("must be <=", "le"),
+}
+
+
+def describe_validation_error(exc: ValidationError, where: str = "") -> str:
+    """One line naming the field and the rule, e.g. "memory_bandwidth_gbs must be > 0, got -5"."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "value"
+    kind = err["type"]
+    got = err.get("input")
+    if kind in _RULE_WORDS:
+        words, key = _RULE_WORDS[kind]
+        bound = err["ctx"][key]
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
+        text = f"{field} {words} {bound}, got {got!r}"
+    elif kind == "missing":
+        text = f"{field} is required"
+    elif kind == "extra_forbidden":
+        text = f"unknown field {field!r}"
+    else:
+        text = f"{field}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+    more = len(exc.errors()) - 1
+    if more:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return f"{where}: {text}" if where else text
+
+
+def load_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON file holding one mapping; malformed files name the file and line."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise NpusimError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise NpusimError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise NpusimError(f"{path}: malformed YAML{line}: {problem}") from None
+    if not isinstance(data, dict):
+        raise NpusimError(f"{path}: expected a mapping of fields at the top level")
+    return data
+
+
+def _validate(cls: type[BaseModel], data: dict, where: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise NpusimError(describe_validation_error(e, where)) from None
+
+
+# --------------------------------------------------------------------------- hardware
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["datasheet", "derived", "third-party", "calibrated", "assumed"]
+    source: str = Field(min_length=3)
+
+
+class BlockSizeRule(BaseModel):
+    """Which KV page sizes (tokens) the device's paged-attention kernels accept."""
+
+    model_config = ConfigDict(extra="forbid")
+    multiple_of: int = Field(default=1, ge=1)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(ge=1)
+    allowed: list[int] | None = None  # an explicit list overrides multiple_of/min/max
+    recommended: int = Field(ge=1)
+    source: str = Field(min_length=3)
+
+    def accepts(self, block_size: int) -> bool:
+        if self.allowed is not None:
+            return block_size in self.allowed
+        return self.min <= block_size <= self.max and block_size % self.multiple_of == 0
+
+    def describe(self) -> str:
+        if self.allowed is not None:
+            return ", ".join(str(b) for b in self.allowed)
+        return f"multiples of {self.multiple_of} from {self.min} to {self.max}"
+
+
+class HardwareSpec(BaseModel):
+    """One device. Throughputs are dense peaks; efficiencies say how much of them kernels reach."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    vendor: str
+    description: str = ""
+    # compute
+    ai_cores: int = Field(gt=0, description="cube/AI cores (Ascend) or SMs (NVIDIA)")
+    vector_cores: int = Field(gt=0)
+    clock_ghz: float = Field(gt=0)
+    matmul_tflops_fp16: float = Field(gt=0)
+    matmul_tflops_bf16: float = Field(gt=0)
+    matmul_tflops_int8: float = Field(gt=0)
+    vector_tflops: float = Field(gt=0, description="fp16 elementwise/vector throughput")
+    # memory
+    memory_gib: float = Field(gt=0)
+    memory_bandwidth_gbs: float = Field(gt=0)
+    per_core_bandwidth_gbs: float = Field(gt=0, description="what one core can pull; caps a partition")
+    l2_mib: float = Field(gt=0)
+    core_buffer_kib: float = Field(gt=0, description="largest per-core on-chip buffer (L1 / shared mem)")
+    # links
+    host_link_gbs: float = Field(gt=0, description="host <-> device bandwidth, used by KV swap")
+    chip_link_gbs: float = Field(gt=0, description="aggregate chip-to-chip bandwidth")
+    # power
+    tdp_w: float = Field(gt=0)
+    idle_w: float = Field(gt=0)
+    # fixed costs
+    kernel_latency_us: float = Field(ge=0, description="fixed device-side cost per kernel")
+    host_overhead_ms: float = Field(ge=0, description="host/framework time per iteration")
+    runtime_reserve_gib: float = Field(ge=0, description="runtime/driver/workspace memory outside the KV pool")
+    # roofline efficiencies (fractions of peak)
+    matmul_efficiency: float = Field(gt=0, le=1)
+    vector_efficiency: float = Field(gt=0, le=1)
+    memory_efficiency: float = Field(gt=0, le=1)
+    matmul_tile_m: int = Field(gt=0, description="hardware MMA tile rows")
+    matmul_tile_n: int = Field(gt=0)
+    matmul_tile_k: int = Field(gt=0)
+    kv_block_sizes: BlockSizeRule
+    provenance: dict[str, Provenance]
+
+    @model_validator(mode="after")
+    def _check(self) -> "HardwareSpec":
+        if self.idle_w >= self.tdp_w:
+            raise ValueError(f"idle_w ({self.idle_w}) must be below tdp_w ({self.tdp_w})")
+        missing = [f for f in NUMBER_FIELDS if f not in self.provenance]
+        if missing:
+            raise ValueError(f"no source given for {', '.join(missing)}")
+        return self
+
+    def matmul_tflops(self, dtype: str) -> float:
+        if dtype in ("int8", "int4"):
+            # weight-only quantisation dequantises to 16-bit before the cube/tensor core
+            return self.matmul_tflops_bf16
+        return self.matmul_tflops_fp16 if dtype == "fp16" else self.matmul_tflops_bf16
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * 2**30
+
+    def partition(self, cores: int, memory_fraction: float) -> "HardwareSpec":
+        """A spatial share (vNPU): `cores` AI cores, their share of compute, the bandwidth they can pull."""
+        if not 0 < cores <= self.ai_cores:
+            raise NpusimError(f"cores must be in 1..{self.ai_cores} for {self.name}, got {cores}")
+        if not 0 < memory_fraction <= 1:
+            raise NpusimError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        f = cores / self.ai_cores
+        # Partitions run at once and share HBM: each gets at most its cores' share of the device
+        # bandwidth, and no more than its cores can pull.
+        bw = min(self.memory_bandwidth_gbs * f, cores * self.per_core_bandwidth_gbs)
+        return self.model_copy(update={
+            "name": f"{self.name}[{cores}c]",
+            "ai_cores": cores,
+            "vector_cores": max(1, round(self.vector_cores * f)),
+            "matmul_tflops_fp16": self.matmul_tflops_fp16 * f,
+            "matmul_tflops_bf16": self.matmul_tflops_bf16 * f,
+            "matmul_tflops_int8": self.matmul_tflops_int8 * f,
+            "vector_tflops": self.vector_tflops * f,
+            "memory_gib": self.memory_gib * memory_fraction,
+            "memory_bandwidth_gbs": bw,
+            "l2_mib": self.l2_mib * f,
+        })
+
+
+NUMBER_FIELDS = tuple(
+    name for name, info in HardwareSpec.model_fields.items()
+    if info.annotation in (int, float)
+)
+
+
+def hardware_from_mapping(data: dict[str, Any], where: str) -> HardwareSpec:
+    """Split `{value, kind, source}` numbers into plain values and provenance, then validate."""
+    flat: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    for key, val in data.items():
+        if key in NUMBER_FIELDS:
+            if not isinstance(val, dict) or "value" not in val:
+                raise NpusimError(
+                    f"{where}: {key} must be a mapping {{value, kind, source}}, got {val!r}")
+            extra = set(val) - {"value", "kind", "source"}
+            if extra:
+                raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
+            flat[key] = val["value"]
+            provenance[key] = {k: v for k, v in val.items() if k != "value"}
+        else:
+            flat[key] = val
+    flat["provenance"] = provenance
+    return _validate(HardwareSpec, flat, where)
+
+
+def known_hardware() -> list[str]:
+    return sorted(p.stem for p in HW_PROFILE_DIR.glob("*.yaml"))
+
+
+def _resolve(name_or_path: str | Path, directory: Path, known: list[str], what: str) -> Path | None:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json"):
+        if not p.exists():
+            raise NpusimError(f"{what} file not found: {p}")
+        return p
+    candidate = directory / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    return None
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareSpec:
+    """A profile by name (``ascend-910b2``) or by path to a YAML/JSON file."""
+    if isinstance(name_or_path, HardwareSpec):
+        return name_or_path
+    path = _resolve(name_or_path, HW_PROFILE_DIR, known_hardware(), "hardware profile")
+    if path is None:
+        raise NpusimError(
+            f"unknown hardware {str(name_or_path)!r}; known: {', '.join(known_hardware())} "
+            f"(or give a path to a .yaml profile)")
+    return hardware_from_mapping(load_mapping(path), str(path))
+
+
+# --------------------------------------------------------------------------- models
+
+class ModelSpec(BaseModel):
+    """A dense decoder-only transformer with SwiGLU MLP, RMSNorm and RoPE (Llama, Mistral, Qwen)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position_embeddings: int = Field(gt=0)
+    source: str = Field(min_length=3)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+    # Parameter counts -------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        h = self.hidden_size
+        qkv = h * (self.q_dim + 2 * self.kv_dim)
+        o = self.q_dim * h
+        mlp = 3 * h * self.intermediate_size
+        return qkv + o + mlp
+
+    @property
+    def other_params_per_layer(self) -> int:
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return 2 * self.hidden_size + bias  # two RMSNorm weights
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        layers = self.num_layers * (self.linear_params_per_layer + self.other_params_per_layer)
+        return layers + self.embedding_params + self.lm_head_params + self.hidden_size
+
+    def weight_bytes(self, weight_dtype: str = "bf16") -> float:
+        """Weights in memory. Weight-only int8/int4 quantise the linear layers; embeddings, the LM
+        head and norms stay 16-bit (as in common W8A16/W4A16 recipes). int8 carries per-channel
+        scales, int4 one 16-bit scale per group of 128."""
+        wb = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        linear = self.num_layers * self.linear_params_per_layer
+        if weight_dtype == "int4":
+            wb += 2.0 / 128
+        rest = self.num_params - linear
+        scales = 0.0
+        if weight_dtype == "int8":  # one 16-bit scale per output channel
+            h, f = self.hidden_size, self.intermediate_size
+            scales = self.num_layers * 2.0 * (self.q_dim + 2 * self.kv_dim + h + 2 * f + h)
+        return linear * wb + rest * 2.0 + scales
+
+    def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> float:
+        return 2.0 * self.num_layers * self.kv_dim * dtype_bytes(kv_dtype, KV_DTYPES, "kv_dtype")
+
+
+def dtype_bytes(dtype: str, allowed: tuple[str, ...], field: str) -> float:
+    if dtype not in allowed:
+        raise NpusimError(f"{field} must be one of {', '.join(allowed)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+_HF = "Hugging Face config.json of "
+MODEL_ZOO: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": dict(num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, source=_HF + "meta-llama/Llama-3.2-1B"),
+    "llama-3.2-3b": dict(num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8, head_dim=128,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, source=_HF + "meta-llama/Llama-3.2-3B"),
+    "llama-3.1-8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                         source=_HF + "meta-llama/Llama-3.1-8B"),
+    "llama-3.1-70b": dict(num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8, head_dim=128,
+                          intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
+                          source=_HF + "meta-llama/Llama-3.1-70B"),
+    "llama-2-7b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128,
+                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+                       source=_HF + "meta-llama/Llama-2-7b-hf"),
+    "llama-2-13b": dict(num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=40, head_dim=128,
+                        intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096,
+                        source=_HF + "meta-llama/Llama-2-13b-hf"),
+    "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_heads=28, num_kv_heads=4, head_dim=128,
+                       intermediate_size=18944, vocab_size=152064, qkv_bias=True,
+                       max_position_embeddings=32768, source=_HF + "Qwen/Qwen2.5-7B"),
+}
+
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json of the Llama, Mistral, Qwen2 or Qwen3 families."""
+    family = cfg.get("model_type")
+    if family not in HF_FAMILIES:
+        raise NpusimError(f"{where}: model_type must be one of {', '.join(HF_FAMILIES)}, got {family!r}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "vocab_size"):
+        if key not in cfg:
+            raise NpusimError(f"{where}: {key} is required")
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else 0)
+    data = dict(
+        name=name,
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        source=f"{where} ({family})",
+    )
+    return _validate(ModelSpec, data, where)
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """A zoo model by name, or a Hugging Face config.json / npusim model YAML by path."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path
+    key = str(name_or_path)
+    if key.lower() in MODEL_ZOO:
+        return ModelSpec(name=key.lower(), **MODEL_ZOO[key.lower()])
+    p = Path(key)
+    if p.suffix not in (".json", ".yaml", ".yml") and not p.is_dir():
+        raise NpusimError(
+            f"unknown model {key!r}; known: {', '.join(MODEL_ZOO)} (or give a path to a config.json)")
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise NpusimError(f"model file not found: {p}")
+    data = load_mapping(p)
+    if "model_type" in data:
+        return model_from_hf_config(data, p.parent.name if p.name == "config.json" else p.stem, str(p))
+    return _validate(ModelSpec, data, str(p))
+
+
+# --------------------------------------------------------------------------- engine
+
+class EngineConfig(BaseModel):
+    """The serving engine's memory and batching settings (vLLM's names where they exist)."""
+
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(default=128, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    num_blocks: int | None = Field(default=None, gt=0, description="measured block count; overrides the formula")
+    max_model_len: int | None = Field(default=None, gt=0)
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    swap_space_gib: float = Field(default=4.0, ge=0)
+    watermark: float = Field(default=0.01, ge=0, lt=1)
+    paging: bool = True
+    weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
+    kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
+
+
+def check_block_size(hw: HardwareSpec, block_size: int) -> None:
+    if block_size <= 0:
+        raise NpusimError(f"block_size must be > 0, got {block_size}")
+    rule = hw.kv_block_sizes
+    if not rule.accepts(block_size):
+        raise NpusimError(
+            f"block_size {block_size} is not accepted by {hw.name}'s paged-attention kernels; "
+            f"allowed: {rule.describe()} (recommended {rule.recommended})")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / 2**30
+
+
+def isfinite_positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0

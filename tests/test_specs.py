@@ -1,0 +1,175 @@
+"""Hardware profiles, model zoo and spec validation."""
+
+import math
+
+import pytest
+import yaml
+
+from npusim.errors import NpusimError
+from npusim.specs import (MODEL_ZOO, NUMBER_FIELDS, HW_PROFILE_DIR, EngineConfig, check_block_size,
+                          known_hardware, load_hardware, load_model)
+
+REQUIRED_PROFILES = {"ascend-910", "ascend-910b1", "ascend-910b2", "ascend-910b3", "ascend-910b4",
+                     "ascend-310p3", "h100-sxm", "h200", "a100-sxm-80g"}
+
+
+def test_every_required_profile_exists():
+    assert REQUIRED_PROFILES <= set(known_hardware())
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PROFILES))
+def test_profile_loads_with_a_source_for_every_number(name):
+    hw = load_hardware(name)
+    assert set(hw.provenance) == set(NUMBER_FIELDS)
+    for field, prov in hw.provenance.items():
+        assert prov.kind in ("datasheet", "derived", "third-party", "calibrated", "assumed"), field
+        assert len(prov.source) >= 3, field
+        value = getattr(hw, field)
+        assert math.isfinite(value) and value >= 0, field
+    assert hw.kv_block_sizes.source
+    assert hw.kv_block_sizes.accepts(hw.kv_block_sizes.recommended)
+    assert hw.idle_w < hw.tdp_w
+
+
+def test_ascend_cube_peak_matches_core_count_and_clock():
+    # cube peak = cores x 16x16x16 MACs x 2 flops x clock
+    for name in ("ascend-910b1", "ascend-910b2", "ascend-910b3"):
+        hw = load_hardware(name)
+        assert hw.matmul_tflops_fp16 == pytest.approx(hw.ai_cores * 4096 * 2 * hw.clock_ghz / 1e3, rel=1e-3)
+    assert load_hardware("ascend-910b2").matmul_tflops_fp16 == pytest.approx(353.9, abs=0.1)
+
+
+def test_profile_by_path_and_unknown_name(tmp_path):
+    src = HW_PROFILE_DIR / "ascend-910.yaml"
+    p = tmp_path / "my-npu.yaml"
+    p.write_text(src.read_text())
+    assert load_hardware(str(p)).name == "ascend-910"
+    with pytest.raises(NpusimError, match="unknown hardware 'nope'.*ascend-910b2"):
+        load_hardware("nope")
+
+
+def _profile_with(tmp_path, **changes):
+    data = yaml.safe_load((HW_PROFILE_DIR / "ascend-910b2.yaml").read_text())
+    for k, v in changes.items():
+        if v is None:
+            del data[k]
+        else:
+            data[k] = v
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_bad_profile_values_name_the_field(tmp_path):
+    p = _profile_with(tmp_path, memory_bandwidth_gbs={"value": -5, "kind": "datasheet", "source": "x sheet"})
+    with pytest.raises(NpusimError, match=r"memory_bandwidth_gbs must be > 0, got -5"):
+        load_hardware(str(p))
+    p = _profile_with(tmp_path, tdp_w=400)
+    with pytest.raises(NpusimError, match=r"tdp_w must be a mapping"):
+        load_hardware(str(p))
+    p = _profile_with(tmp_path, clock_ghz={"value": 1.8, "kind": "guess", "source": "me"})
+    with pytest.raises(NpusimError, match=r"clock_ghz"):
+        load_hardware(str(p))
+    p = _profile_with(tmp_path, l2_mib=None)
+    with pytest.raises(NpusimError, match=r"l2_mib is required"):
+        load_hardware(str(p))
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: x\nai_cores: {value: 3\nvendor: y\n")
+    with pytest.raises(NpusimError, match=r"broken.yaml: malformed YAML at line \d+"):
+        load_hardware(str(p))
+
+
+def test_llama_31_8b_counts():
+    m = load_model("llama-3.1-8b")
+    assert m.num_params == pytest.approx(8.03e9, rel=0.002)
+    assert m.kv_bytes_per_token("bf16") == 128 * 1024
+    assert m.kv_bytes_per_token("int8") == 64 * 1024
+    assert m.weight_bytes("bf16") == pytest.approx(2 * m.num_params)
+
+
+def test_llama_2_13b_counts():
+    m = load_model("llama-2-13b")
+    assert m.num_params == pytest.approx(13.0e9, rel=0.01)
+    assert m.kv_bytes_per_token("bf16") == 800 * 1024
+    assert m.weight_bytes("bf16") / 1e9 == pytest.approx(26.0, rel=0.01)
+
+
+def test_tied_embeddings_are_counted_once():
+    m = load_model("llama-3.2-1b")
+    assert m.num_params == pytest.approx(1.236e9, rel=0.002)
+
+
+def test_weight_only_quantisation_shrinks_linear_layers_only():
+    m = load_model("llama-3.1-8b")
+    bf16, int8, int4 = (m.weight_bytes(d) for d in ("bf16", "int8", "int4"))
+    assert int4 < int8 < bf16
+    # embeddings and LM head (2 x 0.525 B params) stay 16-bit
+    assert int8 > bf16 / 2 + 1.0e9
+    assert int4 == pytest.approx(bf16 / 4 + 0.75 * 2 * 2 * 0.525e9, rel=0.03)
+
+
+def test_every_zoo_model_loads():
+    for name in MODEL_ZOO:
+        m = load_model(name)
+        assert m.num_params > 1e9
+        assert m.num_heads % m.num_kv_heads == 0
+
+
+def test_hf_config_by_path(fixtures):
+    m = load_model(str(fixtures / "qwen3-tiny-config.json"))
+    assert m.num_layers == 28 and m.num_kv_heads == 8 and m.head_dim == 128
+    assert m.tie_word_embeddings
+    assert m.kv_bytes_per_token() == 2 * 28 * 8 * 128 * 2
+
+
+def test_hf_config_errors(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{"model_type": "gpt2", "hidden_size": 8}')
+    with pytest.raises(NpusimError, match="model_type must be one of"):
+        load_model(str(p))
+    p.write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(NpusimError, match="num_hidden_layers is required"):
+        load_model(str(p))
+    p.write_text('{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
+                 '"num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 128, "vocab_size": 100}')
+    with pytest.raises(NpusimError, match="multiple of num_kv_heads"):
+        load_model(str(p))
+    p.write_text('{"model_type": "llama",')
+    with pytest.raises(NpusimError, match="malformed JSON at line 1"):
+        load_model(str(p))
+    with pytest.raises(NpusimError, match="unknown model 'gpt-5'.*llama-3.1-8b"):
+        load_model("gpt-5")
+
+
+def test_block_size_rules():
+    asc = load_hardware("ascend-910b2")
+    check_block_size(asc, 128)
+    check_block_size(asc, 512)
+    for bad in (100, 0, 1024):
+        with pytest.raises(NpusimError, match="block_size"):
+            check_block_size(asc, bad)
+    gpu = load_hardware("h100-sxm")
+    check_block_size(gpu, 16)
+    with pytest.raises(NpusimError, match="allowed: 8, 16, 32, 64, 128"):
+        check_block_size(gpu, 256)
+
+
+def test_partition_shares_cores_and_bandwidth():
+    hw = load_hardware("ascend-910b2")
+    half = hw.partition(12, 0.5)
+    assert half.matmul_tflops_bf16 == pytest.approx(hw.matmul_tflops_bf16 / 2)
+    assert half.memory_gib == pytest.approx(32)
+    # 12 cores x 57.6 GB/s = 691 GB/s < half of 1600
+    assert half.memory_bandwidth_gbs == pytest.approx(12 * 57.6)
+    with pytest.raises(NpusimError, match="cores must be in 1..24"):
+        hw.partition(30, 0.5)
+
+
+def test_engine_config_validation():
+    with pytest.raises(Exception):
+        EngineConfig(block_size=0)
+    with pytest.raises(Exception):
+        EngineConfig(gpu_memory_utilization=1.5)
