@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Optional
 
@@ -105,6 +106,203 @@ def step(
     if plan.fits and need_blocks > plan.num_blocks:
         console.print(f"[yellow]this batch needs {need_blocks} blocks ({kv_tokens} tokens) but only "
                       f"{plan.num_blocks} fit[/]")
+
+
+# --------------------------------------------------------------------------- simulate
+
+def _parse_rate(text: str | None) -> float | None:
+    if text is None:
+        return None
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    try:
+        rate = float(text)
+    except ValueError:
+        raise NpusimError(f"--rate must be a number of requests/s or 'inf', got {text!r}") from None
+    if not rate > 0:
+        raise NpusimError(f"--rate must be > 0 (or 'inf'), got {text}")
+    return rate
+
+
+def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
+    """The scenario file (or the default scenario) with the given command-line flags applied."""
+    from npusim.scenario import Scenario, load_scenario
+    from npusim.specs import _validate
+
+    base = load_scenario(scenario_file) if scenario_file else Scenario()
+    data = base.model_dump()
+    eng, wl = data["engine"], data["workload"]
+    top = {"hw": "hw", "model": "model", "instances": "instances", "sharing": "sharing",
+           "seed": "seed", "contiguous_policy": "contiguous_policy"}
+    engine_keys = ("block_size", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+                   "num_blocks", "max_model_len", "weight_dtype", "kv_dtype")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in top:
+            data[top[key]] = value
+        elif key in engine_keys:
+            eng[key] = value
+        elif key == "no_paging" and value:
+            eng["paging"] = False
+        elif key == "no_chunked_prefill" and value:
+            eng["enable_chunked_prefill"] = False
+        elif key == "prefix_caching" and value:
+            eng["enable_prefix_caching"] = True
+        elif key == "preemption":
+            eng["preemption_mode"] = value
+        elif key == "requests":
+            wl["num_requests"] = value
+        elif key == "input_len":
+            wl["input_len"] = {"kind": "fixed", "value": value}
+        elif key == "output_len":
+            wl["output_len"] = {"kind": "fixed", "value": value}
+        elif key == "rate":
+            wl["rate"] = _parse_rate(value)
+        elif key == "burstiness":
+            wl["burstiness_cv"] = value
+        elif key == "max_concurrency":
+            wl["max_concurrency"] = value
+        elif key == "trace":
+            wl["trace"] = value
+            if flags.get("requests") is None:
+                wl["num_requests"] = None  # every row of the trace
+            if flags.get("rate") is None:
+                wl["rate"] = None  # the trace's own arrival times
+        elif key == "shared_prefix_len":
+            wl["shared_prefix_len"] = value
+    if flags.get("sharing") is not None and flags["sharing"] not in ("time-slice", "vnpu"):
+        raise NpusimError(f"--sharing must be time-slice or vnpu, got {flags['sharing']!r}")
+    if flags.get("preemption") is not None and flags["preemption"] not in ("recompute", "swap"):
+        raise NpusimError(f"--preemption must be recompute or swap, got {flags['preemption']!r}")
+    return _validate(Scenario, data, scenario_file or "settings")
+
+
+def format_summary(r: dict) -> str:
+    """The result in the shape of `vllm bench serve`'s "Serving Benchmark Result", then npusim's extras."""
+    def line(label, value, fmt="{:.2f}"):
+        v = "n/a" if value is None else (fmt.format(value) if not isinstance(value, str) else value)
+        return f"{label:<40}{v:<10}"
+
+    def head(title, ch="-"):
+        return title.center(50, ch)
+
+    kv, en, sc = r["kv_cache"], r["energy"], r["scenario"]
+    eng = sc["engine"]
+    mode = "paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation, static batching)"
+    out = [
+        head(" Serving Benchmark Result ", "="),
+        line("Successful requests:", r["completed"], "{}"),
+        line("Rejected requests:", len(r["rejected"]), "{}"),
+        line("Benchmark duration (s):", r["duration"]),
+        line("Total input tokens:", r["total_input_tokens"], "{}"),
+        line("Total generated tokens:", r["total_output_tokens"], "{}"),
+        line("Request throughput (req/s):", r["request_throughput"]),
+        line("Output token throughput (tok/s):", r["output_throughput"]),
+        line("Total Token throughput (tok/s):", r["total_token_throughput"]),
+        head("Time to First Token"),
+        line("Mean TTFT (ms):", r["mean_ttft_ms"]), line("Median TTFT (ms):", r["median_ttft_ms"]),
+        line("P99 TTFT (ms):", r["p99_ttft_ms"]),
+        head("Time per Output Token (excl. 1st token)"),
+        line("Mean TPOT (ms):", r["mean_tpot_ms"]), line("Median TPOT (ms):", r["median_tpot_ms"]),
+        line("P99 TPOT (ms):", r["p99_tpot_ms"]),
+        head("Inter-token Latency"),
+        line("Mean ITL (ms):", r["mean_itl_ms"]), line("Median ITL (ms):", r["median_itl_ms"]),
+        line("P99 ITL (ms):", r["p99_itl_ms"]),
+        head("End-to-end Latency"),
+        line("Mean E2EL (ms):", r["mean_e2el_ms"]), line("Median E2EL (ms):", r["median_e2el_ms"]),
+        line("P99 E2EL (ms):", r["p99_e2el_ms"]),
+        head(" npusim: setup "),
+        line("Device / model:", f"{r['hw']} / {r['model']}"),
+        line("Instances / sharing:", f"{sc['instances']} / {sc['sharing']}"),
+        line("KV cache:", mode),
+        line("Memory per instance:", r["memory"]["verdict"]),
+        head(" npusim: KV cache "),
+        line("Block size (tokens):", kv["block_size"], "{}"),
+        line("Blocks (all instances):", kv["num_blocks"], "{}"),
+        line("Peak / mean used fraction:", f"{kv['peak_used_fraction']:.3f} / {kv['mean_used_fraction']:.3f}"),
+        line("Mean waste fraction:", kv["mean_waste_fraction"], "{:.4f}"),
+        line("Preemptions / swaps:", f"{kv['preemptions']} / {kv['swaps']}"),
+        line("Prefix-cache hit rate:", kv["prefix_cache_hit_rate"], "{:.3f}"),
+        head(" npusim: energy "),
+        line("Energy (J):", en["joules"], "{:.1f}"),
+        line("Output tokens per joule:", en["tokens_per_joule"], "{:.3f}"),
+        line("Mean power (W):", en["mean_power_w"], "{:.1f}"),
+        "=" * 50,
+    ]
+    if r["rejected"]:
+        reasons: dict[str, int] = {}
+        for item in r["rejected"]:
+            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+        for why, n in sorted(reasons.items(), key=lambda kv_: -kv_[1])[:5]:
+            out.append(f"rejected {n}: {why}")
+    out.append(f"(simulated in {r['wall_seconds']:.2f} s of wall time)")
+    return "\n".join(out)
+
+
+@app.command()
+def simulate(
+    scenario: Optional[str] = typer.Argument(None, help="scenario YAML; flags override it"),
+    hw: Optional[str] = typer.Option(None, "--hw", help="hardware profile name or path"),
+    model: Optional[str] = typer.Option(None, "--model", help="model name or config.json path"),
+    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="number of requests (with --trace: the first N rows)"),
+    input_len: Optional[int] = typer.Option(None, "--input-len", min=1, help="fixed prompt length"),
+    output_len: Optional[int] = typer.Option(None, "--output-len", min=1, help="fixed output length"),
+    rate: Optional[str] = typer.Option(None, "--rate", help="requests/s (Poisson), or inf: all at t=0"),
+    burstiness: Optional[float] = typer.Option(None, "--burstiness", min=0.001, help="CV of inter-arrival gaps (gamma); 1 = Poisson"),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", min=1, help="at most C requests in flight (closed loop)"),
+    trace: Optional[str] = typer.Option(None, "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens"),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
+    num_blocks: Optional[int] = typer.Option(None, "--num-blocks", min=1, help="measured KV block count; overrides the formula"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="what the contiguous baseline reserves per request"),
+    instances: Optional[int] = typer.Option(None, "--instances", min=1, help="model instances on the device"),
+    sharing: Optional[str] = typer.Option(None, "--sharing", help="time-slice | vnpu"),
+    no_paging: bool = typer.Option(False, "--no-paging", help="contiguous KV reservation with static batching"),
+    contiguous_policy: Optional[str] = typer.Option(None, "--contiguous-policy", help="max | oracle (with --no-paging)"),
+    no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),
+    preemption: Optional[str] = typer.Option(None, "--preemption", help="recompute | swap"),
+    prefix_caching: bool = typer.Option(False, "--prefix-caching"),
+    shared_prefix_len: Optional[int] = typer.Option(None, "--shared-prefix-len", min=0, help="tokens of a system prompt all requests share"),
+    weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),
+    report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
+) -> None:
+    """Simulate serving: requests arrive, are batched, take KV pages and finish. No arguments: the default scenario."""
+    from npusim.scenario import run_scenario
+
+    flags = dict(locals())
+    for k in ("scenario", "as_json", "report"):
+        flags.pop(k)
+    sc = build_scenario(scenario, flags)
+    show_progress = sys.stderr.isatty() and not as_json
+    progress_cb = None
+    bar = None
+    if show_progress:
+        from rich.progress import Progress
+        bar = Progress(console=Console(stderr=True), transient=True)
+        bar.start()
+        task = bar.add_task("simulating", total=None)
+        progress_cb = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+    try:
+        result = run_scenario(sc, want_block_map=bool(report), progress=progress_cb)
+    finally:
+        if bar is not None:
+            bar.stop()
+    sim = result.pop("_sim", None)
+    if report:
+        from npusim.report import write_report
+        write_report(report, result, sim)
+    if as_json:
+        _print_json(result)
+    else:
+        print(format_summary(result))
+        if report:
+            print(f"report: {report}")
 
 
 # --------------------------------------------------------------------------- hw / model

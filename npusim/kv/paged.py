@@ -1,0 +1,387 @@
+"""Paged KV-cache block allocator (PagedAttention, as in vLLM).
+
+The KV cache is split into `num_blocks` fixed-size blocks of `block_size` token slots. A request
+owns a block table (a list of physical block ids); only its last block may be partly filled.
+Blocks carry refcounts so that forks and prefix-cache hits can share them; a write into a shared,
+partly filled last block copies it first (copy-on-write).
+
+Every physical block is in exactly one of three states:
+  used    refcount > 0, referenced by at least one block table;
+  free    refcount 0, in the free deque;
+  cached  refcount 0 but holding a registered prefix hash, in the LRU dict; it can be revived by a
+          prefix-cache hit, or evicted (hash dropped) when a fresh block is needed.
+so that used + free + cached == num_blocks at all times.
+
+Only counts are simulated: no tensors are allocated and no data is copied.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+
+
+class PagedKVCache:
+    """Block allocator with refcounts, copy-on-write, prefix caching and host swap."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = False,
+        num_host_blocks: int = 0,
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not 0 <= watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self.watermark = watermark
+        # vLLM keeps this many blocks free at admission so that running requests can still grow
+        # for a while without being preempted right after a new one is let in.
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_host_blocks = num_host_blocks
+
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref: list[int] = [0] * num_blocks
+        # LRU of refcount-0 blocks that still hold a prefix hash; oldest first, evicted first.
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        self._block_hash: list[int | None] = [None] * num_blocks
+        self._hash_to_block: dict[int, int] = {}
+
+        self._tables: dict[Hashable, list[int]] = {}  # device-resident requests only
+        self._ntok: dict[Hashable, int] = {}  # device-resident and swapped-out requests
+        self._hashes: dict[Hashable, Sequence[int]] = {}  # prefix hashes, for later registration
+        self._swapped: dict[Hashable, int] = {}  # request -> host blocks it holds
+        self._host_used = 0
+
+        # Token slots held in used blocks, each physical block counted once. Kept incrementally so
+        # that reading it costs nothing per simulator iteration.
+        self._filled = 0
+
+        self.cow_copies = 0
+        self.swaps_out = 0
+        self.swaps_in = 0
+        self.evictions = 0
+        # Prefix-cache statistics are in blocks: a query is one full prompt block looked up.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # ---- read-only views -------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._num_blocks - len(self._free) - len(self._cached)
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.num_host_blocks - self._host_used
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self._num_blocks
+
+    @property
+    def allocated_slots(self) -> int:
+        return self.num_used_blocks * self._block_size
+
+    @property
+    def filled_slots(self) -> int:
+        return self._filled
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of looked-up full prompt blocks found in the cache (0.0 before any lookup)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def num_tokens(self, req_id: Hashable) -> int:
+        if req_id not in self._ntok:
+            raise self._missing(req_id)
+        return self._ntok[req_id]
+
+    def block_table(self, req_id: Hashable) -> tuple[int, ...]:
+        return tuple(self._table(req_id))
+
+    def contains(self, req_id: Hashable) -> bool:
+        """True for a request on the device or swapped out to host."""
+        return req_id in self._ntok
+
+    __contains__ = contains
+
+    def is_swapped(self, req_id: Hashable) -> bool:
+        return req_id in self._swapped
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def can_allocate(self, num_tokens: int, prefix_hashes: Sequence[int] | None = None) -> bool:
+        _, revived, new = self._plan(num_tokens, prefix_hashes)
+        return self._available() - revived - new >= self.watermark_blocks
+
+    def allocate(
+        self, req_id: Hashable, num_tokens: int, prefix_hashes: Sequence[int] | None = None
+    ) -> int | None:
+        """Admit a request whose first `num_tokens` slots are filled now.
+
+        Returns the number of those tokens found in the prefix cache (a multiple of block_size),
+        or None if admission would dip below the watermark (then nothing changes). The caller
+        decides whether a full hit still recomputes the last token, as vLLM does for its logits.
+        """
+        if req_id in self._ntok:
+            raise ValueError(f"request {req_id!r} is already allocated")
+        hits, revived, new = self._plan(num_tokens, prefix_hashes)
+        if self._available() - revived - new < self.watermark_blocks:
+            return None
+
+        ref = self._ref
+        table: list[int] = []
+        # Take hits before fresh blocks: taking a fresh block may evict from the LRU, and it must
+        # not evict a cached block we are about to revive.
+        for b in hits:
+            if ref[b] == 0:
+                del self._cached[b]
+                self._filled += self._block_size  # a revived block is full
+            ref[b] += 1
+            table.append(b)
+        for _ in range(new):
+            b = self._take_block()
+            ref[b] = 1
+            table.append(b)
+        self._filled += num_tokens - len(hits) * self._block_size
+        self._tables[req_id] = table
+        self._ntok[req_id] = num_tokens
+
+        if self.enable_prefix_caching and prefix_hashes:
+            self.prefix_queries += min(len(prefix_hashes), num_tokens // self._block_size)
+            self.prefix_hits += len(hits)
+            self._hashes[req_id] = prefix_hashes
+            self._register(table, prefix_hashes, len(hits), num_tokens // self._block_size)
+        return len(hits) * self._block_size
+
+    # ---- growth ----------------------------------------------------------------------------
+
+    def append_slots(self, req_id: Hashable, num_tokens: int = 1) -> bool:
+        """Grow the request by `num_tokens` slots; False (nothing changed) if blocks run out."""
+        try:
+            table = self._tables[req_id]
+        except KeyError:
+            raise self._missing(req_id) from None
+        ntok = self._ntok
+        old = ntok[req_id]
+        new = old + num_tokens
+        # Decode fast path: the tokens land strictly inside a last block that this request owns
+        # alone, so no block is taken, copied or completed (completion may register a hash).
+        if old < new < len(table) * self._block_size and self._ref[table[-1]] == 1:
+            ntok[req_id] = new
+            self._filled += num_tokens
+            return True
+        return self._append_slow(req_id, table, old, num_tokens)
+
+    def _append_slow(self, req_id: Hashable, table: list[int], old: int, num_tokens: int) -> bool:
+        if num_tokens <= 0:
+            if num_tokens == 0:
+                return True
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        bs = self._block_size
+        ref = self._ref
+        new = old + num_tokens
+        last = table[-1]
+        last_fill = old - (len(table) - 1) * bs
+        # Writing into a partly filled last block that others also reference would change their
+        # view of it, so this request gets its own copy first.
+        cow = False
+        need = -(-new // bs) - len(table) + cow
+        if need > self._available():
+            return False
+        if cow:
+            b = self._take_block()
+            ref[b] = 1
+            ref[last] -= 1  # others still hold it, so it stays used
+            table[-1] = b
+            self._filled += last_fill
+            self.cow_copies += 1
+        for _ in range(need - cow):
+            b = self._take_block()
+            ref[b] = 1
+            table.append(b)
+        self._filled += num_tokens
+        self._ntok[req_id] = new
+        hashes = self._hashes.get(req_id)
+        if hashes is not None:
+            self._register(table, hashes, old // bs, new // bs)
+        return True
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child shares every block of the parent, e.g. for parallel sampling or beam search."""
+        table = self._table(parent_id)
+        if child_id in self._ntok:
+            raise ValueError(f"request {child_id!r} is already allocated")
+        ref = self._ref
+        for b in table:
+            ref[b] += 1
+        self._tables[child_id] = list(table)
+        self._ntok[child_id] = self._ntok[parent_id]
+        if parent_id in self._hashes:
+            self._hashes[child_id] = self._hashes[parent_id]
+
+    # ---- release ---------------------------------------------------------------------------
+
+    def free(self, req_id: Hashable) -> None:
+        """Release a finished, aborted or recompute-preempted request (device or host copy)."""
+        if req_id in self._swapped:
+            self._host_used -= self._swapped.pop(req_id)
+        else:
+            table = self._table(req_id)
+            self._release(table, self._ntok[req_id])
+            del self._tables[req_id]
+        del self._ntok[req_id]
+        self._hashes.pop(req_id, None)
+
+    def can_swap_out(self, req_id: Hashable) -> bool:
+        return len(self._table(req_id)) <= self.num_host_blocks - self._host_used
+
+    def swap_out(self, req_id: Hashable) -> int:
+        """Move the request's blocks to host memory; returns the number of blocks copied.
+
+        Every block of the table is copied, shared ones included: the host copy is private to
+        this request, so sharing is not restored on swap-in.
+        """
+        table = self._table(req_id)
+        n = len(table)
+        if n > self.num_host_blocks - self._host_used:
+            raise ValueError(
+                f"cannot swap out {req_id!r}: needs {n} host blocks, "
+                f"{self.num_host_blocks - self._host_used} free"
+            )
+        self._release(table, self._ntok[req_id])
+        del self._tables[req_id]
+        self._swapped[req_id] = n
+        self._host_used += n
+        self.swaps_out += 1
+        return n
+
+    def can_swap_in(self, req_id: Hashable) -> bool:
+        if req_id not in self._swapped:
+            raise ValueError(f"request {req_id!r} is not swapped out")
+        # Swap-in is a re-admission, so it keeps the same watermark (vLLM V0 does too).
+        return self._available() - self._swapped[req_id] >= self.watermark_blocks
+
+    def swap_in(self, req_id: Hashable) -> int:
+        """Bring a swapped-out request back into fresh device blocks; returns blocks copied."""
+        if not self.can_swap_in(req_id):
+            raise ValueError(
+                f"cannot swap in {req_id!r}: needs {self._swapped[req_id]} device blocks "
+                f"above the watermark of {self.watermark_blocks}, {self._available()} available"
+            )
+        n = self._swapped.pop(req_id)
+        self._host_used -= n
+        ref = self._ref
+        table = []
+        for _ in range(n):
+            b = self._take_block()
+            ref[b] = 1
+            table.append(b)
+        self._tables[req_id] = table
+        ntok = self._ntok[req_id]
+        self._filled += ntok
+        hashes = self._hashes.get(req_id)
+        if hashes is not None:
+            self._register(table, hashes, 0, ntok // self._block_size)
+        self.swaps_in += 1
+        return n
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _available(self) -> int:
+        # Cached blocks count as available: they are evicted on demand.
+        return len(self._free) + len(self._cached)
+
+    def _table(self, req_id: Hashable) -> list[int]:
+        table = self._tables.get(req_id)
+        if table is None:
+            raise self._missing(req_id)
+        return table
+
+    def _missing(self, req_id: Hashable) -> ValueError:
+        """The error for a request that has no device block table."""
+        if req_id in self._swapped:
+            return ValueError(f"request {req_id!r} is swapped out")
+        return ValueError(f"unknown request {req_id!r}")
+
+    def _plan(
+        self, num_tokens: int, prefix_hashes: Sequence[int] | None
+    ) -> tuple[list[int], int, int]:
+        """(prefix-hit blocks, how many of them are revived from the LRU, fresh blocks needed)."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        hits: list[int] = []
+        if self.enable_prefix_caching and prefix_hashes:
+            # Only blocks that this allocation fills completely can be hits.
+            for h in prefix_hashes[: num_tokens // self._block_size]:
+                b = self._hash_to_block.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+        revived = len({b for b in hits if self._ref[b] == 0})
+        new = -(-num_tokens // self._block_size) - len(hits)
+        return hits, revived, new
+
+    def _take_block(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        # Evicting the least recently freed prefix block loses the least likely reuse.
+        b, _ = self._cached.popitem(last=False)
+        del self._hash_to_block[self._block_hash[b]]
+        self._block_hash[b] = None
+        self.evictions += 1
+        return b
+
+    def _release(self, table: list[int], ntok: int) -> None:
+        ref = self._ref
+        bs = self._block_size
+        last = len(table) - 1
+        # Release tail first: the LRU then evicts a prefix's tail before its head, and the head
+        # (e.g. a system prompt) is the part other requests are most likely to share.
+        for i in range(last, -1, -1):
+            b = table[i]
+            ref[b] -= 1
+            if ref[b] == 0:
+                self._filled -= bs if i < last else ntok - last * bs
+                if self._block_hash[b] is not None:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def _register(self, table: list[int], hashes: Sequence[int], start: int, stop: int) -> None:
+        """Make the just-completed blocks table[start:stop] findable by their prefix hash."""
+        for i in range(start, min(stop, len(hashes))):
+            b = table[i]
+            h = hashes[i]
+            # A hash already mapped keeps its block (it may be shared); the duplicate stays
+            # anonymous and returns to the free list when released.
+            if h not in self._hash_to_block and self._block_hash[b] is None:
+                self._hash_to_block[h] = b
+                self._block_hash[b] = h

@@ -1,0 +1,140 @@
+"""One self-contained HTML report of a simulation: KV use and batch size over time, latency
+distributions, and a map of which request holds which KV page at the peak."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from npusim.errors import NpusimError
+
+
+def _timeline_figure(sim) -> go.Figure:
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("KV cache: used fraction and waste", "Batch: running and waiting requests"))
+    for inst in sim.instances:
+        pts = inst.timeline.series()
+        t = [p[0] for p in pts]
+        cap = [p[3] + p[4] + p[5] for p in pts]
+        used = [p[3] / c if c else 0.0 for p, c in zip(pts, cap)]
+        waste = [(p[1] - p[2]) / p[1] if p[1] else 0.0 for p in pts]
+        tag = f"instance {inst.index}"
+        fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used fraction", mode="lines"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=t, y=waste, name=f"{tag}: waste fraction", mode="lines",
+                                 line=dict(dash="dot")), row=1, col=1)
+        bt = inst.stats.batch_series
+        fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[1] for b in bt], name=f"{tag}: running",
+                                 mode="lines"), row=2, col=1)
+        fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[2] for b in bt], name=f"{tag}: waiting",
+                                 mode="lines", line=dict(dash="dot")), row=2, col=1)
+    fig.update_xaxes(title_text="simulated time (s)", row=2, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_layout(height=620, margin=dict(t=50, l=60, r=20, b=40))
+    return fig
+
+
+def _latency_figure(sim) -> go.Figure:
+    done = sim.finished
+    ttft = [(r.t_first - r.submit) * 1e3 for r in done]
+    tpot = [(r.t_done - r.t_first) / (r.output_len - 1) * 1e3 for r in done if r.output_len > 1]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "TPOT (ms)"))
+    fig.add_trace(go.Histogram(x=ttft, nbinsx=60, name="TTFT"), row=1, col=1)
+    fig.add_trace(go.Histogram(x=tpot, nbinsx=60, name="TPOT"), row=1, col=2)
+    fig.update_layout(height=360, showlegend=False, margin=dict(t=50, l=60, r=20, b=40))
+    return fig
+
+
+def _block_map_figure(inst) -> go.Figure | None:
+    """Pages as a grid, coloured by the request holding them, at the instance's peak use."""
+    if inst.block_map is None:
+        return None
+    t, tables = inst.block_map
+    if inst.cfg.paging:
+        n = inst.plan.num_blocks
+        unit = "block"
+        owner = [-1] * n
+        for rid, table in tables.items():
+            for b in table:
+                owner[b] = rid
+    else:
+        # Contiguous arena: one cell per block_size slots, coloured by the reservation covering it.
+        n = max(1, inst.kv.capacity_tokens // inst.block_size)
+        unit = f"{inst.block_size}-slot cell"
+        owner = [-1] * n
+        for rid, (start, length) in tables.items():
+            for cell in range(start // inst.block_size, min(n, -(-(start + length) // inst.block_size))):
+                owner[cell] = rid
+    cols = max(16, int(math.ceil(math.sqrt(n * 2))))
+    rows = -(-n // cols)
+    z, text = [], []
+    for r in range(rows):
+        zr, tr = [], []
+        for c in range(cols):
+            i = r * cols + c
+            if i >= n:
+                zr.append(None)
+                tr.append("")
+            else:
+                o = owner[i]
+                zr.append(None if o < 0 else (o * 2654435761) % 997)  # scatter neighbouring ids over the colour scale
+                tr.append(f"{unit} {i}: " + ("free" if o < 0 else f"request {o}"))
+        z.append(zr)
+        text.append(tr)
+    fig = go.Figure(go.Heatmap(z=z, text=text, hoverinfo="text", colorscale="Turbo", showscale=False,
+                               xgap=1, ygap=1))
+    fig.update_layout(title=f"Instance {inst.index}: who holds which {unit} at peak use (t = {t:.2f} s; "
+                            f"{len(tables)} requests; white = free)",
+                      height=min(900, 120 + 14 * rows), yaxis=dict(autorange="reversed", showticklabels=False),
+                      xaxis=dict(showticklabels=False), margin=dict(t=50, l=20, r=20, b=20),
+                      plot_bgcolor="white")
+    return fig
+
+
+def _summary_table(result: dict) -> str:
+    keys = ["completed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+            "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
+    rows = []
+    for k in keys:
+        v = result.get(k)
+        rows.append(f"<tr><td>{k}</td><td>{'n/a' if v is None else (f'{v:,.3f}' if isinstance(v, float) else v)}</td></tr>")
+    for k, v in result["kv_cache"].items():
+        rows.append(f"<tr><td>kv_cache.{k}</td><td>{'n/a' if v is None else (f'{v:,.4f}' if isinstance(v, float) else v)}</td></tr>")
+    for k, v in result["energy"].items():
+        rows.append(f"<tr><td>energy.{k}</td><td>{'n/a' if v is None else f'{v:,.3f}'}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def write_report(path: str | Path, result: dict, sim) -> Path:
+    """Write the report; plotly's JavaScript is inlined so the file opens anywhere, offline."""
+    p = Path(path)
+    if p.suffix.lower() not in (".html", ".htm"):
+        raise NpusimError(f"--report must name an .html file, got {p}")
+    sc = result["scenario"]
+    figs = [_timeline_figure(sim), _latency_figure(sim)]
+    figs += [f for f in (_block_map_figure(i) for i in sim.instances) if f is not None]
+    parts = []
+    for i, fig in enumerate(figs):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    title = f"npusim: {result['model']} on {result['hw']}"
+    setup = (f"{sc['instances']} instance(s), sharing {sc['sharing']}, "
+             f"{'paged, block ' + str(sc['engine']['block_size']) if sc['engine']['paging'] else 'contiguous, static batching'}, "
+             f"{result['completed']} requests completed, {len(result['rejected'])} rejected, seed {sc['seed']}")
+    doc = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} td{{padding:2px 12px}}
+table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(setup)}</p>
+<p>{html.escape(result['memory']['verdict'])}</p>
+{_summary_table(result)}
+{''.join(parts)}
+</body></html>"""
+    try:
+        p.write_text(doc)
+    except OSError as e:
+        raise NpusimError(f"cannot write report {p}: {e.strerror}") from None
+    return p

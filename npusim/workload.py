@@ -1,0 +1,175 @@
+"""Requests: synthetic lengths and arrivals, or a replayed trace (the Azure LLM inference format)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from npusim.errors import NpusimError
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """What arrives: when, how long its prompt is, how many tokens it will generate, and which
+    shared prefix (e.g. a system prompt) its prompt starts with."""
+
+    id: int
+    arrival: float
+    prompt_len: int
+    output_len: int
+    prefix_group: int = -1  # -1: no shared prefix
+    prefix_len: int = 0
+
+
+class LengthDist(BaseModel):
+    """A token-length distribution: fixed, uniform [low, high], lognormal (mean, cv) clipped to
+    [low, high], or a ShareGPT-like mix."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["fixed", "uniform", "lognormal", "sharegpt"] = "fixed"
+    value: int = Field(default=512, gt=0)
+    low: int = Field(default=1, gt=0)
+    high: int = Field(default=4096, gt=0)
+    mean: float = Field(default=512.0, gt=0)
+    cv: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LengthDist":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+# ShareGPT-like (prompt, output) mixes, from the published ShareGPT V3 length statistics used by
+# vLLM's benchmarks: prompts lognormal around ~250 tokens with a long tail, outputs around ~200.
+SHAREGPT_PROMPT = dict(mean=250.0, cv=1.6, low=4, high=4096)
+SHAREGPT_OUTPUT = dict(mean=210.0, cv=1.1, low=4, high=2048)
+
+
+def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator, role: str) -> np.ndarray:
+    if dist.kind == "fixed":
+        return np.full(n, dist.value, dtype=np.int64)
+    if dist.kind == "uniform":
+        return rng.integers(dist.low, dist.high + 1, size=n, dtype=np.int64)
+    if dist.kind == "sharegpt":
+        params = SHAREGPT_PROMPT if role == "prompt" else SHAREGPT_OUTPUT
+        mean, cv, low, high = params["mean"], params["cv"], params["low"], params["high"]
+    else:
+        mean, cv, low, high = dist.mean, dist.cv, dist.low, dist.high
+    sigma = math.sqrt(math.log(1.0 + cv * cv))
+    mu = math.log(mean) - sigma * sigma / 2.0
+    # Clipping, not resampling, keeps the draw count fixed and so the stream reproducible.
+    return np.clip(np.rint(rng.lognormal(mu, sigma, size=n)), low, high).astype(np.int64)
+
+
+class WorkloadSpec(BaseModel):
+    """Where requests come from. A trace gives lengths and arrival times; otherwise lengths are
+    drawn from distributions and arrivals from a process (Poisson, gamma with a CV, or all at t=0)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_requests: int | None = Field(default=200, gt=0, description="None with a trace: all its rows")
+    input_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="fixed", value=1024))
+    output_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="fixed", value=256))
+    rate: float | None = Field(default=None, gt=0, description=(
+        "requests/s; inf = all at t=0; None = the trace's own times (inf without a trace)"))
+    burstiness_cv: float = Field(default=1.0, gt=0, description="CV of inter-arrival gaps; 1 = Poisson")
+    max_concurrency: int | None = Field(default=None, gt=0)
+    trace: str | None = None
+    shared_prefix_len: int = Field(default=0, ge=0, description="tokens of a shared system prompt")
+    shared_prefix_groups: int = Field(default=1, gt=0)
+    shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
+
+
+def arrival_times(n: int, rate: float, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival instants: gamma-distributed gaps with mean 1/rate and the given CV (CV 1 = Poisson)."""
+    if math.isinf(rate):
+        return np.zeros(n)
+    shape = 1.0 / (cv * cv)
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+
+
+def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, int, int]]:
+    """Rows of (arrival s, prompt tokens, output tokens) from a CSV with the Azure trace columns.
+    Bad rows raise an error naming the file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise NpusimError(f"trace file not found: {p}")
+    rows: list[tuple[float, int, int]] = []
+    with p.open(newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise NpusimError(f"{p}: empty trace file") from None
+        header = [h.strip() for h in header]
+        missing = [c for c in TRACE_COLUMNS if c not in header]
+        if missing:
+            raise NpusimError(f"{p}: line 1: missing column(s) {', '.join(missing)}; "
+                              f"expected {', '.join(TRACE_COLUMNS)}")
+        ia, ip, io = (header.index(c) for c in TRACE_COLUMNS)
+        last = -math.inf
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if limit is not None and len(rows) >= limit:
+                break
+            try:
+                t = float(row[ia])
+                prompt = int(float(row[ip]))
+                out = int(float(row[io]))
+            except (ValueError, IndexError):
+                raise NpusimError(f"{p}: line {line}: expected numbers in {', '.join(TRACE_COLUMNS)}, "
+                                  f"got {row!r}") from None
+            if not math.isfinite(t) or t < 0:
+                raise NpusimError(f"{p}: line {line}: arrived_at must be a time >= 0, got {row[ia]!r}")
+            if t < last:
+                raise NpusimError(f"{p}: line {line}: arrived_at goes back in time ({t} < {last})")
+            if prompt <= 0 or out <= 0:
+                raise NpusimError(f"{p}: line {line}: token counts must be > 0, got prompt {prompt}, output {out}")
+            last = t
+            rows.append((t, prompt, out))
+    if not rows:
+        raise NpusimError(f"{p}: no requests in the trace")
+    return rows
+
+
+def make_requests(spec: WorkloadSpec, seed: int) -> list[RequestSpec]:
+    """The request stream of a workload. The same spec and seed give the same stream."""
+    rng = np.random.default_rng(seed)
+    if spec.trace:
+        rows = read_trace(spec.trace, spec.num_requests)
+        n = len(rows)
+        if spec.rate is None:
+            t0 = rows[0][0]
+            arrivals = [r[0] - t0 for r in rows]
+        else:  # the trace's lengths with a chosen arrival process
+            arrivals = arrival_times(n, spec.rate, spec.burstiness_cv, rng).tolist()
+        prompts = [r[1] for r in rows]
+        outputs = [r[2] for r in rows]
+    else:
+        n = spec.num_requests or 200
+        prompts = sample_lengths(spec.input_len, n, rng, "prompt").tolist()
+        outputs = sample_lengths(spec.output_len, n, rng, "output").tolist()
+        rate = math.inf if spec.rate is None else spec.rate
+        arrivals = arrival_times(n, rate, spec.burstiness_cv, rng).tolist()
+    reqs = [RequestSpec(i, float(arrivals[i]), int(prompts[i]), int(outputs[i])) for i in range(n)]
+    if spec.shared_prefix_len:
+        shares = rng.random(n) < spec.shared_prefix_fraction
+        groups = rng.integers(0, spec.shared_prefix_groups, size=n)
+        for r, share, g in zip(reqs, shares, groups):
+            if share:
+                r.prefix_group = int(g)
+                r.prefix_len = min(spec.shared_prefix_len, r.prompt_len)
+    return reqs
