@@ -305,6 +305,96 @@ def simulate(
             print(f"report: {report}")
 
 
+# --------------------------------------------------------------------------- analyze
+
+def _fmt(x, spec: str = ",.1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+@app.command()
+def analyze(
+    hw: str = HW_OPT,
+    model: str = MODEL_OPT,
+    batch: int = typer.Option(32, "--batch", min=1, help="sequences per instance"),
+    context: int = typer.Option(2048, "--context", min=1, help="tokens of context per sequence"),
+    instances: int = typer.Option(1, "--instances", help="model instances on the one device"),
+    sharing: str = typer.Option("time-slice", "--sharing", help="time-slice | vnpu"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the device's recommended)"),
+    weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="fraction of device memory the engine may use"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Steady-state decode from the roofline: where "throughput ∝ B · N_core / T" holds and breaks."""
+    from npusim.analysis import (SHARING_MODES, analytical_point, explain_proportionality,
+                                 proportionality_table)
+
+    if sharing not in SHARING_MODES:
+        raise NpusimError(f"--sharing must be one of {', '.join(SHARING_MODES)}, got {sharing!r}")
+    if instances < 1:
+        raise NpusimError(f"--instances must be >= 1, got {instances}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise NpusimError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    h = load_hardware(hw)
+    m = load_model(model)
+    if sharing == "vnpu" and instances > h.ai_cores:
+        raise NpusimError(f"--instances must be <= {h.ai_cores} (the AI cores of {h.name}) with "
+                          f"--sharing vnpu, got {instances}")
+    kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+              gpu_memory_utilization=gpu_memory_utilization)
+    point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing, **kw)
+    # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)
+    grid_k = instances if instances > 1 else 2
+    if sharing == "vnpu" and grid_k > h.ai_cores:
+        grid_k = 1
+    grid = proportionality_table(h, m, batches=[max(1, batch // 2), batch, 2 * batch], contexts=[context],
+                                 cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
+                                 sharing_modes=[sharing], **kw)
+    explanation = explain_proportionality(grid)
+    if as_json:
+        _print_json({"point": point.as_dict(), "grid": grid, "explanation": explanation})
+        return
+    p = point
+    t = Table(title=f"{m.name} on {h.name}: decode, {p.instances} instance(s) ({p.sharing}) x batch "
+                    f"{p.batch}, context {p.context}, block {p.block_size}")
+    t.add_column("quantity")
+    t.add_column("value")
+    rows = [
+        ("cores / bandwidth per instance", f"{p.cores_per_instance} cores, {p.bandwidth_gbs_per_instance:g} GB/s"),
+        ("weights per instance", f"{p.weights_gib:.2f} GiB ({p.weight_dtype})"),
+        ("KV blocks per instance / per sequence", f"{p.num_blocks} / {p.blocks_per_seq}"),
+        ("max batch per instance", str(p.max_batch)),
+        ("feasible", "yes" if p.feasible else f"no: {p.reason}"),
+        ("iteration T (device + host) ms", f"{_fmt(p.iteration_ms, '.2f')} ({_fmt(p.device_step_ms, '.2f')} + {_fmt(p.host_ms, '.2f')})"),
+        ("TPOT ms", _fmt(p.tpot_ms, ".2f")),
+        ("throughput tokens/s (per instance)", f"{_fmt(p.tokens_per_s)} ({_fmt(p.tokens_per_s_per_instance)})"),
+        ("compute / memory (KV) / overhead ms", f"{_fmt(p.compute_ms, '.2f')} / {_fmt(p.memory_ms, '.2f')} "
+                                                f"({_fmt(p.kv_memory_ms, '.2f')}) / {_fmt(p.overhead_ms, '.2f')}"),
+        ("bound", p.bound or "-"),
+        ("arithmetic intensity / ridge flop/B", f"{_fmt(p.arithmetic_intensity)} / {p.ridge_point:.1f}"),
+        ("proportional tokens/s (ref B=1)", f"{_fmt(p.proportional_tokens_per_s)} (ref {_fmt(p.reference_tokens_per_s)})"),
+        ("actual / proportional", _fmt(p.ratio_to_proportional, ".3f")),
+        ("regime", p.regime),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    for note in p.notes:
+        t.add_row("note", note)
+    console.print(t)
+    g = Table(title="proportionality grid: ratio = actual / (B · N_core / T), T held at the B=1 reference")
+    for col in ("scaling", "cores", "GB/s", "K", "B", "tokens/s", "TPOT ms", "bound", "flop/B", "ratio", "regime"):
+        g.add_column(col, justify="left" if col in ("scaling", "bound", "regime") else "right")
+    for r in grid:
+        regime = r["regime"] if r["feasible"] else f"{r['regime']}: {r['reason']}"
+        g.add_row(r["core_scaling"], str(r["cores_per_instance"]), f"{r['bandwidth_gbs_per_instance']:.0f}",
+                  f"{r['instances']}" + (f" {r['sharing']}" if r["instances"] > 1 else ""), str(r["batch"]),
+                  _fmt(r["tokens_per_s"]), _fmt(r["tpot_ms"], ".2f"), r["bound"] or "-",
+                  _fmt(r["arithmetic_intensity"]), _fmt(r["ratio_to_proportional"], ".3f"), regime)
+    console.print(g)
+    for line in explanation:
+        console.print(f"- {line}")
+
+
 # --------------------------------------------------------------------------- hw / model
 
 @hw_app.command("list")

@@ -186,6 +186,8 @@ class HardwareSpec(BaseModel):
             raise NpusimError(f"cores must be in 1..{self.ai_cores} for {self.name}, got {cores}")
         if not 0 < memory_fraction <= 1:
             raise NpusimError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if cores == self.ai_cores and memory_fraction == 1:
+            return self  # the whole device is not a partition: no per-core bandwidth cap applies
         f = cores / self.ai_cores
         # Partitions run at once and share HBM: each gets at most its cores' share of the device
         # bandwidth, and no more than its cores can pull.
