@@ -395,6 +395,29 @@ def analyze(
         console.print(f"- {line}")
 
 
+# --------------------------------------------------------------------------- seed
+
+@app.command()
+def seed(
+    gpu_memory_utilization: float = typer.Option(0.98, "--gpu-memory-utilization",
+                                                 help="memory share vLLM may use (0.9 leaves no room for one request)"),
+    requests: int = typer.Option(16, "--requests", min=1, help="requests per instance, all arriving at once"),
+    seed_: int = typer.Option(0, "--seed"),
+    no_alternatives: bool = typer.Option(False, "--no-alternatives", help="skip the alternative configurations"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Reproduce the seed article's study (Llama 13B, Ascend 910, input 5120, output 128) and judge its claims."""
+    from npusim.seed import format_seed, run_seed
+
+    if not 0 < gpu_memory_utilization <= 1:
+        raise NpusimError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    result = run_seed(gpu_memory_utilization, requests, seed_, alternatives=not no_alternatives)
+    if as_json:
+        _print_json(result)
+    else:
+        print(format_seed(result))
+
+
 # --------------------------------------------------------------------------- hw / model
 
 @hw_app.command("list")

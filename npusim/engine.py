@@ -332,9 +332,7 @@ class Instance:
             if not batch:
                 return None
             self.running = list(batch)
-            longest = max(r.prompt_len for r in batch)
-            for r in batch:
-                kv.append_slots(r.id, r.prompt_len)
+            longest = max(r.prompt_len for r in batch)  # allocate() filled each prompt's slots
             device_s = self.cost.step_time(0, 0, 0, [(longest, 0)] * len(batch))
             return [(r, r.prompt_len) for r in batch], device_s, 0.0
         live = [r for r in batch if r.out_done < r.output_len]

@@ -55,7 +55,11 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
         cost = CostModel(hw, model, engine.weight_dtype, engine.kv_dtype)
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     if not plan.fits:
-        each = f" (each of {instances} instances gets 1/{instances} of the memory)" if instances > 1 else ""
+        each = ""
+        if instances > 1:
+            w = model.weight_bytes(engine.weight_dtype) / 2**30
+            each = (f" ({instances} instances x {w:.2f} GiB weights = {instances * w:.2f} GiB vs "
+                    f"{hw.memory_gib:g} GiB on the device; each instance gets 1/{instances} of it)")
         raise NpusimError(f"{model.name} on {hw.name}{each} {plan.verdict}")
     return [cost] * instances, [plan] * instances
 
