@@ -135,7 +135,7 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
     top = {"hw": "hw", "model": "model", "instances": "instances", "sharing": "sharing",
            "seed": "seed", "contiguous_policy": "contiguous_policy"}
     engine_keys = ("block_size", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-                   "num_blocks", "max_model_len", "weight_dtype", "kv_dtype")
+                   "num_blocks", "max_model_len", "weight_dtype", "kv_dtype", "batching")
     for key, value in flags.items():
         if value is None:
             continue
@@ -262,6 +262,7 @@ def simulate(
     sharing: Optional[str] = typer.Option(None, "--sharing", help="time-slice | vnpu"),
     no_paging: bool = typer.Option(False, "--no-paging", help="contiguous KV reservation with static batching"),
     contiguous_policy: Optional[str] = typer.Option(None, "--contiguous-policy", help="max | oracle (with --no-paging)"),
+    batching: Optional[str] = typer.Option(None, "--batching", help="auto | continuous | static (auto: static without paging)"),
     no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),
     preemption: Optional[str] = typer.Option(None, "--preemption", help="recompute | swap"),
     prefix_caching: bool = typer.Option(False, "--prefix-caching"),
@@ -393,6 +394,29 @@ def analyze(
     console.print(g)
     for line in explanation:
         console.print(f"- {line}")
+
+
+# --------------------------------------------------------------------------- kv-study
+
+@app.command("kv-study")
+def kv_study(
+    trace: str = typer.Option(..., "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens"),
+    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="the first N rows (default: all)"),
+    hw: str = typer.Option("ascend-910b2", "--hw"),
+    model: str = typer.Option("llama-3.1-8b", "--model"),
+    max_model_len: int = typer.Option(4096, "--max-model-len", min=1, help="what a max reservation holds"),
+    rate: Optional[str] = typer.Option(None, "--rate", help="replace the trace's times: requests/s or inf"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """KV waste on a trace: paged (block 16 and 128) against contiguous max/oracle reservation."""
+    from npusim.kvstudy import format_study, waste_study
+
+    rows = waste_study(trace, requests=requests, hw=hw, model=model, max_model_len=max_model_len,
+                       rate=_parse_rate(rate))
+    if as_json:
+        _print_json(rows)
+    else:
+        print(format_study(rows))
 
 
 # --------------------------------------------------------------------------- seed

@@ -19,7 +19,7 @@ import simpy
 
 from npusim.costmodel import CostModel, MemoryPlan
 from npusim.kv import ContiguousKVCache, MemoryTimeline, PagedKVCache
-from npusim.specs import EngineConfig, HardwareSpec
+from npusim.specs import EngineConfig, HardwareSpec, batching_mode
 from npusim.workload import RequestSpec
 
 
@@ -123,6 +123,8 @@ class Instance:
         self.lock = device_lock
         self.power_share = power_share
         self.block_size = engine.block_size
+        self.paged = engine.paging
+        self.static = batching_mode(engine) == "static"
         self.max_model_len = sim.max_model_len
         if engine.paging:
             host_blocks = int(engine.swap_space_gib * 2**30 // plan.block_bytes) if engine.preemption_mode == "swap" else 0
@@ -174,7 +176,7 @@ class Instance:
     def loop(self):
         env = self.env
         host = self.cost.host_overhead_s
-        schedule = self.schedule_paged if self.cfg.paging else self.schedule_static
+        schedule = self.schedule_static if self.static else self.schedule_continuous
         while True:
             if not (self.running or self.waiting or self.swapped or self.static_batch):
                 self._wake = env.event()
@@ -201,7 +203,7 @@ class Instance:
             self.stats.swap_s += swap_s
             self.finish_iteration(work)
 
-    # -- scheduling with paging (continuous batching) --------------------------------------------
+    # -- continuous batching (vLLM with paging; Orca-style on contiguous reservations) ------------
     def _preempt(self, victim: Request) -> float:
         """Free a victim's pages: swap them to host memory if asked and possible, else drop them
         to be recomputed. Returns the device seconds of the transfer."""
@@ -217,9 +219,12 @@ class Instance:
         self.waiting.appendleft(victim)
         return 0.0
 
-    def schedule_paged(self):
+    def schedule_continuous(self):
+        """One iteration of continuous batching: running requests first (preempting the newest
+        when pages run out), then swapped ones, then new ones while room and token budget last."""
         cfg = self.cfg
         kv = self.kv
+        paged = self.paged
         bs = self.block_size
         budget = cfg.max_num_batched_tokens
         running = self.running
@@ -234,15 +239,20 @@ class Instance:
             n = r.num_tokens - r.num_computed
             if n > budget:
                 n = budget
-            while not kv.append_slots(r.id, n):
-                victim = running.pop()
-                swap_s += self._preempt(victim)
-                preempted = True
-                if victim is r:
-                    r = None
+            if not paged:
+                # A contiguous reservation always has room; its prompt was filled at admission.
+                if r.num_computed >= r.prompt_len:
+                    kv.append_slots(r.id, n)
+            else:
+                while not kv.append_slots(r.id, n):
+                    victim = running.pop()
+                    swap_s += self._preempt(victim)
+                    preempted = True
+                    if victim is r:
+                        r = None
+                        break
+                if r is None:
                     break
-            if r is None:
-                break
             work.append((r, n))
             budget -= n
             if n == 1:
@@ -282,14 +292,19 @@ class Instance:
                 if not cfg.enable_chunked_prefill and todo > budget:
                     break
                 n = min(todo, budget)
-                hashes = None
-                if cfg.enable_prefix_caching:
-                    if r.hashes is None:
-                        r.hashes = r.block_hashes(bs)
-                    hashes = r.hashes
-                cached = kv.allocate(r.id, n, hashes)
-                if cached is None:
-                    break
+                if paged:
+                    hashes = None
+                    if cfg.enable_prefix_caching:
+                        if r.hashes is None:
+                            r.hashes = r.block_hashes(bs)
+                        hashes = r.hashes
+                    cached = kv.allocate(r.id, n, hashes)
+                    if cached is None:
+                        break
+                else:
+                    if not kv.allocate(r.id, r.prompt_len, r.output_len):
+                        break
+                    cached = 0
                 self.waiting.popleft()
                 if cached >= r.num_tokens:
                     cached = r.num_tokens - 1  # the last token is recomputed for its logits
@@ -378,7 +393,7 @@ class Instance:
         if len(work) > st.max_batch:
             st.max_batch = len(work)
         if done:
-            if self.cfg.paging:
+            if not self.static:
                 for r in done:
                     self.running.remove(r)
                     self.kv.free(r.id)
@@ -399,7 +414,7 @@ class Instance:
         st.in_system_area += st.last_in_system * (now - st.last_t)
         st.last_in_system = len(self.running) + len(self.waiting) + len(self.swapped)
         st.last_t = now
-        if self.cfg.paging:
+        if self.paged:
             used = kv.num_used_blocks
             self.timeline.record(now, kv.allocated_slots, kv.filled_slots, used, kv.num_free_blocks,
                                  kv.num_cached_blocks)
@@ -411,7 +426,8 @@ class Instance:
             self.timeline.record(now, reserved, kv.filled_slots, reserved, kv.free_slots, 0)
             if self.sim.want_block_map and reserved > self._peak_used:
                 self._peak_used = reserved
-                self.block_map = (now, {r.id: kv.reservation(r.id) for r in self.static_batch})
+                holders = self.static_batch if self.static else self.running
+                self.block_map = (now, {r.id: kv.reservation(r.id) for r in holders})
         if st.iterations % st.series_stride == 0:
             st.batch_series.append((now, len(self.running), len(self.waiting)))
             if len(st.batch_series) > 2048:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from npusim.costmodel import CostModel, MemoryPlan, memory_plan
 from npusim.engine import Instance, Simulation, percentile
 from npusim.errors import NpusimError
-from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, check_block_size,
+from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batching_mode, check_block_size,
                           load_hardware, load_mapping, load_model)
 from npusim.workload import LengthDist, WorkloadSpec, make_requests
 
@@ -83,6 +83,7 @@ def run_scenario(sc: Scenario, *, want_block_map: bool = False,
     model = load_model(sc.model)
     eng = sc.engine
     check_block_size(hw, eng.block_size)
+    batching_mode(eng)
     if sc.sharing == "vnpu" and sc.instances > hw.ai_cores:
         raise NpusimError(f"--instances {sc.instances} exceeds {hw.name}'s {hw.ai_cores} AI cores for vnpu sharing")
     costs, plans = instance_setup(hw, model, eng, sc.instances, sc.sharing)

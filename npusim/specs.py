@@ -442,8 +442,19 @@ class EngineConfig(BaseModel):
     swap_space_gib: float = Field(default=4.0, ge=0)
     watermark: float = Field(default=0.01, ge=0, lt=1)
     paging: bool = True
+    # "auto": continuous batching with paging, static batching without (the article's baseline);
+    # "continuous" without paging is Orca-style iteration-level scheduling on contiguous reservations.
+    batching: Literal["auto", "continuous", "static"] = "auto"
     weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
     kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
+
+
+def batching_mode(engine: EngineConfig) -> str:
+    if engine.batching == "auto":
+        return "continuous" if engine.paging else "static"
+    if engine.batching == "static" and engine.paging:
+        raise NpusimError("static batching is only modelled without paging (use --no-paging)")
+    return engine.batching
 
 
 def check_block_size(hw: HardwareSpec, block_size: int) -> None:
