@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
+
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
                           ModelSpec, ceil_div, dtype_bytes, gib)
@@ -198,6 +200,14 @@ class CostModel:
         if prefill_chunks:
             attn += self.attention_prefill_op(prefill_chunks).time_s
         return t + self.model.num_layers * attn
+
+    def decode_step_times(self, num_decodes: int, context_tokens: np.ndarray, kv_slots: np.ndarray) -> np.ndarray:
+        """step_time(num_decodes, ctx, slots) for arrays of (ctx, slots): the consecutive steps of
+        a decode-only batch, priced at once (same formula as decode_attention_time)."""
+        tc = context_tokens * (self._attn_flops_per_ctx / self._attn_decode_rate)
+        tm = (kv_slots * self.kv_bytes_per_token_layer
+              + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
+        return self.dense_time(num_decodes, num_decodes) + self.model.num_layers * (np.maximum(tc, tm) + self.latency)
 
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""

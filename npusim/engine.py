@@ -15,12 +15,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import simpy
 
 from npusim.costmodel import CostModel, MemoryPlan
 from npusim.kv import ContiguousKVCache, MemoryTimeline, PagedKVCache
 from npusim.specs import EngineConfig, HardwareSpec, batching_mode
 from npusim.workload import RequestSpec
+
+
+# Longest run of identical decode iterations priced at once (bounds the arrays it needs).
+STRETCH_MAX = 1024
 
 
 class Request:
@@ -141,6 +146,7 @@ class Instance:
         self.timeline = MemoryTimeline()
         self.stats = InstanceStats()
         self._wake: simpy.Event | None = None
+        self._arrival: simpy.Event | None = None  # set while a stretch runs; an arrival cuts it short
         self.block_map: tuple[float, dict] | None = None  # snapshot at peak use, for reports
         self._peak_used = -1
         self.swap_bytes_per_block = plan.block_bytes
@@ -171,6 +177,8 @@ class Instance:
         self.waiting.append(r)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
+        if self._arrival is not None and not self._arrival.triggered:
+            self._arrival.succeed()
 
     # -- the iteration loop ----------------------------------------------------------------------
     def loop(self):
@@ -182,6 +190,11 @@ class Instance:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
+            if not self.static:
+                stretch = self.plan_stretch()
+                if stretch is not None:
+                    yield from self.run_stretch(*stretch)
+                    continue
             step = schedule()
             if step is None:
                 # Nothing could be scheduled although work is waiting: the head request cannot be
@@ -202,6 +215,132 @@ class Instance:
             self.stats.busy_s += device_s + swap_s
             self.stats.swap_s += swap_s
             self.finish_iteration(work)
+
+    # -- stretches of identical decode iterations ------------------------------------------------
+    def plan_stretch(self):
+        """Whether the next iterations are all alike — the same decode-only batch, nothing that
+        could be admitted, pages enough for every step, no completion before the last — so that
+        they can be priced at once. Stepping them one by one gives the same schedule; this is only
+        faster. Returns (steps, device seconds of each step, new pages per step) or None."""
+        running = self.running
+        n = len(running)
+        cfg = self.cfg
+        if (self.lock is not None or self.swapped or n < 2 or n > cfg.max_num_batched_tokens
+                or (self.waiting and n < cfg.max_num_seqs)):
+            return None
+        last = running[-1]  # the newest request, the likeliest to be still in prefill
+        if last.num_tokens - last.num_computed != 1:
+            return None
+        k = STRETCH_MAX
+        t_next = self.sim.next_arrival
+        if t_next is not None and t_next != math.inf:
+            # An arrival will cut the stretch short; a step lasts at least its dense part, so
+            # this bounds the steps that start before it.
+            shortest = self.cost.dense_time(n, n) + self.cost.host_overhead_s
+            k = min(k, int((t_next - self.env.now) / shortest) + 1)
+            if k < 2:
+                return None
+        computed = []
+        for r in running:
+            if r.num_tokens - r.num_computed != 1:
+                return None
+            left = r.output_len - r.out_done
+            if left < k:
+                k = left
+            computed.append(r.num_computed)
+        if k < 2:
+            return None
+        c = np.array(computed, dtype=np.int64)
+        steps = np.arange(1, k + 1)
+        ctx = int(c.sum()) + n * steps  # each step attends to one more token per sequence
+        if self.paged:
+            bs = self.block_size
+            # sequence i takes a page at step j when its token count c_i + j crosses a boundary
+            first = (-c) % bs
+            new_pages = np.bincount(first, minlength=bs)[(steps - 1) % bs]
+            cum_new = np.cumsum(new_pages)
+            available = self.kv.num_free_blocks + self.kv.num_cached_blocks
+            if cum_new[-1] > available:
+                k = int(np.searchsorted(cum_new, available, side="right"))
+                if k < 2:
+                    return None
+                steps, ctx, cum_new = steps[:k], ctx[:k], cum_new[:k]
+            slots = (int(((c + bs - 1) // bs).sum()) + cum_new) * bs
+        else:
+            cum_new = None
+            slots = ctx
+        return k, self.cost.decode_step_times(n, ctx, slots), cum_new
+
+    def run_stretch(self, k: int, device: np.ndarray, cum_new: np.ndarray | None):
+        env = self.env
+        dts = device + self.cost.host_overhead_s
+        ends = np.cumsum(dts)
+        t0 = env.now
+        timer = env.timeout(float(ends[-1]))
+        self._arrival = env.event()
+        fired = yield timer | self._arrival
+        self._arrival = None
+        m = k
+        if timer not in fired:
+            # An arrival: the step under way finishes, then the scheduler sees the new request.
+            m = int(np.searchsorted(ends, env.now - t0, side="left")) + 1
+            yield env.timeout(max(0.0, t0 + float(ends[m - 1]) - env.now))
+        now = env.now
+        running = self.running
+        n = len(running)
+        kv = self.kv
+        st = self.stats
+        itl = self.sim.itl
+        prev = self.sim.prev_end.get(self.index, -1.0)
+        if self.paged:
+            before = (kv.allocated_slots, kv.filled_slots, kv.num_used_blocks, kv.num_free_blocks,
+                      kv.num_cached_blocks)
+        else:
+            before = (kv.reserved_slots, kv.filled_slots, kv.reserved_slots, kv.free_slots, 0)
+        first_end = t0 + float(ends[0])
+        bulk = 0
+        for r in running:
+            kv.append_slots(r.id, m)  # plan_stretch checked that the pages are there
+            if r.t_last == prev:
+                bulk += 1
+            else:
+                itl.add(first_end - r.t_last)
+            r.num_computed += m
+            r.num_tokens += m
+            r.out_done += m
+            r.t_last = now
+        if bulk:
+            itl.add(first_end - prev, bulk)
+        for j in range(1, m):
+            itl.add(float(dts[j]), n)
+        st.busy_s += float(device[:m].sum())
+        st.output_tokens += n * m
+        st.batch_tokens_sum += n * m
+        if n > st.max_batch:
+            st.max_batch = n
+        # the memory timeline at each step but the last, which is recorded after completions
+        alloc0, filled0, used0, free0, cached0 = before
+        in_system = n + len(self.waiting)
+        bs = self.block_size
+        for j in range(m - 1):
+            st.iterations += 1
+            t = t0 + float(ends[j])
+            if cum_new is None:
+                self._sample(t, alloc0, filled0 + n * (j + 1), used0, free0, 0, in_system)
+            else:
+                new = int(cum_new[j])
+                from_free = min(new, free0)
+                self._sample(t, alloc0 + bs * new, filled0 + n * (j + 1), used0 + new,
+                             free0 - from_free, cached0 - (new - from_free), in_system)
+        st.iterations += 1
+        if m == k:
+            done = [r for r in running if r.out_done >= r.output_len]
+            for r in done:
+                running.remove(r)
+                kv.free(r.id)
+                self.sim.complete(r, self)
+        self.sim.prev_end[self.index] = now
+        self._record(now)
 
     # -- continuous batching (vLLM with paging; Orca-style on contiguous reservations) ------------
     def _preempt(self, victim: Request) -> float:
@@ -225,7 +364,8 @@ class Instance:
         cfg = self.cfg
         kv = self.kv
         paged = self.paged
-        bs = self.block_size
+        # pages are read whole; a contiguous reservation is read up to its last token
+        bs = self.block_size if paged else 1
         budget = cfg.max_num_batched_tokens
         running = self.running
         work: list[tuple[Request, int]] = []
@@ -409,25 +549,31 @@ class Instance:
         self._record(now)
 
     def _record(self, now: float) -> None:
+        """Memory, queue and batch samples at the end of an iteration."""
         kv = self.kv
-        st = self.stats
-        st.in_system_area += st.last_in_system * (now - st.last_t)
-        st.last_in_system = len(self.running) + len(self.waiting) + len(self.swapped)
-        st.last_t = now
+        in_system = len(self.running) + len(self.waiting) + len(self.swapped)
         if self.paged:
             used = kv.num_used_blocks
-            self.timeline.record(now, kv.allocated_slots, kv.filled_slots, used, kv.num_free_blocks,
-                                 kv.num_cached_blocks)
+            self._sample(now, kv.allocated_slots, kv.filled_slots, used, kv.num_free_blocks,
+                         kv.num_cached_blocks, in_system)
             if self.sim.want_block_map and used > self._peak_used:
                 self._peak_used = used
                 self.block_map = (now, {r.id: kv.block_table(r.id) for r in self.running})
         else:
             reserved = kv.reserved_slots
-            self.timeline.record(now, reserved, kv.filled_slots, reserved, kv.free_slots, 0)
+            self._sample(now, reserved, kv.filled_slots, reserved, kv.free_slots, 0, in_system)
             if self.sim.want_block_map and reserved > self._peak_used:
                 self._peak_used = reserved
                 holders = self.static_batch if self.static else self.running
                 self.block_map = (now, {r.id: kv.reservation(r.id) for r in holders})
+
+    def _sample(self, now: float, allocated: int, filled: int, used: int, free: int, cached: int,
+                in_system: int) -> None:
+        st = self.stats
+        st.in_system_area += st.last_in_system * (now - st.last_t)
+        st.last_in_system = in_system
+        st.last_t = now
+        self.timeline.record(now, allocated, filled, used, free, cached)
         if st.iterations % st.series_stride == 0:
             st.batch_series.append((now, len(self.running), len(self.waiting)))
             if len(st.batch_series) > 2048:
@@ -460,6 +606,9 @@ class Simulation:
         self.finished: list[Request] = []
         self.rejected: list[tuple[Request, str]] = []
         self._rr = 0
+        # When the next request arrives (a hint for planning stretches); unknown in a closed loop,
+        # where arrivals wait for completions.
+        self.next_arrival: float | None = None if max_concurrency else 0.0
 
     def reject(self, r: Request, reason: str) -> None:
         self.rejected.append((r, reason))
@@ -488,6 +637,7 @@ class Simulation:
         env = self.env
         for spec in specs:
             if spec.arrival > env.now:
+                self.next_arrival = spec.arrival
                 yield env.timeout(spec.arrival - env.now)
             r = Request(spec)
             if self.limit is None:
@@ -495,6 +645,8 @@ class Simulation:
                 self._dispatch(r)
             else:
                 env.process(self._limited(r))
+        if self.next_arrival is not None:
+            self.next_arrival = math.inf
 
     def _limited(self, r: Request):
         # As `vllm bench serve --max-concurrency`: a request is sent when a slot frees up, and its
