@@ -148,7 +148,9 @@ def _capacity(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     # the token being generated needs its slot too
     per_seq = ceil_div(context + 1, block_size)
-    max_batch = plan.num_blocks // per_seq if plan.fits else 0
+    # Admission keeps the engine's watermark (1 % of blocks) free, as vLLM does.
+    usable = plan.num_blocks - int(engine.watermark * plan.num_blocks)
+    max_batch = usable // per_seq if plan.fits else 0
     k = instances
     each = " per instance" if k > 1 else ""
     reason = ""
@@ -167,7 +169,8 @@ def _capacity(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
                       f"{utilization:g})")
     elif batch > max_batch:
         reason = (f"batch {batch} at context {context} needs {batch * per_seq} blocks of {block_size} "
-                  f"tokens, only {plan.num_blocks} fit{each} (max batch {max_batch})")
+                  f"tokens, only {usable} fit{each} (max batch {max_batch}; 1 % of "
+                  f"{plan.num_blocks} kept free at admission)")
     return dict(weights_gib=gib(plan.weight_bytes), num_blocks=plan.num_blocks if plan.fits else 0,
                 blocks_per_seq=per_seq, max_batch=max_batch, feasible=not reason, reason=reason)
 
@@ -247,10 +250,10 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     ops = cm.ops(**args)
     host_s = cm.host_overhead_s if include_host else 0.0
     t = device_s + host_s
-    # Time-sliced instances take turns on the whole device: one iteration of each per round.
-    # Host work is counted inside each turn (no overlap with another instance's device time),
-    # which is the conservative reading.
-    per_token = instances * t if sharing == "time-slice" else t
+    # Time-sliced instances take turns on the whole device: one iteration of each per round. An
+    # instance's host work runs on the CPU while another instance holds the device, as in the
+    # simulator, so a round lasts K device steps unless one instance's host time is longer.
+    per_token = max(instances * device_s, t) if sharing == "time-slice" else t
     per_instance = batch / per_token
     compute, memory, kv, latency = _time_split(cm, ops)
     overhead = latency + host_s

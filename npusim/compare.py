@@ -3,14 +3,13 @@
 Both price an iteration with the same CostModel, so in steady-state decode with no queueing they
 must agree; what is left is what the analytical model leaves out on purpose:
 
-- host overlap: time-sliced instances spend their host time outside the device lock in the
-  simulator, so one instance's host work hides behind another's device step; the analytical model
-  charges K × (device + host) per round;
+- time slicing is modelled alike on both sides: an instance does its host work outside the device
+  lock, behind the other instances' device steps, so a round lasts max(K × device, device + host);
 - blocks rounding and context growth: the analytical point reads ceil((context + 1) / block) blocks
   per sequence at every step, the simulator's sequences grow through the decode and read the pages
   they have at each step;
-- capacity edges: the analytical max batch ignores the admission watermark and the growth of each
-  sequence during its decode, so at the edge the simulator admits fewer or preempts.
+- capacity edges: the analytical max batch counts the admission watermark but not the growth of
+  each sequence during its decode, so at the edge the simulator may preempt.
 
 Under load the two part further: with few arrivals the batch stays below the cap and throughput
 follows the offered load; at saturation the batch reaches the cap but each new request's prefill
@@ -35,8 +34,8 @@ GRID_BATCHES = (1, 8, 32, 64)
 GRID_CONTEXTS = (512, 2048, 8192)
 # Where "agree" ends. In steady state the raw difference is blocks rounding (below), worth at most
 # one page of KV reads per sequence: up to 2.3 % on the default grid (B=64 at context 512 with
-# 128-token pages), more for larger batches on a page boundary. What is left once rounding and
-# host overlap are priced (`residual`) stays below 0.05 % wherever the simulator ran the batch.
+# 128-token pages), more for larger batches on a page boundary. What is left once rounding is
+# priced (`residual`) stays below 0.05 % wherever the simulator ran the batch.
 TOLERANCE = 0.03
 MIN_WINDOW_ITERATIONS = 8  # fewer decode iterations than this in the window is no steady state
 
@@ -176,48 +175,31 @@ def _owner(request_id: int, instances: int) -> int:
 
 # --------------------------------------------------------------------------- the grid
 
-def host_overlap_factor(device_ms: float, host_ms: float, instances: int, sharing: str) -> float:
-    """Simulated over analytical throughput expected from time slicing alone.
-
-    In the simulator each of K instances does its host work, then queues for the device lock, so in
-    steady state a round lasts max(K·d, d + h): host time hides behind the other instances' device
-    steps while they last. The analytical model charges K·(d + h). The factor is at least 1 and at
-    most 1 + h/d."""
-    if sharing != "time-slice" or instances == 1:
-        return 1.0
-    k, d, h = instances, device_ms, host_ms
-    return k * (d + h) / max(k * d, d + h)
-
-
-def _known_effects(hw: HardwareSpec, model: ModelSpec, p: AnalyticalPoint,
-                   sim: dict) -> tuple[float, float]:
-    """(blocks rounding, host overlap): the factors by which the simulator should beat the analytical
-    throughput, priced with the same cost model.
-
-    Rounding: the analytical step reads ceil((context + 1) / block) whole pages per sequence; the
-    simulator's sequences cross a page boundary during their decode and read sim's mean slots."""
+def _rounding_factor(hw: HardwareSpec, model: ModelSpec, p: AnalyticalPoint, sim: dict) -> float:
+    """By how much the simulator should beat the analytical throughput from blocks rounding alone,
+    priced with the same cost model: the analytical step reads ceil((context + 1) / block) whole
+    pages per sequence; the simulator's sequences cross a page boundary during their decode and read
+    sim's mean slots."""
     cm = CostModel(instance_hardware(hw, p.instances, p.sharing), model, p.weight_dtype, p.kv_dtype)
     b = p.batch
     device_ms = cm.step_time(b, b * (p.context + 1), b * sim["mean_kv_slots_per_seq"]) * 1e3
-    rounding = p.iteration_ms / (device_ms + p.host_ms)
-    return rounding, host_overlap_factor(device_ms, p.host_ms, p.instances, p.sharing)
+    if p.sharing == "time-slice" and p.instances > 1:
+        return p.tpot_ms / max(p.instances * device_ms, device_ms + p.host_ms)
+    return p.iteration_ms / (device_ms + p.host_ms)
 
 
-def _grid_note(p: AnalyticalPoint, sim: dict, rel: float, rounding: float, overlap: float) -> str:
+def _grid_note(p: AnalyticalPoint, sim: dict, rel: float, rounding: float) -> str:
     """Why the two numbers differ, naming only causes present at this point."""
-    residual = (1 + rel) / (rounding * overlap) - 1
+    residual = (1 + rel) / rounding - 1
     why = []
-    if overlap > 1 + 1e-9:
-        why.append(f"host overlap x{overlap:.3f}: the DES hides {p.host_ms:g} ms host time behind the "
-                   f"other instances' device steps")
     if abs(rounding - 1) > 0.001:
         why.append(f"blocks rounding x{rounding:.3f}: analytic reads {p.blocks_per_seq * p.block_size} "
                    f"KV slots/seq, the DES's growing context {sim['mean_kv_slots_per_seq']:.0f} on average")
     if not sim["lockstep"]:
         ran = min(sim["mean_batch_per_instance"])
         why.append(f"capacity edge: the DES decoded {ran:.1f} of {p.batch} sequences per iteration with "
-                   f"{sim['preemptions']} preemptions (the analytical max batch {p.max_batch} ignores the "
-                   f"admission watermark and each sequence's growth during its decode)")
+                   f"{sim['preemptions']} preemptions (the analytical max batch {p.max_batch} ignores "
+                   f"each sequence's growth during its decode)")
     if abs(residual) > 0.005:
         why.append(f"unexplained {residual:+.1%}")
     if not sim["lockstep"]:
@@ -234,8 +216,7 @@ def _grid_note(p: AnalyticalPoint, sim: dict, rel: float, rounding: float, overl
 def _infeasible_row(base: dict, reason: str) -> dict:
     return {**base, "feasible": False, "reason": reason, "analytic_tokens_per_s": None,
             "sim_tokens_per_s": None, "rel_diff": None, "analytic_tpot_ms": None, "sim_tpot_ms": None,
-            "tpot_rel_diff": None, "rounding_factor": None, "overlap_factor": None,
-            "expected_ratio": None, "residual": None, "preemptions": None,
+            "tpot_rel_diff": None, "rounding_factor": None, "expected_ratio": None, "residual": None, "preemptions": None,
             "bound": None, "note": reason}
 
 
@@ -246,8 +227,8 @@ def compare_grid(hw: HardwareSpec | str, model: ModelSpec | str, *,
                  gpu_memory_utilization: float = 0.9, output_len: int = 64) -> list[dict]:
     """Analytical vs simulated steady-state decode at every grid point. One instance owns the whole
     device in either mode, so it appears once, with sharing "-". `rel_diff` is simulated over
-    analytical throughput minus 1; `expected_ratio` (= rounding_factor × overlap_factor) the ratio
-    that blocks rounding and host overlap explain; `residual` what is left after them."""
+    analytical throughput minus 1; `expected_ratio` (= rounding_factor) the ratio that blocks
+    rounding explains; `residual` what is left after it."""
     hw, model = load_hardware(hw), load_model(model)
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
               gpu_memory_utilization=gpu_memory_utilization)
@@ -270,17 +251,17 @@ def compare_grid(hw: HardwareSpec | str, model: ModelSpec | str, *,
                     sim = simulate_steady_decode(hw, model, batch=batch, context=context, instances=k,
                                                  sharing=sharing, output_len=output_len, **kw)
                     rel = sim["tokens_per_s"] / p.tokens_per_s - 1
-                    rounding, overlap = _known_effects(hw, model, p, sim)
-                    expected = rounding * overlap
+                    rounding = _rounding_factor(hw, model, p, sim)
+                    expected = rounding
                     rows.append({**base, "feasible": True, "reason": "",
                                  "analytic_tokens_per_s": p.tokens_per_s,
                                  "sim_tokens_per_s": sim["tokens_per_s"], "rel_diff": rel,
                                  "analytic_tpot_ms": p.tpot_ms, "sim_tpot_ms": sim["tpot_ms"],
                                  "tpot_rel_diff": sim["tpot_ms"] / p.tpot_ms - 1,
-                                 "rounding_factor": rounding, "overlap_factor": overlap,
+                                 "rounding_factor": rounding,
                                  "expected_ratio": expected, "residual": (1 + rel) / expected - 1,
                                  "preemptions": sim["preemptions"], "bound": p.bound,
-                                 "note": _grid_note(p, sim, rel, rounding, overlap)})
+                                 "note": _grid_note(p, sim, rel, rounding)})
     return rows
 
 
@@ -318,8 +299,6 @@ def _load_note(row: dict, full_pool: dict | None) -> str:
     text = (f"saturation: batch {batch:.1f} reaches the cap {cap}; the gap is mostly the prefill of "
             f"each new request (~{row['prefill_share']:.0%} of device time), which the decode-only "
             f"analytical model leaves out")
-    if row["overlap_factor"] > 1 + 1e-9:
-        text += f"; host overlap of time slicing gives back up to x{row['overlap_factor']:.2f}"
     return text
 
 
@@ -352,7 +331,6 @@ def _load_run(hw: HardwareSpec, model: ModelSpec, point: AnalyticalPoint, *, cas
         mean_batch=res["total_output_tokens"] / iterations,
         busy_fraction=sum(i["busy_fraction"] for i in res["per_instance"]) / k,
         mean_ttft_ms=res["mean_ttft_ms"], preemptions=res["kv_cache"]["preemptions"],
-        overlap_factor=host_overlap_factor(point.device_step_ms, point.host_ms, k, sharing),
         # the part of the run after the last arrival: vllm bench's duration counts it too
         drain_share=(duration - last_arrival) / duration,
         prefill_share=num_requests * prefill_s / (duration * lanes))
@@ -432,5 +410,5 @@ def format_comparison(rows: list[dict]) -> str:
 
 
 __all__ = ["simulate_steady_decode", "compare_grid", "compare_under_load", "format_comparison",
-           "host_overlap_factor", "decode_prompt_len", "pressure_num_blocks", "GRID_BATCHES",
+           "decode_prompt_len", "pressure_num_blocks", "GRID_BATCHES",
            "GRID_CONTEXTS", "TOLERANCE"]

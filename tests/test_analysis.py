@@ -78,8 +78,10 @@ def test_time_sliced_instances_read_weights_twice():
     alone = point(hw, batch=16)
     assert two.feasible and one.feasible
     assert two.tokens_per_s < 0.9 * one.tokens_per_s
-    assert two.tpot_ms == pytest.approx(2 * alone.iteration_ms)  # one turn each per round
-    assert two.tokens_per_s_per_instance == pytest.approx(alone.tokens_per_s / 2)
+    # one device turn each per round; each instance's host work overlaps the other's turn
+    assert two.tpot_ms == pytest.approx(max(2 * alone.device_step_ms, alone.iteration_ms))
+    assert two.tpot_ms > alone.iteration_ms
+    assert two.tokens_per_s_per_instance == pytest.approx(16 / (two.tpot_ms / 1e3))
     assert two.max_batch < one.max_batch  # each holds its own weights in half the memory
 
 

@@ -246,3 +246,33 @@ def test_trace_replay_takes_the_first_rows(tmp_path):
     assert d["total_input_tokens"] == sum(100 + i for i in range(5))
     assert d["total_output_tokens"] == sum(10 + i for i in range(5))
     assert d["duration"] > 1.0  # the last of them arrives at t = 1 s
+
+
+@pytest.mark.parametrize("engine, workload", [
+    ({}, dict(rate=6.0)),
+    ({"block_size": 16}, dict(rate=12.0, burstiness_cv=3.0)),
+    ({"paging": False, "batching": "continuous", "max_model_len": 4096}, dict(rate=6.0)),
+    ({"num_blocks": 300}, dict(rate=math.inf)),
+    ({}, dict(max_concurrency=12)),
+])
+def test_stretches_give_the_same_schedule_as_single_steps(monkeypatch, engine, workload):
+    """Decode iterations priced in stretches (the fast path) must give what stepping them one by
+    one gives, arrivals cutting stretches short included."""
+    from npusim.engine import Instance
+
+    wl = dict(num_requests=150, input_len=LengthDist(kind="sharegpt"), output_len=LengthDist(kind="sharegpt"))
+    wl.update(workload)
+    sc = Scenario(engine=EngineConfig(**engine), workload=WorkloadSpec(**wl), seed=2)
+    fast = run_scenario(sc)
+    calls = []
+    real = Instance.plan_stretch
+    monkeypatch.setattr(Instance, "plan_stretch", lambda self: calls.append(real(self)) or None)
+    slow = run_scenario(sc)
+    assert any(c is not None for c in calls), "the scenario should offer stretches"
+    for key in ("completed", "total_output_tokens", "duration", "mean_ttft_ms", "p99_ttft_ms",
+                "mean_tpot_ms", "mean_itl_ms", "median_itl_ms", "mean_e2el_ms"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-9), key
+    for key in ("mean_used_fraction", "peak_used_fraction", "mean_waste_fraction", "preemptions"):
+        assert fast["kv_cache"][key] == pytest.approx(slow["kv_cache"][key], rel=1e-6), key
+    assert [p["iterations"] for p in fast["per_instance"]] == [p["iterations"] for p in slow["per_instance"]]
+    assert fast["energy"]["joules"] == pytest.approx(slow["energy"]["joules"], rel=1e-9)
