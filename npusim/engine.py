@@ -369,8 +369,6 @@ class Instance:
         budget = cfg.max_num_batched_tokens
         running = self.running
         work: list[tuple[Request, int]] = []
-        decodes = ctx = slots = 0
-        chunks: list[tuple[int, int]] = []
         swap_s = 0.0
         preempted = False
         i = 0
@@ -395,13 +393,6 @@ class Instance:
                     break
             work.append((r, n))
             budget -= n
-            if n == 1:
-                decodes += 1
-                c = r.num_computed + 1
-                ctx += c
-                slots += -(-c // bs) * bs
-            else:
-                chunks.append((n, r.num_computed))
             i += 1
         if not preempted:
             # Swapped requests come back before new ones are admitted.
@@ -418,13 +409,6 @@ class Instance:
                     break
                 work.append((r, n))
                 budget -= n
-                if n == 1:
-                    decodes += 1
-                    c = r.num_computed + 1
-                    ctx += c
-                    slots += -(-c // bs) * bs
-                else:
-                    chunks.append((n, r.num_computed))
             while (self.waiting and not self.swapped and len(running) < cfg.max_num_seqs
                    and budget > 0):
                 r = self.waiting[0]
@@ -455,18 +439,22 @@ class Instance:
                 running.append(r)
                 work.append((r, n))
                 budget -= n
-                if n == 1 and cached:
-                    decodes += 1
-                    c = r.num_computed + 1
-                    ctx += c
-                    slots += -(-c // bs) * bs
-                else:
-                    chunks.append((n, r.num_computed))
         if not work:
             if running or self.swapped:
                 # Everything running was preempted away this round: retry next round.
                 return [], 0.0, swap_s
             return None
+        # One token on top of a cached context is a decode: it reads all its pages.
+        decodes = ctx = slots = 0
+        chunks: list[tuple[int, int]] = []
+        for r, n in work:
+            if n == 1 and r.num_computed:
+                decodes += 1
+                c = r.num_computed + 1
+                ctx += c
+                slots += -(-c // bs) * bs
+            else:
+                chunks.append((n, r.num_computed))
         device_s = self.cost.step_time(decodes, ctx, slots, chunks)
         return work, device_s, swap_s
 

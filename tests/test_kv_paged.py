@@ -269,6 +269,17 @@ def test_swap_limits():
     assert c.num_free_host_blocks == 4 and "a" not in c
 
 
+def test_swap_in_keeps_the_watermark():
+    c = PagedKVCache(10, 4, watermark=0.2, num_host_blocks=8)  # 2 blocks held back
+    c.allocate("a", 12)
+    c.swap_out("a")
+    c.allocate("b", 24)  # 6 used, 4 available
+    assert not c.can_swap_in("a")  # 4 - 3 < 2
+    c.free("b")
+    c.allocate("b", 20)  # 5 used, 5 available
+    assert c.can_swap_in("a") and c.swap_in("a") == 3
+
+
 def test_swap_out_of_forked_request_keeps_shared_blocks():
     c = PagedKVCache(8, 4, watermark=0, num_host_blocks=8)
     c.allocate("p", 6)

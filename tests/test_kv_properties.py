@@ -30,11 +30,11 @@ SETTINGS = settings(
 
 class PagedMachine(RuleBasedStateMachine):
     @initialize(
-        num_blocks=st.integers(1, 32),
+        num_blocks=st.integers(1, 20),
         bs=st.sampled_from([1, 2, 3, 4]),
         prefix=st.booleans(),
         host=st.integers(0, 12),
-        watermark=st.sampled_from([0.0, 0.1]),
+        watermark=st.sampled_from([0.0, 0.0, 0.1, 0.25]),
     )
     def setup(self, num_blocks, bs, prefix, host, watermark):
         self.c = PagedKVCache(
@@ -46,6 +46,7 @@ class PagedMachine(RuleBasedStateMachine):
         self.content = [[] for _ in range(num_blocks)]  # tokens written into each block
         self.tokens = {}  # request -> tokens it holds
         self.pending = {}  # request -> prompt tokens not yet filled (chunked prefill)
+        self.hashes = {}  # request -> prefix hashes of its prompt's full blocks
         self.swapped = set()
         self.block_tokens_of_hash = {}  # prefix hash -> the block content it stands for
         self.next_id = 0
@@ -62,7 +63,7 @@ class PagedMachine(RuleBasedStateMachine):
             {r: c.block_table(r) for r in self.device_reqs()},
             {r: c.num_tokens(r) for r in self.tokens},
             list(c._ref), list(c._free), list(c._cached), c.filled_slots,
-            c.cow_copies, c.num_free_host_blocks,
+            c.cow_copies, c.num_free_host_blocks, dict(c._hash_to_block),
         )
 
     def hashes_for(self, prompt):
@@ -112,19 +113,29 @@ class PagedMachine(RuleBasedStateMachine):
         prompt = [("sys", family, i) for i in range(shared)] + [("req", r, i) for i in range(own)]
         if not prompt:
             prompt = [("req", r, 0)]
-        n = data.draw(st.integers(1, len(prompt)), label="first_chunk")
+        # Mostly the whole prompt at once, sometimes a first chunk (chunked prefill).
+        n = data.draw(st.just(len(prompt)) | st.integers(1, len(prompt)), label="first_chunk")
         hashes = self.hashes_for(prompt)
         before = self.snapshot()
-        can = self.c.can_allocate(n, hashes)
+        # Expected hits: the leading hashes (of blocks this chunk fills) that the cache knows.
+        hit_blocks = []
+        if self.c.enable_prefix_caching:
+            for h in hashes[: n // self.bs]:
+                if h not in before[8]:
+                    break
+                hit_blocks.append(before[8][h])
+        revived = len({b for b in hit_blocks if before[2][b] == 0})
+        new = math.ceil(n / self.bs) - len(hit_blocks)
+        admit = len(before[3]) + len(before[4]) - revived - new >= self.c.watermark_blocks
+        assert self.c.can_allocate(n, hashes) == admit
         q0, h0 = self.c.prefix_queries, self.c.prefix_hits
         hit = self.c.allocate(r, n, hashes)
-        assert can == (hit is not None)
+        assert (hit is not None) == admit
         if hit is None:
             assert self.snapshot() == before
-            if not self.c.enable_prefix_caching:
-                need = math.ceil(n / self.bs)
-                assert need > self.c.num_free_blocks + self.c.num_cached_blocks - self.c.watermark_blocks
             return
+        assert hit == len(hit_blocks) * self.bs
+        assert self.c.block_table(r)[: len(hit_blocks)] == tuple(hit_blocks)
         ref_before = before[2]
         table = self.c.block_table(r)
         assert len(table) == math.ceil(n / self.bs)
@@ -143,7 +154,17 @@ class PagedMachine(RuleBasedStateMachine):
             self.content[b] = []
         self.tokens[r] = list(prompt[:nhit * self.bs])
         self.pending[r] = list(prompt[nhit * self.bs:])
+        self.hashes[r] = hashes
         self.write(r, self.next_tokens(r, n - nhit * self.bs), ref_before, set())
+        self.check_registered(r, 0)
+
+    def check_registered(self, r, first_block):
+        """Full prompt blocks from first_block on, just written, must be findable by hash."""
+        if not self.c.enable_prefix_caching:
+            return
+        hashes = self.hashes[r]
+        for i in range(first_block, min(len(hashes), len(self.tokens[r]) // self.bs)):
+            assert hashes[i] in self.c._hash_to_block
 
     @precondition(lambda self: self.device_reqs())
     @rule(data=st.data(), n=st.sampled_from([0, 1, 1, 1, 2, 5]))
@@ -155,10 +176,10 @@ class PagedMachine(RuleBasedStateMachine):
         ref_before = before[2]
         t1 = before[0][r]
         old = len(self.tokens[r])
-        cow_expected = old % self.bs != 0 and ref_before[t1[-1]] > 1
+        cow_expected = n > 0 and old % self.bs != 0 and ref_before[t1[-1]] > 1
         need = math.ceil((old + n) / self.bs) - len(t1) + cow_expected
         ok = self.c.append_slots(r, n)
-        assert ok == (need <= before[3].__len__() + before[4].__len__())
+        assert ok == (need <= len(before[3]) + len(before[4]))
         if not ok:
             assert self.snapshot() == before
             return
@@ -171,12 +192,13 @@ class PagedMachine(RuleBasedStateMachine):
             self.content[t2[last]] = list(self.content[t1[last]])
             assert self.c.cow_copies == before[6] + 1
         else:
-            assert not cow_expected or n == 0
+            assert not cow_expected
             assert self.c.cow_copies == before[6]
         for b in t2[last + 1:]:
             assert ref_before[b] == 0
             self.content[b] = []
         self.write(r, self.next_tokens(r, n), ref_before, set(t1))
+        self.check_registered(r, old // self.bs)
 
     @precondition(lambda self: self.device_reqs())
     @rule(data=st.data())
@@ -192,6 +214,7 @@ class PagedMachine(RuleBasedStateMachine):
         assert self.c.num_used_blocks == used_before
         self.tokens[child] = list(self.tokens[parent])
         self.pending[child] = list(self.pending[parent])
+        self.hashes[child] = self.hashes[parent]
         return child
 
     @precondition(lambda self: self.device_reqs())
@@ -208,7 +231,7 @@ class PagedMachine(RuleBasedStateMachine):
         r = data.draw(st.sampled_from(sorted(self.tokens)), label="req")
         self.c.free(r)
         assert r not in self.c
-        del self.tokens[r], self.pending[r]
+        del self.tokens[r], self.pending[r], self.hashes[r]
         self.swapped.discard(r)
 
     @precondition(lambda self: self.device_reqs())
@@ -240,6 +263,7 @@ class PagedMachine(RuleBasedStateMachine):
         for i, b in enumerate(table):
             assert ref_before[b] == 0
             self.content[b] = self.tokens[r][i * self.bs:(i + 1) * self.bs]
+        self.check_registered(r, 0)
 
     @rule()
     def free_all(self):
@@ -247,6 +271,7 @@ class PagedMachine(RuleBasedStateMachine):
             self.c.free(r)
         self.tokens.clear()
         self.pending.clear()
+        self.hashes.clear()
         self.swapped.clear()
         c = self.c
         assert c.num_free_blocks + c.num_cached_blocks == self.nb

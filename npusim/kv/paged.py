@@ -212,7 +212,7 @@ class PagedKVCache:
         last_fill = old - (len(table) - 1) * bs
         # Writing into a partly filled last block that others also reference would change their
         # view of it, so this request gets its own copy first.
-        cow = False
+        cow = last_fill < bs and ref[last] > 1
         need = -(-new // bs) - len(table) + cow
         if need > self._available():
             return False
