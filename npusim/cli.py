@@ -324,6 +324,7 @@ def analyze(
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="fraction of device memory the engine may use"),
+    compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Steady-state decode from the roofline: where "throughput ∝ B · N_core / T" holds and breaks."""
@@ -352,8 +353,21 @@ def analyze(
                                  cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
                                  sharing_modes=[sharing], **kw)
     explanation = explain_proportionality(grid)
+    comparison = None
+    if compare:
+        from npusim.compare import compare_grid, compare_under_load
+        comparison = {
+            "grid": compare_grid(h, m, batches=sorted({max(1, batch // 2), batch, 2 * batch}),
+                                 contexts=[context], instances_list=sorted({1, grid_k}), **kw),
+            "under_load": compare_under_load(h, m, batch=batch, context=context,
+                                             rates=_load_rates(point, batch), **kw)
+            if point.feasible else [],
+        }
     if as_json:
-        _print_json({"point": point.as_dict(), "grid": grid, "explanation": explanation})
+        out = {"point": point.as_dict(), "grid": grid, "explanation": explanation}
+        if comparison is not None:
+            out["comparison"] = comparison
+        _print_json(out)
         return
     p = point
     t = Table(title=f"{m.name} on {h.name}: decode, {p.instances} instance(s) ({p.sharing}) x batch "
@@ -394,6 +408,20 @@ def analyze(
     console.print(g)
     for line in explanation:
         console.print(f"- {line}")
+    if comparison is not None:
+        from npusim.compare import format_comparison
+        print("\nAnalytical model vs discrete-event simulator, steady-state decode (no queueing):")
+        print(format_comparison(comparison["grid"]))
+        if comparison["under_load"]:
+            print("\nUnder load (open-loop Poisson arrivals, then a small KV pool):")
+            print(format_comparison(comparison["under_load"]))
+
+
+def _load_rates(point, batch: int) -> list[float]:
+    """Arrival rates at a tenth, half and all of the point's analytical capacity, and all at once."""
+    out_len = 256
+    cap = point.tokens_per_s_per_instance or 1.0
+    return [0.1 * cap / out_len, 0.5 * cap / out_len, math.inf]
 
 
 # --------------------------------------------------------------------------- kv-study

@@ -197,3 +197,19 @@ def test_format_comparison_lays_out_one_line_per_row(grid, under_load):
     assert load[0].split()[0] == "case" and len(load) == 4
     assert any(" inf " in line for line in load)
     assert format_comparison([]) == ""
+
+
+def test_analyze_compare_cli_reports_the_grid_and_the_load_cases():
+    import json
+
+    from conftest import run_cli
+
+    rc, out, err = run_cli("analyze", "--hw", "ascend-910b2", "--model", MODEL, "--batch", "8",
+                           "--context", "1000", "--compare", "--json")
+    assert rc == 0, err
+    comp = json.loads(out)["comparison"]
+    steady = [r for r in comp["grid"] if r["feasible"]]
+    assert steady and all(abs(r["rel_diff"]) <= TOLERANCE for r in steady)
+    cases = [r["case"] for r in comp["under_load"]]
+    assert cases.count("poisson") == 3 and "memory-pressure" in cases
+    assert comp["under_load"][0]["sim_tokens_per_s"] < 0.5 * comp["under_load"][0]["analytic_tokens_per_s"]
