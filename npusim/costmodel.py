@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-import numpy as np
-
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
                           ModelSpec, ceil_div, dtype_bytes, gib)
@@ -62,7 +60,9 @@ class CostModel:
         self.latency = hw.kernel_latency_us * 1e-6
         self.host_overhead_s = hw.host_overhead_ms * 1e-3
         self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
-        self._dense_cache: dict[tuple[int, int], float] = {}
+        # memoised by token count (and sampled rows): iterations repeat the same shapes
+        self._layer_cache: dict[int, float] = {}
+        self._edge_cache: dict[tuple[int, int], float] = {}
         # Decode attention per layer: Q·K and P·V over the whole context for every head.
         m = model
         self._attn_flops_per_ctx = 4.0 * m.num_heads * m.head_dim
@@ -176,13 +176,16 @@ class CostModel:
 
     # -- the hot path ----------------------------------------------------------------------------
     def dense_time(self, tokens: int, sampled: int) -> float:
-        key = (tokens, sampled)
-        t = self._dense_cache.get(key)
+        t = self._layer_cache.get(tokens)
         if t is None:
-            t = (self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
-                 + sum(o.time_s for o in self.edge_ops(tokens, sampled)))
-            self._dense_cache[key] = t
-        return t
+            t = self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
+            self._layer_cache[tokens] = t
+        key = (tokens, sampled)
+        e = self._edge_cache.get(key)
+        if e is None:
+            e = sum(o.time_s for o in self.edge_ops(tokens, sampled))
+            self._edge_cache[key] = e
+        return t + e
 
     def step_time(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
                   prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> float:
@@ -200,14 +203,6 @@ class CostModel:
         if prefill_chunks:
             attn += self.attention_prefill_op(prefill_chunks).time_s
         return t + self.model.num_layers * attn
-
-    def decode_step_times(self, num_decodes: int, context_tokens: np.ndarray, kv_slots: np.ndarray) -> np.ndarray:
-        """step_time(num_decodes, ctx, slots) for arrays of (ctx, slots): the consecutive steps of
-        a decode-only batch, priced at once (same formula as decode_attention_time)."""
-        tc = context_tokens * (self._attn_flops_per_ctx / self._attn_decode_rate)
-        tm = (kv_slots * self.kv_bytes_per_token_layer
-              + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
-        return self.dense_time(num_decodes, num_decodes) + self.model.num_layers * (np.maximum(tc, tm) + self.latency)
 
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""

@@ -1,11 +1,18 @@
 """Discrete-event serving simulator (SimPy): requests arrive, are batched into iterations, take and
 give back KV pages, and finish, on one or several model instances sharing a device.
 
-The scheduler follows vLLM v1's unified rule: every request has `num_tokens` known tokens (prompt +
-generated) and `num_computed` of them in the KV cache; an iteration gives each scheduled request
-some of the difference (a prefill chunk, or the one token of a decode); when a request's cache
-catches up with its tokens it samples the next one. Recompute preemption and chunked prefill fall
-out of the same rule.
+Every request has `num_tokens` known tokens (prompt + generated) and `num_computed` of them in the
+KV cache; an iteration gives each scheduled request some of the difference (a prefill chunk, or
+the one token of a decode); when a request's cache catches up with its tokens it samples the next
+one. Recompute preemption and chunked prefill fall out of the same rule. As vLLM's chunked-prefill
+scheduler, an iteration takes every running decode first, then prefill chunks in the token budget
+that is left.
+
+Decoding requests form a *decode set* whose members all advance one token per iteration, so the
+set is kept as sums (members, context tokens, KV slots read) and a member is looked at only when
+something happens to it: it needs a new page, it finishes, or it is preempted. An iteration then
+costs time in the number of such events, not in the batch size, and gives the same schedule as
+advancing every member one by one.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import simpy
 
 from npusim.costmodel import CostModel, MemoryPlan
@@ -24,8 +30,8 @@ from npusim.specs import EngineConfig, HardwareSpec, batching_mode
 from npusim.workload import RequestSpec
 
 
-# Longest run of identical decode iterations priced at once (bounds the arrays it needs).
-STRETCH_MAX = 1024
+def _by_seq(r: "Request") -> int:
+    return r.seq
 
 
 class Request:
@@ -33,7 +39,11 @@ class Request:
 
     __slots__ = ("id", "arrival", "prompt_len", "output_len", "prefix_group", "prefix_len",
                  "submit", "num_tokens", "num_computed", "out_done", "t_first", "t_last", "t_done",
-                 "preemptions", "hashes", "on_done")
+                 "preemptions", "hashes", "on_done", "state", "seq",
+                 # while in the decode set: its progress as of iteration base_it, the tokens the
+                 # KV cache has been told of, the KV slots it reads, and an epoch that retires
+                 # its pending events when it leaves the set
+                 "base_it", "base_c", "base_out", "told", "slots", "epoch")
 
     def __init__(self, spec: RequestSpec):
         self.id = spec.id
@@ -52,6 +62,9 @@ class Request:
         self.preemptions = 0
         self.hashes: list[int] | None = None
         self.on_done: Callable[[], None] | None = None
+        self.state = "waiting"  # waiting | prefill | decode | swapped | done
+        self.seq = 0  # admission order: the newest running request is preempted first
+        self.base_it = self.base_c = self.base_out = self.told = self.slots = self.epoch = 0
 
     def block_hashes(self, block_size: int) -> list[int]:
         """Hashes of the full blocks of the prompt: blocks inside a shared prefix hash by (group,
@@ -146,7 +159,17 @@ class Instance:
         self.timeline = MemoryTimeline()
         self.stats = InstanceStats()
         self._wake: simpy.Event | None = None
-        self._arrival: simpy.Event | None = None  # set while a stretch runs; an arrival cuts it short
+        self.prefilling: list[Request] = []  # running requests not in the decode set, in admission order
+        self.it = 0  # iterations done
+        self.prev_end = -1.0  # when the last iteration ended
+        self.admitted = 0
+        # the decode set, as sums over its members at the next iteration
+        self.dset_n = 0
+        self.dset_ctx = 0  # tokens attended: each member's cached tokens + 1
+        self.dset_slots = 0  # KV slots read: whole pages (paged only; contiguous reads its context)
+        self.lag = 0  # tokens members hold that the KV cache has not been told of yet
+        self.finish_at: dict[int, list[tuple[Request, int]]] = {}  # iteration -> members finishing
+        self.page_at: dict[int, list[tuple[Request, int]]] = {}  # iteration -> members needing a page
         self.block_map: tuple[float, dict] | None = None  # snapshot at peak use, for reports
         self._peak_used = -1
         self.swap_bytes_per_block = plan.block_bytes
@@ -177,8 +200,6 @@ class Instance:
         self.waiting.append(r)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
-        if self._arrival is not None and not self._arrival.triggered:
-            self._arrival.succeed()
 
     # -- the iteration loop ----------------------------------------------------------------------
     def loop(self):
@@ -190,11 +211,6 @@ class Instance:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
-            if not self.static:
-                stretch = self.plan_stretch()
-                if stretch is not None:
-                    yield from self.run_stretch(*stretch)
-                    continue
             step = schedule()
             if step is None:
                 # Nothing could be scheduled although work is waiting: the head request cannot be
@@ -214,186 +230,150 @@ class Instance:
                     yield env.timeout(device_s + swap_s)
             self.stats.busy_s += device_s + swap_s
             self.stats.swap_s += swap_s
-            self.finish_iteration(work)
+            if self.static:
+                self.finish_static(work)
+            else:
+                self.finish_continuous(work)
 
-    # -- stretches of identical decode iterations ------------------------------------------------
-    def plan_stretch(self):
-        """Whether the next iterations are all alike — the same decode-only batch, nothing that
-        could be admitted, pages enough for every step, no completion before the last — so that
-        they can be priced at once. Stepping them one by one gives the same schedule; this is only
-        faster. Returns (steps, device seconds of each step, new pages per step) or None."""
-        running = self.running
-        n = len(running)
-        cfg = self.cfg
-        if (self.lock is not None or self.swapped or n < 2 or n > cfg.max_num_batched_tokens
-                or (self.waiting and n < cfg.max_num_seqs)):
-            return None
-        last = running[-1]  # the newest request, the likeliest to be still in prefill
-        if last.num_tokens - last.num_computed != 1:
-            return None
-        k = STRETCH_MAX
-        t_next = self.sim.next_arrival
-        if t_next is not None and t_next != math.inf:
-            # An arrival will cut the stretch short; a step lasts at least its dense part, so
-            # this bounds the steps that start before it.
-            shortest = self.cost.dense_time(n, n) + self.cost.host_overhead_s
-            k = min(k, int((t_next - self.env.now) / shortest) + 1)
-            if k < 2:
-                return None
-        computed = []
-        for r in running:
-            if r.num_tokens - r.num_computed != 1:
-                return None
-            left = r.output_len - r.out_done
-            if left < k:
-                k = left
-            computed.append(r.num_computed)
-        if k < 2:
-            return None
-        c = np.array(computed, dtype=np.int64)
-        steps = np.arange(1, k + 1)
-        ctx = int(c.sum()) + n * steps  # each step attends to one more token per sequence
+    # -- the decode set ----------------------------------------------------------------------------
+    def _join(self, r: Request) -> None:
+        """r's cache has caught up with its tokens after iteration self.it: from the next
+        iteration on it decodes one token per iteration until it finishes."""
+        r.state = "decode"
+        r.epoch += 1
+        r.base_it, r.base_c, r.base_out, r.told = self.it, r.num_computed, r.out_done, r.num_computed
+        self.dset_n += 1
+        self.dset_ctx += r.num_computed + 1
         if self.paged:
-            bs = self.block_size
-            # sequence i takes a page at step j when its token count c_i + j crosses a boundary
-            first = (-c) % bs
-            new_pages = np.bincount(first, minlength=bs)[(steps - 1) % bs]
-            cum_new = np.cumsum(new_pages)
-            available = self.kv.num_free_blocks + self.kv.num_cached_blocks
-            if cum_new[-1] > available:
-                k = int(np.searchsorted(cum_new, available, side="right"))
-                if k < 2:
-                    return None
-                steps, ctx, cum_new = steps[:k], ctx[:k], cum_new[:k]
-            slots = (int(((c + bs - 1) // bs).sum()) + cum_new) * bs
-        else:
-            cum_new = None
-            slots = ctx
-        return k, self.cost.decode_step_times(n, ctx, slots), cum_new
+            # the pages it holds; the one its next token may need is added when it is taken
+            r.slots = -(-r.num_computed // self.block_size) * self.block_size
+            self.dset_slots += r.slots
+        last = self.it + r.output_len - r.out_done  # the iteration that samples its last token
+        self.finish_at.setdefault(last, []).append((r, r.epoch))
+        if self.paged:
+            # iteration j writes token base_c + (j - base_it - 1); a page boundary needs a page
+            j = self.it + 1 + (-r.num_computed) % self.block_size
+            if j <= last:
+                self.page_at.setdefault(j, []).append((r, r.epoch))
 
-    def run_stretch(self, k: int, device: np.ndarray, cum_new: np.ndarray | None):
-        env = self.env
-        dts = device + self.cost.host_overhead_s
-        ends = np.cumsum(dts)
-        t0 = env.now
-        timer = env.timeout(float(ends[-1]))
-        self._arrival = env.event()
-        fired = yield timer | self._arrival
-        self._arrival = None
-        m = k
-        if timer not in fired:
-            # An arrival: the step under way finishes, then the scheduler sees the new request.
-            m = int(np.searchsorted(ends, env.now - t0, side="left")) + 1
-            yield env.timeout(max(0.0, t0 + float(ends[m - 1]) - env.now))
-        now = env.now
-        running = self.running
-        n = len(running)
+    def _sync(self, r: Request) -> None:
+        """Bring a member's own counters up to date (after iteration self.it) and tell the KV
+        cache the tokens it holds; they fit its pages, which are taken as boundaries are crossed."""
+        d = self.it - r.base_it
+        r.num_computed = r.base_c + d
+        r.out_done = r.base_out + d
+        r.num_tokens = r.prompt_len + r.out_done
+        untold = r.num_computed - r.told
+        if untold:
+            self.kv.append_slots(r.id, untold)
+            self.lag -= untold
+            r.told = r.num_computed
+
+    def _leave(self, r: Request) -> None:
+        """Take a member out of the decode set (it finished or is preempted)."""
+        self._sync(r)
+        r.epoch += 1
+        self.dset_n -= 1
+        self.dset_ctx -= r.num_computed + 1
+        if self.paged:
+            self.dset_slots -= r.slots
+        r.t_last = self.prev_end if r.out_done else r.t_last
+
+    def _take_pages(self, j: int) -> tuple[bool, float]:
+        """Members whose next token starts a new page get it, oldest first; when none is free the
+        newest running request is preempted, as vLLM does. Returns (preempted, swap seconds)."""
+        due = self.page_at.pop(j, None)
+        if not due:
+            return False, 0.0
         kv = self.kv
-        st = self.stats
-        itl = self.sim.itl
-        prev = self.sim.prev_end.get(self.index, -1.0)
-        if self.paged:
-            before = (kv.allocated_slots, kv.filled_slots, kv.num_used_blocks, kv.num_free_blocks,
-                      kv.num_cached_blocks)
-        else:
-            before = (kv.reserved_slots, kv.filled_slots, kv.reserved_slots, kv.free_slots, 0)
-        first_end = t0 + float(ends[0])
-        bulk = 0
-        for r in running:
-            kv.append_slots(r.id, m)  # plan_stretch checked that the pages are there
-            if r.t_last == prev:
-                bulk += 1
-            else:
-                itl.add(first_end - r.t_last)
-            r.num_computed += m
-            r.num_tokens += m
-            r.out_done += m
-            r.t_last = now
-        if bulk:
-            itl.add(first_end - prev, bulk)
-        for j in range(1, m):
-            itl.add(float(dts[j]), n)
-        st.busy_s += float(device[:m].sum())
-        st.output_tokens += n * m
-        st.batch_tokens_sum += n * m
-        if n > st.max_batch:
-            st.max_batch = n
-        # the memory timeline at each step but the last, which is recorded after completions
-        alloc0, filled0, used0, free0, cached0 = before
-        in_system = n + len(self.waiting)
-        bs = self.block_size
-        for j in range(m - 1):
-            st.iterations += 1
-            t = t0 + float(ends[j])
-            if cum_new is None:
-                self._sample(t, alloc0, filled0 + n * (j + 1), used0, free0, 0, in_system)
-            else:
-                new = int(cum_new[j])
-                from_free = min(new, free0)
-                self._sample(t, alloc0 + bs * new, filled0 + n * (j + 1), used0 + new,
-                             free0 - from_free, cached0 - (new - from_free), in_system)
-        st.iterations += 1
-        if m == k:
-            done = [r for r in running if r.out_done >= r.output_len]
-            for r in done:
-                running.remove(r)
-                kv.free(r.id)
-                self.sim.complete(r, self)
-        self.sim.prev_end[self.index] = now
-        self._record(now)
+        preempted = False
+        swap_s = 0.0
+        members = sorted((r for r, ep in due if r.epoch == ep and r.state == "decode"), key=_by_seq)
+        for r in members:
+            if r.state != "decode":
+                continue  # preempted by an older member in this loop
+            c = r.base_c + (j - 1 - r.base_it)  # cached tokens before this iteration
+            need = c + 1 - r.told
+            while not kv.append_slots(r.id, need):
+                victim_is_r = self.running[-1] is r
+                swap_s += self._preempt()
+                preempted = True
+                if victim_is_r:
+                    break
+            if r.state != "decode":
+                continue
+            r.told = c + 1
+            self.lag -= need
+            r.slots += self.block_size
+            self.dset_slots += self.block_size
+            nxt = j + self.block_size
+            if nxt <= r.base_it + r.output_len - r.base_out:
+                self.page_at.setdefault(nxt, []).append((r, r.epoch))
+        return preempted, swap_s
 
     # -- continuous batching (vLLM with paging; Orca-style on contiguous reservations) ------------
-    def _preempt(self, victim: Request) -> float:
-        """Free a victim's pages: swap them to host memory if asked and possible, else drop them
-        to be recomputed. Returns the device seconds of the transfer."""
+    def _preempt(self) -> float:
+        """Preempt the newest running request: swap its pages to host memory if asked and
+        possible, else drop them to be recomputed. Returns the device seconds of the transfer."""
         kv = self.kv
+        victim = self.running.pop()
         self.stats.preemptions += 1
         victim.preemptions += 1
+        if victim.state == "decode":
+            self._leave(victim)
+        else:
+            self.prefilling.remove(victim)
         if self.cfg.preemption_mode == "swap" and kv.can_swap_out(victim.id):
             blocks = kv.swap_out(victim.id)
+            victim.state = "swapped"
             self.swapped.append(victim)
             return blocks * self.swap_bytes_per_block / self.host_link
         kv.free(victim.id)
         victim.num_computed = 0
+        victim.state = "waiting"
         self.waiting.appendleft(victim)
         return 0.0
 
+    def _admit(self, r: Request) -> None:
+        self.admitted += 1
+        r.seq = self.admitted
+        r.state = "prefill"
+        self.running.append(r)
+        self.prefilling.append(r)
+
     def schedule_continuous(self):
-        """One iteration of continuous batching: running requests first (preempting the newest
-        when pages run out), then swapped ones, then new ones while room and token budget last."""
+        """One iteration of continuous batching: every decode (the decode set, taking pages as
+        boundaries are crossed, preempting the newest request when none is left), then prefill
+        chunks of running requests, then swapped requests back in, then new requests, while room
+        and the token budget last."""
         cfg = self.cfg
         kv = self.kv
         paged = self.paged
-        # pages are read whole; a contiguous reservation is read up to its last token
-        bs = self.block_size if paged else 1
-        budget = cfg.max_num_batched_tokens
         running = self.running
+        preempted, swap_s = self._take_pages(self.it + 1)
+        budget = cfg.max_num_batched_tokens - self.dset_n
         work: list[tuple[Request, int]] = []
-        swap_s = 0.0
-        preempted = False
-        i = 0
-        while i < len(running) and budget > 0:
-            r = running[i]
-            n = r.num_tokens - r.num_computed
-            if n > budget:
-                n = budget
+        for r in list(self.prefilling):
+            if budget <= 0:
+                break
+            if r.state != "prefill":
+                continue  # preempted while an older request took pages
+            n = min(r.num_tokens - r.num_computed, budget)
             if not paged:
                 # A contiguous reservation always has room; its prompt was filled at admission.
                 if r.num_computed >= r.prompt_len:
                     kv.append_slots(r.id, n)
             else:
                 while not kv.append_slots(r.id, n):
-                    victim = running.pop()
-                    swap_s += self._preempt(victim)
+                    victim_is_r = running[-1] is r
+                    swap_s += self._preempt()
                     preempted = True
-                    if victim is r:
-                        r = None
+                    if victim_is_r:
                         break
-                if r is None:
-                    break
+                if r.state != "prefill":
+                    continue
             work.append((r, n))
             budget -= n
-            i += 1
         if not preempted:
             # Swapped requests come back before new ones are admitted.
             while self.swapped and len(running) < cfg.max_num_seqs and budget > 0:
@@ -401,12 +381,11 @@ class Instance:
                 if not kv.can_swap_in(r.id):
                     break
                 self.swapped.popleft()
-                blocks = kv.swap_in(r.id)
-                swap_s += blocks * self.swap_bytes_per_block / self.host_link
-                running.append(r)
+                swap_s += kv.swap_in(r.id) * self.swap_bytes_per_block / self.host_link
+                self._admit(r)
                 n = min(r.num_tokens - r.num_computed, budget)
-                if not kv.append_slots(r.id, n):  # pragma: no cover - can_swap_in keeps room
-                    break
+                if not kv.append_slots(r.id, n):
+                    break  # its next token needs a page: it goes with the running ones next time
                 work.append((r, n))
                 budget -= n
             while (self.waiting and not self.swapped and len(running) < cfg.max_num_seqs
@@ -420,7 +399,7 @@ class Instance:
                     hashes = None
                     if cfg.enable_prefix_caching:
                         if r.hashes is None:
-                            r.hashes = r.block_hashes(bs)
+                            r.hashes = r.block_hashes(self.block_size)
                         hashes = r.hashes
                     cached = kv.allocate(r.id, n, hashes)
                     if cached is None:
@@ -434,27 +413,29 @@ class Instance:
                     cached = r.num_tokens - 1  # the last token is recomputed for its logits
                 r.num_computed = cached
                 n -= cached
-                if n <= 0:  # pragma: no cover - cached < n by construction
-                    n = 1
-                running.append(r)
+                self._admit(r)
                 work.append((r, n))
                 budget -= n
-        if not work:
+        if not work and not self.dset_n:
             if running or self.swapped:
                 # Everything running was preempted away this round: retry next round.
                 return [], 0.0, swap_s
             return None
-        # One token on top of a cached context is a decode: it reads all its pages.
-        decodes = ctx = slots = 0
+        # The decode set, plus any single token on top of a cached context (a swapped-in decode).
+        decodes, ctx = self.dset_n, self.dset_ctx
+        slots = self.dset_slots if paged else ctx
         chunks: list[tuple[int, int]] = []
+        page = self.block_size if paged else 1
         for r, n in work:
             if n == 1 and r.num_computed:
                 decodes += 1
                 c = r.num_computed + 1
                 ctx += c
-                slots += -(-c // bs) * bs
+                slots += -(-c // page) * page
             else:
                 chunks.append((n, r.num_computed))
+        if not decodes and not chunks:
+            return [], 0.0, swap_s
         device_s = self.cost.step_time(decodes, ctx, slots, chunks)
         return work, device_s, swap_s
 
@@ -487,19 +468,16 @@ class Instance:
         return [(r, 1) for r in live], device_s, 0.0
 
     # -- after an iteration ----------------------------------------------------------------------
-    def finish_iteration(self, work: list[tuple[Request, int]]) -> None:
-        now = self.env.now
-        sim = self.sim
+    def _emit(self, work: list[tuple[Request, int]], now: float) -> list[Request]:
+        """Advance individually scheduled requests; those whose cache caught up sample a token.
+        Returns the ones that sampled."""
         st = self.stats
-        st.iterations += 1
-        itl = sim.itl
-        bulk = 0
-        prev = sim.prev_end.get(self.index, -1.0)
-        done: list[Request] = []
-        tokens = 0
+        itl = self.sim.itl
+        prev = self.prev_end
+        sampled = []
         for r, n in work:
             r.num_computed += n
-            tokens += n
+            st.batch_tokens_sum += n
             if r.num_computed < r.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt
             r.out_done += 1
@@ -508,32 +486,66 @@ class Instance:
             if r.out_done == 1:
                 r.t_first = now
             elif r.t_last == prev:
-                bulk += 1
+                itl.add(now - prev)
             else:
                 itl.add(now - r.t_last)
             r.t_last = now
+            sampled.append(r)
+        return sampled
+
+    def finish_continuous(self, work: list[tuple[Request, int]]) -> None:
+        now = self.env.now
+        st = self.stats
+        self.it += 1
+        st.iterations += 1
+        n = self.dset_n
+        if n:
+            # every member sampled a token, one iteration after its last one
+            self.dset_ctx += n
+            self.lag += n
+            st.output_tokens += n
+            st.batch_tokens_sum += n
+            self.sim.itl.add(now - self.prev_end, n)
+        done: list[Request] = []
+        for r in self._emit(work, now):  # every request scheduled on its own is in "prefill"
+            self.prefilling.remove(r)
             if r.out_done >= r.output_len:
                 done.append(r)
-        if bulk:
-            itl.add(now - prev, bulk)
-        sim.prev_end[self.index] = now
-        st.batch_tokens_sum += tokens
+            else:
+                self._join(r)
+        batch = n + len(work)
+        if batch > st.max_batch:
+            st.max_batch = batch
+        finishing = self.finish_at.pop(self.it, None)
+        self.prev_end = now
+        if finishing:
+            for r, ep in finishing:
+                if r.epoch == ep and r.state == "decode":
+                    self._leave(r)
+                    done.append(r)
+        for r in done:
+            r.state = "done"
+            self.running.remove(r)
+            self.kv.free(r.id)
+            self.sim.complete(r, self)
+        self._record(now)
+
+    def finish_static(self, work: list[tuple[Request, int]]) -> None:
+        now = self.env.now
+        st = self.stats
+        self.it += 1
+        st.iterations += 1
         if len(work) > st.max_batch:
             st.max_batch = len(work)
-        if done:
-            if not self.static:
-                for r in done:
-                    self.running.remove(r)
-                    self.kv.free(r.id)
-                    sim.complete(r, self)
-            else:
-                for r in done:
-                    sim.complete(r, self)
-                if all(r.out_done >= r.output_len for r in self.static_batch):
-                    for r in self.static_batch:
-                        self.kv.free(r.id)
-                    self.static_batch = []
-                    self.running = []
+        done = [r for r in self._emit(work, now) if r.out_done >= r.output_len]
+        self.prev_end = now
+        for r in done:
+            self.sim.complete(r, self)
+        if done and all(r.out_done >= r.output_len for r in self.static_batch):
+            for r in self.static_batch:
+                self.kv.free(r.id)
+            self.static_batch = []
+            self.running = []
         self._record(now)
 
     def _record(self, now: float) -> None:
@@ -542,14 +554,14 @@ class Instance:
         in_system = len(self.running) + len(self.waiting) + len(self.swapped)
         if self.paged:
             used = kv.num_used_blocks
-            self._sample(now, kv.allocated_slots, kv.filled_slots, used, kv.num_free_blocks,
+            self._sample(now, kv.allocated_slots, kv.filled_slots + self.lag, used, kv.num_free_blocks,
                          kv.num_cached_blocks, in_system)
             if self.sim.want_block_map and used > self._peak_used:
                 self._peak_used = used
                 self.block_map = (now, {r.id: kv.block_table(r.id) for r in self.running})
         else:
             reserved = kv.reserved_slots
-            self._sample(now, reserved, kv.filled_slots, reserved, kv.free_slots, 0, in_system)
+            self._sample(now, reserved, kv.filled_slots + self.lag, reserved, kv.free_slots, 0, in_system)
             if self.sim.want_block_map and reserved > self._peak_used:
                 self._peak_used = reserved
                 holders = self.static_batch if self.static else self.running
@@ -590,13 +602,9 @@ class Simulation:
         self.instances = [Instance(self, i, costs[i], engine, plans[i], lock, share) for i in range(k)]
         self.limit = simpy.Resource(self.env, capacity=max_concurrency) if max_concurrency else None
         self.itl = LatencyHistogram()
-        self.prev_end: dict[int, float] = {}
         self.finished: list[Request] = []
         self.rejected: list[tuple[Request, str]] = []
         self._rr = 0
-        # When the next request arrives (a hint for planning stretches); unknown in a closed loop,
-        # where arrivals wait for completions.
-        self.next_arrival: float | None = None if max_concurrency else 0.0
 
     def reject(self, r: Request, reason: str) -> None:
         self.rejected.append((r, reason))
@@ -625,7 +633,6 @@ class Simulation:
         env = self.env
         for spec in specs:
             if spec.arrival > env.now:
-                self.next_arrival = spec.arrival
                 yield env.timeout(spec.arrival - env.now)
             r = Request(spec)
             if self.limit is None:
@@ -633,8 +640,6 @@ class Simulation:
                 self._dispatch(r)
             else:
                 env.process(self._limited(r))
-        if self.next_arrival is not None:
-            self.next_arrival = math.inf
 
     def _limited(self, r: Request):
         # As `vllm bench serve --max-concurrency`: a request is sent when a slot frees up, and its
@@ -650,9 +655,9 @@ class Simulation:
             self.env.process(inst.loop())
         self.env.process(self._arrivals(specs))
         self.env.run()
-        unfinished = sum(len(i.waiting) + len(i.running) + len(i.swapped) for i in self.instances)
-        if unfinished:  # pragma: no cover - a scheduler bug, never a user error
-            raise RuntimeError(f"{unfinished} requests left unfinished when the event queue ran dry")
+        lost = len(specs) - len(self.finished) - len(self.rejected)
+        if lost:  # pragma: no cover - a scheduler bug, never a user error
+            raise RuntimeError(f"{lost} requests neither finished nor were rejected")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
