@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles.")
 model_app = typer.Typer(no_args_is_help=True, help="Models.")
 app.add_typer(hw_app, name="hw")
+calibrate_app = typer.Typer(no_args_is_help=True, help="Calibrate a hardware profile: measure this machine, or import Ascend profiler output.")
+app.add_typer(calibrate_app, name="calibrate")
 app.add_typer(model_app, name="model")
 
 # wide enough that model and profile names are never cut when output is piped
@@ -536,6 +538,109 @@ def model_show(name: str = typer.Argument(..., help="zoo name or path to a confi
     for k, v in {**m.model_dump(), **derived}.items():
         t.add_row(k, str(v))
     console.print(t)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+@calibrate_app.command("run")
+def calibrate_run(
+    device: str = typer.Option("auto", "--device", help="auto | npu | cuda | cpu (or another torch accelerator)"),
+    quick: bool = typer.Option(False, "--quick", help="small sizes and few repeats: seconds on a CPU"),
+    out: Optional[str] = typer.Option(None, "--out", help="write the measurements JSON here (input of `calibrate fit`)"),
+) -> None:
+    """Time GEMMs, a device copy, an elementwise op and kernel launches on this machine (needs torch)."""
+    from npusim.calibrate import format_measurements, run_calibration, save_measurements
+
+    progress = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    meas = run_calibration(device, quick, progress=progress)
+    print(format_measurements(meas))
+    if out:
+        print(f"measurements: {save_measurements(meas, out)}")
+
+
+def _print_fitted(h, mapping: dict) -> None:
+    """The numbers a fit changed: old value, new value, source."""
+    t = Table(title=f"{mapping['name']}: fitted from {h.name}")
+    for col in ("field", "was", "now", "source"):
+        t.add_column(col)
+    for field, new in mapping.items():
+        if isinstance(new, dict) and new.get("kind") == "calibrated" and field in h.provenance:
+            old = h.provenance[field]
+            if (new["value"], new["source"]) != (getattr(h, field), old.source):
+                t.add_row(field, f"{getattr(h, field):g} ({old.kind})", f"{new['value']:g}", new["source"])
+    console.print(t)
+
+
+@calibrate_app.command("fit")
+def calibrate_fit(
+    hw: str = HW_OPT,
+    measurements: str = typer.Option(..., "--measurements", help="JSON written by `npusim calibrate run --out`"),
+    out: str = typer.Option(..., "--out", help="write the new profile YAML here"),
+    name: Optional[str] = typer.Option(None, "--name", help="the new profile's name (default: HW-calibrated)"),
+) -> None:
+    """Fit a profile's efficiencies and kernel latency to measurements; write a new profile."""
+    from npusim.calibrate import fit_notes, fit_profile, load_measurements, write_profile
+
+    h = load_hardware(hw)
+    meas = load_measurements(measurements)
+    mapping = fit_profile(h, meas, name)
+    path = write_profile(mapping, out)
+    _print_fitted(h, mapping)
+    for note in fit_notes(h, meas):
+        console.print(f"- {note}")
+    console.print(f"profile written: {path} (use it with --hw {path})")
+
+
+@calibrate_app.command("import")
+def calibrate_import(
+    hw: str = HW_OPT,
+    profile: str = typer.Option(..., "--profile", help="a torch_npu/msprof profile folder, or one kernel_details.csv / op_summary_*.csv"),
+    out: Optional[str] = typer.Option(None, "--out", help="write a profile with the fitted matmul_efficiency here"),
+    name: Optional[str] = typer.Option(None, "--name", help="the new profile's name (default: HW-calibrated)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Compare profiled Ascend GEMM kernels with npusim's roofline; fit matmul_efficiency from them."""
+    from npusim.calibrate import write_profile
+    from npusim.profiler_import import calibrate_from_kernels, load_kernels, matmul_efficiency_from_kernels
+
+    h = load_hardware(hw)
+    records, files = load_kernels(profile)
+    fit = matmul_efficiency_from_kernels(records, h)
+    can_fit = fit["efficiency"] is not None
+    if out and not can_fit:
+        raise NpusimError(f"cannot fit matmul_efficiency: {fit['note']}")
+    if as_json:
+        mapping = calibrate_from_kernels(h, records, name=name) if can_fit else None
+        path = write_profile(mapping, out) if out else None
+        _print_json({"hw": h.name, "files": [str(f) for f in files], "kernels": len(records),
+                     "gemm_kernels": len(fit["kernels"]), "skipped_gemms": fit["skipped"],
+                     "gemm_by_shape": fit["by_shape"], "matmul_efficiency": fit["efficiency"],
+                     "note": fit["note"], "fitted": mapping["matmul_efficiency"] if mapping else None,
+                     "out": str(path) if path else None})
+        return
+    t = Table(title=f"GEMM kernels in {len(files)} file(s): measured vs npusim on {h.name} "
+                    f"(matmul_efficiency {h.matmul_efficiency:g}, {len(records)} kernels in all)")
+    for col in ("type", "dtype", "M", "K", "N", "count", "measured us", "predicted us", "meas/pred", "TFLOP/s", "bound"):
+        t.add_column(col, justify="left" if col in ("type", "dtype", "bound") else "right")
+    shown = fit["by_shape"][:30]
+    for g in shown:
+        t.add_row(g["op_type"], g["dtype"], str(g["m"]), str(g["k"]), str(g["n"]), str(g["count"]),
+                  f"{g['measured_us']:,.1f}", f"{g['predicted_us']:,.1f}", f"{g['ratio']:.2f}",
+                  f"{g['tflops']:,.1f}", g["bound"])
+    console.print(t)
+    if len(fit["by_shape"]) > len(shown):
+        console.print(f"({len(fit['by_shape']) - len(shown)} more shapes; --json lists all)")
+    skipped = ", ".join(f"{n} {why}" for why, n in fit["skipped"].items() if n)
+    if skipped:
+        console.print(f"GEMM kernels skipped: {skipped}")
+    console.print(f"fit: {fit['note']}")
+    if not can_fit:
+        return
+    mapping = calibrate_from_kernels(h, records, name=name)
+    new = mapping["matmul_efficiency"]
+    console.print(f"matmul_efficiency: {h.matmul_efficiency:g} -> [bold]{new['value']:g}[/]  ({new['source']})")
+    if out:
+        console.print(f"profile written: {write_profile(mapping, out)} (use it with --hw {out})")
 
 
 # --------------------------------------------------------------------------- entry point
