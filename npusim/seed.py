@@ -235,6 +235,7 @@ ALTERNATIVES = [
     ("Llama-3.2-3B, one instance, paging", "llama-3.2-3b", 1, True, DTYPE, INPUT_LEN, OUTPUT_LEN),
     ("Llama-3.1-8B int8 weights, two instances, paging", "llama-3.1-8b", 2, True, "int8", INPUT_LEN, OUTPUT_LEN),
     ("Llama-2-13B int8 weights, two instances, paging", "llama-2-13b", 2, True, "int8", INPUT_LEN, OUTPUT_LEN),
+    ("Llama-2-7B int8 weights, two instances, paging, input 1024", "llama-2-7b", 2, True, "int8", 1024, OUTPUT_LEN),
     ("Llama-2-13B, one instance, paging, input 1024", "llama-2-13b", 1, True, DTYPE, 1024, OUTPUT_LEN),
     ("Llama-2-13B, one instance, no paging, input 1024", "llama-2-13b", 1, False, DTYPE, 1024, OUTPUT_LEN),
 ]
@@ -301,9 +302,9 @@ def format_seed(result: dict) -> str:
         lines += ["", "What the article could have measured on this device:"]
         for row in result["alternatives"]:
             if row["feasible"]:
-                lines.append(f"  {row['name']:<50} {fmt(row['throughput_tok_s']):>8} token/s  "
+                lines.append(f"  {row["name"]:<60} {fmt(row["throughput_tok_s"]):>8} token/s  "
                              f"{fmt(row['latency_ms_per_token']):>6} ms/token  {fmt(row['memory_gb']):>5} GB  "
                              f"{fmt(row['tokens_per_joule'], 2):>5} token/J  batch {row['max_batch']}")
             else:
-                lines.append(f"  {row['name']:<50} infeasible: {row['reason']}")
+                lines.append(f"  {row["name"]:<60} infeasible: {row["reason"]}")
     return "\n".join(lines)
