@@ -302,9 +302,9 @@ def format_seed(result: dict) -> str:
         lines += ["", "What the article could have measured on this device:"]
         for row in result["alternatives"]:
             if row["feasible"]:
-                lines.append(f"  {row["name"]:<60} {fmt(row["throughput_tok_s"]):>8} token/s  "
+                lines.append(f"  {row['name']:<60} {fmt(row['throughput_tok_s']):>8} token/s  "
                              f"{fmt(row['latency_ms_per_token']):>6} ms/token  {fmt(row['memory_gb']):>5} GB  "
                              f"{fmt(row['tokens_per_joule'], 2):>5} token/J  batch {row['max_batch']}")
             else:
-                lines.append(f"  {row["name"]:<60} infeasible: {row["reason"]}")
+                lines.append(f"  {row['name']:<60} infeasible: {row['reason']}")
     return "\n".join(lines)
