@@ -120,6 +120,16 @@ def _mean_slots_per_seq(prompt: int, output_len: int, block_size: int) -> float:
     return sum(ceil_div(prompt + j, block_size) * block_size for j in steps) / len(steps)
 
 
+def _feasible_point(hw, model, *, output_len: int, **point_kw):
+    """The analytical point a simulator run is shaped after, and the prompt that centres its
+    decode on the point's context; an infeasible point is an error, since nothing can match it."""
+    hw, model = load_hardware(hw), load_model(model)
+    point = _analytic(hw, model, **point_kw)
+    if not point.feasible:
+        raise NpusimError(f"infeasible point: {point.reason}")
+    return hw, model, point, decode_prompt_len(point_kw["context"], output_len)
+
+
 def simulate_steady_decode(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: int, context: int,
                            instances: int = 1, sharing: str = "time-slice", block_size: int | None = None,
                            weight_dtype: str = "bf16", kv_dtype: str = "bf16",
@@ -127,13 +137,10 @@ def simulate_steady_decode(hw: HardwareSpec | str, model: ModelSpec | str, *, ba
     """A simulator run shaped like the analytical point: `batch` requests per instance, all at
     t = 0, prefilled together, then decoded in lockstep around a mean context of `context`.
     Returns per-instance and total decode tokens/s and per-token latency of the steady window."""
-    hw, model = load_hardware(hw), load_model(model)
-    point = _analytic(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
-                      block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                      gpu_memory_utilization=gpu_memory_utilization)
-    if not point.feasible:
-        raise NpusimError(f"infeasible point: {point.reason}")
-    prompt = decode_prompt_len(context, output_len)
+    hw, model, point, prompt = _feasible_point(
+        hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
+        block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len)
     engine = EngineConfig(
         block_size=point.block_size, max_num_seqs=max(256, batch),
         # every prompt of an instance in one prefill iteration, so the decode that follows is pure
@@ -348,13 +355,10 @@ def compare_under_load(hw: HardwareSpec | str, model: ModelSpec | str, *, batch:
     instance; `num_blocks_pressure` to pressure_num_blocks()."""
     if not rates or any(r <= 0 for r in rates):
         raise NpusimError(f"rates must be a non-empty list of requests/s > 0, got {list(rates)}")
-    hw, model = load_hardware(hw), load_model(model)
-    point = _analytic(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
-                      block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                      gpu_memory_utilization=gpu_memory_utilization)
-    if not point.feasible:
-        raise NpusimError(f"infeasible point: {point.reason}")
-    prompt = decode_prompt_len(context, output_len)
+    hw, model, point, prompt = _feasible_point(
+        hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
+        block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len)
     n = num_requests or 8 * batch * instances
     pressure = num_blocks_pressure or pressure_num_blocks(batch, prompt, output_len, point.block_size)
     cost = CostModel(instance_hardware(hw, instances, sharing), model, weight_dtype, kv_dtype)
