@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.table import Table
 
 from npusim.costmodel import CostModel, memory_plan
 from npusim.errors import NpusimError
+
+if TYPE_CHECKING:  # the simulator is imported only by the commands that run it
+    from npusim.scenario import Scenario
 from npusim.specs import (MODEL_ZOO, EngineConfig, check_block_size, gib, known_hardware,
                           load_hardware, load_model)
 

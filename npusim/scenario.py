@@ -183,7 +183,7 @@ def summarize(sim: Simulation, sc: Scenario, hw: HardwareSpec, model: ModelSpec,
             "ai_cores": i.cost.hw.ai_cores, "memory_gib": i.plan.device_bytes / 2**30,
             "kv_cache": k,
         })
-    mem = plans_dict(insts[0].plan)
+    mem = insts[0].plan.as_dict()
     result: dict[str, Any] = {
         "scenario": sc.model_dump(mode="json"),
         "hw": hw.name, "model": model.name, "max_model_len": max_len,
@@ -216,6 +216,3 @@ def summarize(sim: Simulation, sc: Scenario, hw: HardwareSpec, model: ModelSpec,
             result[k] = None
     return result
 
-
-def plans_dict(plan: MemoryPlan) -> dict[str, Any]:
-    return plan.as_dict()

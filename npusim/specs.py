@@ -9,7 +9,6 @@ dict with the kind and source of each.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,7 +235,7 @@ def known_hardware() -> list[str]:
     return sorted(p.stem for p in HW_PROFILE_DIR.glob("*.yaml"))
 
 
-def _resolve(name_or_path: str | Path, directory: Path, known: list[str], what: str) -> Path | None:
+def _resolve(name_or_path: str | Path, directory: Path, what: str) -> Path | None:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json"):
         if not p.exists():
@@ -252,7 +251,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """A profile by name (``ascend-910b2``) or by path to a YAML/JSON file."""
     if isinstance(name_or_path, HardwareSpec):
         return name_or_path
-    path = _resolve(name_or_path, HW_PROFILE_DIR, known_hardware(), "hardware profile")
+    path = _resolve(name_or_path, HW_PROFILE_DIR, "hardware profile")
     if path is None:
         raise NpusimError(
             f"unknown hardware {str(name_or_path)!r}; known: {', '.join(known_hardware())} "
@@ -474,6 +473,3 @@ def ceil_div(a: int, b: int) -> int:
 def gib(nbytes: float) -> float:
     return nbytes / 2**30
 
-
-def isfinite_positive(x: float) -> bool:
-    return math.isfinite(x) and x > 0

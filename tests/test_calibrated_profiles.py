@@ -2,7 +2,6 @@
 model priced with them must reproduce those measurements."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,6 @@
 """Waste of paged vs contiguous KV allocation on the real Azure conversation trace (skips when
 ../shared/data is absent) and on a small synthetic trace of our own (always runs)."""
 
-import pytest
 
 from conftest import shared_trace
 from npusim.kvstudy import format_study, waste_study
