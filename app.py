@@ -197,15 +197,15 @@ def headline(p: dict, mem: dict, s: dict) -> None:
     each = " per instance" if s["instances"] > 1 else ""
     cols = st.columns(5)
     if p["feasible"]:
-        cols[0].metric("Decode throughput", f"{p['tokens_per_s']:,.1f} tokens/s",
+        cols[0].metric("Decode throughput (tokens/s)", f"{p['tokens_per_s']:,.1f}",
                        help="all instances together, steady-state decode")
-        cols[1].metric("TPOT", f"{p['tpot_ms']:.2f} ms",
+        cols[1].metric("TPOT (ms)", f"{p['tpot_ms']:.2f}",
                        help=f"time between two tokens of one sequence; includes "
                             f"{p['host_ms']:.2f} ms host overhead per iteration")
         cols[2].metric("Bound", p["bound"], help=p["regime"])
     cols[3].metric(f"Max batch that fits{each}", f"{p['max_batch']:,}",
                    help=f"sequences of {s['context']} tokens the KV pool holds")
-    cols[4].metric(f"KV capacity{each}", f"{p['num_blocks'] * s['block_size']:,} tokens",
+    cols[4].metric(f"KV capacity{each} (tokens)", f"{p['num_blocks'] * s['block_size']:,}",
                    help=f"{p['num_blocks']} blocks of {s['block_size']} tokens = "
                         f"{gib(mem['kv_blocks_bytes']):.2f} GiB")
     if p["feasible"]:
