@@ -14,7 +14,7 @@ from pathlib import Path
 
 from npusim.scenario import Scenario, run_scenario
 from npusim.specs import EngineConfig
-from npusim.workload import WorkloadSpec
+from npusim.workload import LengthDist, WorkloadSpec
 
 TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "traces" / "splitwise_conv.csv"
 
@@ -47,14 +47,19 @@ def main():
         print(f"{label:<36} {r['total_output_tokens'] / wall:>12,.0f} output tokens/s  "
               f"{it / wall:>9,.0f} iterations/s  ({r['total_output_tokens']:,} tokens, {it:,} iterations, "
               f"{r['duration']:,.0f} simulated s, {wall:.2f} wall s)")
-    # Memory: the same workload shape at two sizes. Per-request records grow with requests; nothing
-    # may grow with tokens, so peak bytes per simulated token should fall as runs get longer.
-    for m in (n // 4, n):
-        r, wall, peak = run(m, None, 128, measure_memory=True)
-        tok = r["total_output_tokens"]
-        print(f"memory, {m:>6} requests: peak {peak / 2**20:7.1f} MiB traced, {peak / m:8.0f} B/request, "
-              f"{peak / tok:6.1f} B per output token")
-
+    # Memory: the same requests with 8x longer outputs simulate 8x the tokens; the simulator's
+    # peak memory must stay flat (per-request records only, histograms for per-token latencies).
+    for out_len in (128, 1024):
+        sc = Scenario(hw="ascend-910b2", model="llama-3.1-8b",
+                      workload=WorkloadSpec(num_requests=2000, rate=4.0,
+                                            input_len=LengthDist(kind="fixed", value=512),
+                                            output_len=LengthDist(kind="fixed", value=out_len)))
+        tracemalloc.start()
+        r = run_scenario(sc)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"memory, 2000 requests x {out_len:>4} output tokens: {r['total_output_tokens']:>9,} tokens "
+              f"simulated, peak {peak / 2**20:6.1f} MiB traced")
 
 if __name__ == "__main__":
     main()
