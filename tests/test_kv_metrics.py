@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 
 from npusim.kv import MemoryTimeline, PagedKVCache, waste_fraction
@@ -61,7 +63,7 @@ def test_series_is_bounded_and_evenly_decimated():
     assert 4 <= len(pts) <= 8
     ts = [p[0] for p in pts]
     assert ts[0] == 0.0
-    gaps = {b - a for a, b in zip(ts, ts[1:])}
+    gaps = {b - a for a, b in pairwise(ts)}
     assert len(gaps) == 1  # evenly spaced in sample count
     assert tl.summary()["peak_allocated_slots"] == 999  # peaks see every sample
 

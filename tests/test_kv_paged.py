@@ -95,6 +95,17 @@ def test_fork_shares_and_cow_only_on_partial_shared_last_block():
     assert c.cow_copies == 1 and c.block_table("p") == tp
 
 
+def test_parent_write_after_fork_copies_too():
+    c = PagedKVCache(16, 4, watermark=0)
+    c.allocate("p", 1)
+    c.append_slots("p")  # decode fast path: 2 tokens in block 0
+    c.fork("p", "c")
+    assert c.append_slots("p")  # 3rd token, still inside block 0, which is now shared
+    assert c.cow_copies == 1
+    assert c.block_table("p") != c.block_table("c")
+    assert c.filled_slots == 2 + 3
+
+
 def test_no_cow_when_shared_last_block_is_full():
     c = PagedKVCache(16, 4, watermark=0)
     c.allocate("p", 8)
@@ -164,6 +175,15 @@ def test_blocks_completed_by_append_are_registered():
     c.append_slots("a", 5)  # now 8 tokens: blocks 0 and 1 full
     assert c.allocate("b", 8, [1, 2]) == 8
     assert c.block_table("b") == c.block_table("a")
+
+
+def test_block_filled_token_by_token_is_registered():
+    c = PagedKVCache(32, 4, watermark=0, enable_prefix_caching=True)
+    c.allocate("a", 1, [1, 2])
+    for _ in range(3):
+        c.append_slots("a")  # the 3rd append fills block 0 exactly
+    assert c.allocate("b", 4, [1]) == 4
+    assert c.block_table("b")[0] == c.block_table("a")[0]
 
 
 def test_freed_prefix_blocks_go_to_lru_and_are_revived():

@@ -19,6 +19,17 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Request:
+    table: list[int]  # physical block ids; empty while swapped out
+    num_tokens: int  # slots filled
+    hashes: Sequence[int] | None  # prefix hashes of the prompt's full blocks, if any
+    # Appends that keep num_tokens below this need no new block, no copy and no hash
+    # registration (see _set_fast_limit). Lets the per-token decode path skip all lookups.
+    fast_limit: int = 0
 
 
 class PagedKVCache:
@@ -57,10 +68,8 @@ class PagedKVCache:
         self._block_hash: list[int | None] = [None] * num_blocks
         self._hash_to_block: dict[int, int] = {}
 
-        self._tables: dict[Hashable, list[int]] = {}  # device-resident requests only
-        self._ntok: dict[Hashable, int] = {}  # device-resident and swapped-out requests
-        self._hashes: dict[Hashable, Sequence[int]] = {}  # prefix hashes, for later registration
-        self._swapped: dict[Hashable, int] = {}  # request -> host blocks it holds
+        self._reqs: dict[Hashable, _Request] = {}  # on the device
+        self._swapped: dict[Hashable, _Request] = {}  # on the host
         self._host_used = 0
 
         # Token slots held in used blocks, each physical block counted once. Kept incrementally so
@@ -119,16 +128,19 @@ class PagedKVCache:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def num_tokens(self, req_id: Hashable) -> int:
-        if req_id not in self._ntok:
+        req = self._reqs.get(req_id)
+        if req is None:
+            req = self._swapped.get(req_id)
+        if req is None:
             raise self._missing(req_id)
-        return self._ntok[req_id]
+        return req.num_tokens
 
     def block_table(self, req_id: Hashable) -> tuple[int, ...]:
-        return tuple(self._table(req_id))
+        return tuple(self._get(req_id).table)
 
     def contains(self, req_id: Hashable) -> bool:
         """True for a request on the device or swapped out to host."""
-        return req_id in self._ntok
+        return req_id in self._reqs or req_id in self._swapped
 
     __contains__ = contains
 
@@ -150,14 +162,13 @@ class PagedKVCache:
         or None if admission would dip below the watermark (then nothing changes). The caller
         decides whether a full hit still recomputes the last token, as vLLM does for its logits.
         """
-        if req_id in self._ntok:
+        if req_id in self:
             raise ValueError(f"request {req_id!r} is already allocated")
         hits, revived, new = self._plan(num_tokens, prefix_hashes)
         if self._available() - revived - new < self.watermark_blocks:
             return None
 
         ref = self._ref
-        table: list[int] = []
         # Take hits before fresh blocks: taking a fresh block may evict from the LRU, and it must
         # not evict a cached block we are about to revive.
         for b in hits:
@@ -165,20 +176,17 @@ class PagedKVCache:
                 del self._cached[b]
                 self._filled += self._block_size  # a revived block is full
             ref[b] += 1
-            table.append(b)
-        for _ in range(new):
-            b = self._take_block()
-            ref[b] = 1
-            table.append(b)
+        table = hits + self._take_blocks(new)
         self._filled += num_tokens - len(hits) * self._block_size
-        self._tables[req_id] = table
-        self._ntok[req_id] = num_tokens
+        caching = self.enable_prefix_caching and bool(prefix_hashes)
+        req = _Request(table, num_tokens, prefix_hashes if caching else None)
+        self._reqs[req_id] = req
+        self._set_fast_limit(req)
 
-        if self.enable_prefix_caching and prefix_hashes:
+        if caching:
             self.prefix_queries += min(len(prefix_hashes), num_tokens // self._block_size)
             self.prefix_hits += len(hits)
-            self._hashes[req_id] = prefix_hashes
-            self._register(table, prefix_hashes, len(hits), num_tokens // self._block_size)
+            self._register(req, len(hits), num_tokens // self._block_size)
         return len(hits) * self._block_size
 
     # ---- growth ----------------------------------------------------------------------------
@@ -186,27 +194,27 @@ class PagedKVCache:
     def append_slots(self, req_id: Hashable, num_tokens: int = 1) -> bool:
         """Grow the request by `num_tokens` slots; False (nothing changed) if blocks run out."""
         try:
-            table = self._tables[req_id]
+            req = self._reqs[req_id]
         except KeyError:
             raise self._missing(req_id) from None
-        ntok = self._ntok
-        old = ntok[req_id]
+        old = req.num_tokens
         new = old + num_tokens
-        # Decode fast path: the tokens land strictly inside a last block that this request owns
-        # alone, so no block is taken, copied or completed (completion may register a hash).
-        if old < new < len(table) * self._block_size and self._ref[table[-1]] == 1:
-            ntok[req_id] = new
+        # Decode fast path: the tokens fit in a last block this request owns alone.
+        if old < new < req.fast_limit:
+            req.num_tokens = new
             self._filled += num_tokens
             return True
-        return self._append_slow(req_id, table, old, num_tokens)
+        return self._append_slow(req, num_tokens)
 
-    def _append_slow(self, req_id: Hashable, table: list[int], old: int, num_tokens: int) -> bool:
+    def _append_slow(self, req: _Request, num_tokens: int) -> bool:
         if num_tokens <= 0:
             if num_tokens == 0:
                 return True
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         bs = self._block_size
         ref = self._ref
+        table = req.table
+        old = req.num_tokens
         new = old + num_tokens
         last = table[-1]
         last_fill = old - (len(table) - 1) * bs
@@ -216,52 +224,46 @@ class PagedKVCache:
         need = -(-new // bs) - len(table) + cow
         if need > self._available():
             return False
+        fresh = self._take_blocks(need)
         if cow:
-            b = self._take_block()
-            ref[b] = 1
             ref[last] -= 1  # others still hold it, so it stays used
-            table[-1] = b
+            table[-1] = fresh.pop()
             self._filled += last_fill
             self.cow_copies += 1
-        for _ in range(need - cow):
-            b = self._take_block()
-            ref[b] = 1
-            table.append(b)
+        table += fresh
         self._filled += num_tokens
-        self._ntok[req_id] = new
-        hashes = self._hashes.get(req_id)
-        if hashes is not None:
-            self._register(table, hashes, old // bs, new // bs)
+        req.num_tokens = new
+        self._set_fast_limit(req)
+        if req.hashes is not None:
+            self._register(req, old // bs, new // bs)
         return True
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """The child shares every block of the parent, e.g. for parallel sampling or beam search."""
-        table = self._table(parent_id)
-        if child_id in self._ntok:
+        parent = self._get(parent_id)
+        if child_id in self:
             raise ValueError(f"request {child_id!r} is already allocated")
         ref = self._ref
-        for b in table:
+        for b in parent.table:
             ref[b] += 1
-        self._tables[child_id] = list(table)
-        self._ntok[child_id] = self._ntok[parent_id]
-        if parent_id in self._hashes:
-            self._hashes[child_id] = self._hashes[parent_id]
+        # The last block is now shared: the next write of either must go through copy-on-write.
+        parent.fast_limit = 0
+        self._reqs[child_id] = _Request(list(parent.table), parent.num_tokens, parent.hashes)
 
     # ---- release ---------------------------------------------------------------------------
 
     def free(self, req_id: Hashable) -> None:
         """Release a finished, aborted or recompute-preempted request (device or host copy)."""
-        if req_id in self._swapped:
-            self._host_used -= self._swapped.pop(req_id)
-        else:
-            table = self._table(req_id)
-            self._release(table, self._ntok[req_id])
-            del self._tables[req_id]
-        del self._ntok[req_id]
-        self._hashes.pop(req_id, None)
+        req = self._swapped.pop(req_id, None)
+        if req is not None:
+            self._host_used -= self._blocks_for(req.num_tokens)
+            return
+        req = self._get(req_id)
+        self._release(req)
+        del self._reqs[req_id]
 
     def can_swap_out(self, req_id: Hashable) -> bool:
-        return len(self._table(req_id)) <= self.num_host_blocks - self._host_used
+        return len(self._get(req_id).table) <= self.num_host_blocks - self._host_used
 
     def swap_out(self, req_id: Hashable) -> int:
         """Move the request's blocks to host memory; returns the number of blocks copied.
@@ -269,47 +271,45 @@ class PagedKVCache:
         Every block of the table is copied, shared ones included: the host copy is private to
         this request, so sharing is not restored on swap-in.
         """
-        table = self._table(req_id)
-        n = len(table)
+        req = self._get(req_id)
+        n = len(req.table)
         if n > self.num_host_blocks - self._host_used:
             raise ValueError(
                 f"cannot swap out {req_id!r}: needs {n} host blocks, "
                 f"{self.num_host_blocks - self._host_used} free"
             )
-        self._release(table, self._ntok[req_id])
-        del self._tables[req_id]
-        self._swapped[req_id] = n
+        self._release(req)
+        req.table = []
+        req.fast_limit = 0
+        self._swapped[req_id] = self._reqs.pop(req_id)
         self._host_used += n
         self.swaps_out += 1
         return n
 
     def can_swap_in(self, req_id: Hashable) -> bool:
-        if req_id not in self._swapped:
+        req = self._swapped.get(req_id)
+        if req is None:
             raise ValueError(f"request {req_id!r} is not swapped out")
         # Swap-in is a re-admission, so it keeps the same watermark (vLLM V0 does too).
-        return self._available() - self._swapped[req_id] >= self.watermark_blocks
+        return self._available() - self._blocks_for(req.num_tokens) >= self.watermark_blocks
 
     def swap_in(self, req_id: Hashable) -> int:
         """Bring a swapped-out request back into fresh device blocks; returns blocks copied."""
         if not self.can_swap_in(req_id):
             raise ValueError(
-                f"cannot swap in {req_id!r}: needs {self._swapped[req_id]} device blocks "
-                f"above the watermark of {self.watermark_blocks}, {self._available()} available"
+                f"cannot swap in {req_id!r}: needs "
+                f"{self._blocks_for(self._swapped[req_id].num_tokens)} device blocks above the "
+                f"watermark of {self.watermark_blocks}, {self._available()} available"
             )
-        n = self._swapped.pop(req_id)
+        req = self._swapped.pop(req_id)
+        n = self._blocks_for(req.num_tokens)
         self._host_used -= n
-        ref = self._ref
-        table = []
-        for _ in range(n):
-            b = self._take_block()
-            ref[b] = 1
-            table.append(b)
-        self._tables[req_id] = table
-        ntok = self._ntok[req_id]
-        self._filled += ntok
-        hashes = self._hashes.get(req_id)
-        if hashes is not None:
-            self._register(table, hashes, 0, ntok // self._block_size)
+        req.table = self._take_blocks(n)
+        self._reqs[req_id] = req
+        self._filled += req.num_tokens
+        self._set_fast_limit(req)
+        if req.hashes is not None:
+            self._register(req, 0, req.num_tokens // self._block_size)
         self.swaps_in += 1
         return n
 
@@ -319,17 +319,30 @@ class PagedKVCache:
         # Cached blocks count as available: they are evicted on demand.
         return len(self._free) + len(self._cached)
 
-    def _table(self, req_id: Hashable) -> list[int]:
-        table = self._tables.get(req_id)
-        if table is None:
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self._block_size)
+
+    def _get(self, req_id: Hashable) -> _Request:
+        req = self._reqs.get(req_id)
+        if req is None:
             raise self._missing(req_id)
-        return table
+        return req
 
     def _missing(self, req_id: Hashable) -> ValueError:
-        """The error for a request that has no device block table."""
+        """The error for a request that is not on the device."""
         if req_id in self._swapped:
             return ValueError(f"request {req_id!r} is swapped out")
         return ValueError(f"unknown request {req_id!r}")
+
+    def _set_fast_limit(self, req: _Request) -> None:
+        table = req.table
+        if self._ref[table[-1]] != 1:
+            req.fast_limit = 0  # shared last block: the next write copies it
+        elif req.hashes is not None and len(table) <= len(req.hashes):
+            # Filling the last block must register its hash, so stop one short of full.
+            req.fast_limit = len(table) * self._block_size
+        else:
+            req.fast_limit = len(table) * self._block_size + 1
 
     def _plan(
         self, num_tokens: int, prefix_hashes: Sequence[int] | None
@@ -346,8 +359,20 @@ class PagedKVCache:
                     break
                 hits.append(b)
         revived = len({b for b in hits if self._ref[b] == 0})
-        new = -(-num_tokens // self._block_size) - len(hits)
-        return hits, revived, new
+        return hits, revived, self._blocks_for(num_tokens) - len(hits)
+
+    def _take_blocks(self, n: int) -> list[int]:
+        """n blocks with refcount 1; the caller has checked that enough are available."""
+        free = self._free
+        if n <= len(free):
+            pop = free.popleft
+            blocks = [pop() for _ in range(n)]
+        else:
+            blocks = [self._take_block() for _ in range(n)]
+        ref = self._ref
+        for b in blocks:
+            ref[b] = 1
+        return blocks
 
     def _take_block(self) -> int:
         if self._free:
@@ -359,24 +384,37 @@ class PagedKVCache:
         self.evictions += 1
         return b
 
-    def _release(self, table: list[int], ntok: int) -> None:
+    def _release(self, req: _Request) -> None:
         ref = self._ref
-        bs = self._block_size
-        last = len(table) - 1
+        table = req.table
+        released = []
         # Release tail first: the LRU then evicts a prefix's tail before its head, and the head
         # (e.g. a system prompt) is the part other requests are most likely to share.
-        for i in range(last, -1, -1):
-            b = table[i]
-            ref[b] -= 1
-            if ref[b] == 0:
-                self._filled -= bs if i < last else ntok - last * bs
-                if self._block_hash[b] is not None:
+        for b in reversed(table):
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0:
+                released.append(b)
+        # Released blocks are full except the table's last one, if released, which holds the
+        # tail of the sequence.
+        bs = self._block_size
+        self._filled -= len(released) * bs
+        if ref[table[-1]] == 0:
+            self._filled += len(table) * bs - req.num_tokens
+        if self.enable_prefix_caching:
+            block_hash = self._block_hash
+            for b in released:
+                if block_hash[b] is not None:
                     self._cached[b] = None
                 else:
                     self._free.append(b)
+        else:
+            self._free.extend(released)
 
-    def _register(self, table: list[int], hashes: Sequence[int], start: int, stop: int) -> None:
+    def _register(self, req: _Request, start: int, stop: int) -> None:
         """Make the just-completed blocks table[start:stop] findable by their prefix hash."""
+        hashes = req.hashes
+        table = req.table
         for i in range(start, min(stop, len(hashes))):
             b = table[i]
             h = hashes[i]
