@@ -51,6 +51,9 @@ def describe_validation_error(exc: ValidationError, where: str = "") -> str:
         text = f"{field} is required"
     elif kind == "extra_forbidden":
         text = f"unknown field {field!r}"
+    elif kind == "value_error":  # a rule across fields: its message says it all
+        msg = err["msg"].removeprefix("Value error, ")
+        text = f"{field}: {msg}" if err["loc"] else msg
     else:
         text = f"{field}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
     more = len(exc.errors()) - 1
@@ -446,6 +449,14 @@ class EngineConfig(BaseModel):
     batching: Literal["auto", "continuous", "static"] = "auto"
     weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
     kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        # As vLLM: every running sequence must be able to decode in one iteration.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs})")
+        return self
 
 
 def batching_mode(engine: EngineConfig) -> str:

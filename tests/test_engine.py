@@ -288,3 +288,10 @@ def test_decode_set_sums_match_its_members(monkeypatch, engine, workload):
     r = run_scenario(Scenario(engine=EngineConfig(**engine), workload=WorkloadSpec(**wl), seed=2))
     assert r["completed"] == 150
     assert max(checked) > 5  # the set was exercised
+
+
+def test_token_budget_must_cover_every_running_sequence():
+    rc, _, err = run_cli("simulate", "--requests", "5", "--max-num-batched-tokens", "128")
+    assert rc == 2
+    assert "max_num_batched_tokens (128) must be >= max_num_seqs (256)" in err
+    assert len(err.strip().splitlines()) == 1
