@@ -16,11 +16,12 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from npusim.analysis import SHARING_MODES, analytical_point, instance_hardware, reference_point
+from npusim.analysis import (SHARING_MODES, analytical_point, decode_batch, instance_engine,
+                             instance_hardware, reference_point)
 from npusim.costmodel import CostModel, memory_plan
 from npusim.errors import NpusimError
 from npusim.scenario import Scenario, run_scenario
-from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, ceil_div, gib,
+from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, gib,
                           known_hardware, load_hardware, load_model)
 from npusim.workload import LengthDist, WorkloadSpec
 
@@ -75,9 +76,8 @@ def compute_point(hw_name: str, model_name: str, batch: int, context: int, insta
 def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, block_size: int,
                    weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
     """One instance's memory plan, with the engine settings analytical_point uses for it."""
-    engine = EngineConfig(block_size=block_size, max_num_seqs=max(256, batch),
-                          gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
-                          kv_dtype=kv_dtype)
+    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
+                             kv_dtype=kv_dtype, utilization=utilization)
     plan = memory_plan(load_hardware(hw_name), load_model(model_name), engine,
                        memory_fraction=1.0 / instances)
     d = plan.as_dict()
@@ -95,8 +95,7 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
     every sequence holds context + 1 tokens and reads every slot of its pages."""
     hw = instance_hardware(load_hardware(hw_name), instances, sharing)
     cost = CostModel(hw, load_model(model_name), weight_dtype, kv_dtype)
-    slots = batch * ceil_div(context + 1, block_size) * block_size
-    ops = cost.ops(num_decodes=batch, decode_context_tokens=batch * (context + 1), decode_kv_slots=slots)
+    ops = cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
     return [op.as_dict() for op in ops]
 
 

@@ -116,6 +116,22 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
     raise NpusimError(f"core scaling must be one of {', '.join(CORE_SCALINGS)}, got {scaling!r}")
 
 
+def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
+                    utilization: float) -> EngineConfig:
+    """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
+    return EngineConfig(block_size=block_size, max_num_seqs=max(256, batch),
+                        max_num_batched_tokens=max(8192, batch),
+                        gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
+                        kv_dtype=kv_dtype)
+
+
+def decode_batch(*, batch: int, context: int, block_size: int) -> dict:
+    """CostModel arguments of the steady decode step: every sequence holds context + 1 tokens
+    and reads every slot of its pages."""
+    return dict(num_decodes=batch, decode_context_tokens=batch * (context + 1),
+                decode_kv_slots=batch * ceil_div(context + 1, block_size) * block_size)
+
+
 # --------------------------------------------------------------------------- checks
 
 def _check_inputs(hw: HardwareSpec, batch: int, context: int, instances: int, sharing: str,
@@ -142,9 +158,8 @@ def _check_inputs(hw: HardwareSpec, batch: int, context: int, instances: int, sh
 def _capacity(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               block_size: int, weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
     """Each instance holds its own weights, activations and runtime reserve in a 1/K share."""
-    engine = EngineConfig(block_size=block_size, max_num_seqs=max(256, batch),
-                          gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
-                          kv_dtype=kv_dtype)
+    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
+                             kv_dtype=kv_dtype, utilization=utilization)
     plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     # the token being generated needs its slot too
     per_seq = ceil_div(context + 1, block_size)
@@ -244,8 +259,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     if not cap["feasible"]:
         p.update(dict.fromkeys(metrics))
         return p
-    args = dict(num_decodes=batch, decode_context_tokens=batch * (context + 1),
-                decode_kv_slots=batch * cap["blocks_per_seq"] * block_size)
+    args = decode_batch(batch=batch, context=context, block_size=block_size)
     device_s = cm.step_time(**args)
     ops = cm.ops(**args)
     host_s = cm.host_overhead_s if include_host else 0.0
