@@ -31,3 +31,17 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         rc = main(list(args))
     return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(command: str, args: list[str], needle: str,
+                          defaults: dict[str, str] | None = None) -> None:
+    """`npusim COMMAND` with `defaults` for the options `args` does not set exits 2 with one
+    line on stderr that contains `needle`, and no traceback."""
+    argv = [command]
+    for k, v in (defaults or {}).items():
+        if k not in args:
+            argv += [k, v]
+    rc, _, err = run_cli(*argv, *args)
+    assert rc == 2, err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from npusim.analysis import (analytical_point, explain_proportionality, proportionality_table,
                              scaled_hardware)
 from npusim.errors import NpusimError
@@ -186,12 +186,4 @@ def test_analyze_table_output():
     (["--hw", "ascend-91"], "unknown hardware"),
 ])
 def test_analyze_errors_are_one_line(args, needle):
-    argv = ["analyze"]
-    for k, v in {"--hw": "ascend-910b2", "--model": "llama-3.1-8b"}.items():
-        if k not in args:
-            argv += [k, v]
-    rc, out, err = run_cli(*argv, *args)
-    assert rc == 2
-    assert needle in err
-    assert len(err.strip().splitlines()) == 1
-    assert "Traceback" not in err
+    assert_one_line_error("analyze", args, needle, {"--hw": "ascend-910b2", "--model": "llama-3.1-8b"})

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 
 def test_step_json_contract():
@@ -44,16 +44,7 @@ def test_step_prefill_and_table():
     (["--phase", "train"], "--phase"),
 ])
 def test_step_errors_are_one_line(args, needle):
-    base = {"--hw": "ascend-910b2", "--model": "llama-3.1-8b"}
-    argv = ["step"]
-    for k, v in base.items():
-        if k not in args:
-            argv += [k, v]
-    rc, out, err = run_cli(*argv, *args)
-    assert rc == 2
-    assert needle in err
-    assert len(err.strip().splitlines()) == 1
-    assert "Traceback" not in err
+    assert_one_line_error("step", args, needle, {"--hw": "ascend-910b2", "--model": "llama-3.1-8b"})
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from npusim.costmodel import CostModel
 from npusim.scenario import Scenario, run_scenario
 from npusim.specs import EngineConfig, load_hardware, load_model
@@ -218,10 +218,7 @@ def test_report_is_one_self_contained_html(tmp_path):
     (["--max-model-len", "99999999"], "exceeds the KV pool"),
 ])
 def test_simulate_bad_input_is_one_line(args, needle):
-    rc, out, err = run_cli("simulate", "--requests", "5", *args)
-    assert rc == 2
-    assert needle in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert_one_line_error("simulate", ["--requests", "5", *args], needle)
 
 
 def test_malformed_trace_names_the_line(tmp_path):
@@ -291,7 +288,5 @@ def test_decode_set_sums_match_its_members(monkeypatch, engine, workload):
 
 
 def test_token_budget_must_cover_every_running_sequence():
-    rc, _, err = run_cli("simulate", "--requests", "5", "--max-num-batched-tokens", "128")
-    assert rc == 2
-    assert "max_num_batched_tokens (128) must be >= max_num_seqs (256)" in err
-    assert len(err.strip().splitlines()) == 1
+    assert_one_line_error("simulate", ["--requests", "5", "--max-num-batched-tokens", "128"],
+                          "max_num_batched_tokens (128) must be >= max_num_seqs (256)")
