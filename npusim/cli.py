@@ -279,7 +279,9 @@ def simulate(
     report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
 ) -> None:
     """Simulate serving: requests arrive, are batched, take KV pages and finish. No arguments: the default scenario."""
-    from npusim.scenario import run_scenario
+    import time
+
+    from npusim.scenario import simulate_scenario, summarize
 
     flags = dict(locals())
     for k in ("scenario", "as_json", "report"):
@@ -294,15 +296,17 @@ def simulate(
         bar.start()
         task = bar.add_task("simulating", total=None)
         progress_cb = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+    t_wall = time.perf_counter()
     try:
-        result = run_scenario(sc, want_block_map=bool(report), progress=progress_cb)
+        run = simulate_scenario(sc, want_block_map=bool(report), progress=progress_cb)
     finally:
         if bar is not None:
             bar.stop()
-    sim = result.pop("_sim", None)
+    result = summarize(run, sc)
+    result["wall_seconds"] = time.perf_counter() - t_wall
     if report:
         from npusim.report import write_report
-        write_report(report, result, sim)
+        write_report(report, result, run)
     if as_json:
         _print_json(result)
     else:

@@ -24,11 +24,11 @@ from typing import Sequence
 
 from npusim.analysis import SHARING_MODES, AnalyticalPoint, analytical_point, instance_hardware
 from npusim.costmodel import CostModel
-from npusim.engine import Simulation
+from npusim.engine import RunRecord
 from npusim.errors import NpusimError
-from npusim.scenario import Scenario, instance_setup, resolve_max_model_len, summarize
+from npusim.scenario import Scenario, simulate_scenario, summarize
 from npusim.specs import EngineConfig, HardwareSpec, ModelSpec, ceil_div, load_hardware, load_model
-from npusim.workload import LengthDist, WorkloadSpec, make_requests
+from npusim.workload import LengthDist, WorkloadSpec
 
 GRID_BATCHES = (1, 8, 32, 64)
 GRID_CONTEXTS = (512, 2048, 8192)
@@ -68,23 +68,20 @@ def _fixed(n: int) -> LengthDist:
 
 
 def _simulate(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, workload: WorkloadSpec,
-              instances: int, sharing: str, seed: int = 0) -> tuple[Simulation, dict]:
-    """Run the simulator as run_scenario does, keeping the Simulation for its per-iteration series."""
-    costs, plans = instance_setup(hw, model, engine, instances, sharing)
-    max_len = resolve_max_model_len(model, engine, plans[0])
-    sim = Simulation(hw, costs, plans, engine, max_len, sharing)
-    sim.run(make_requests(workload, seed))
-    if sim.rejected:
-        r, why = sim.rejected[0]
-        raise NpusimError(f"the simulator rejected {len(sim.rejected)} request(s), e.g. #{r.id}: {why}")
+              instances: int, sharing: str, seed: int = 0) -> tuple[RunRecord, dict]:
+    """Run the simulator as `npusim simulate` does, keeping the run record for its series."""
     sc = Scenario(hw=hw.name, model=model.name, engine=engine, workload=workload,
                   instances=instances, sharing=sharing, seed=seed)
-    return sim, summarize(sim, sc, hw, model, max_len)
+    run = simulate_scenario(sc, hw=hw, model=model)
+    if run.rejected:
+        rid, why = run.rejected[0]
+        raise NpusimError(f"the simulator rejected {len(run.rejected)} request(s), e.g. #{rid}: {why}")
+    return run, summarize(run, sc)
 
 
 # --------------------------------------------------------------------------- steady state
 
-def _decode_window(sim: Simulation) -> list[dict]:
+def _decode_window(sim: RunRecord) -> list[dict]:
     """Per instance: decode tokens and time over the window where every instance decodes.
 
     The window opens when the last instance's prefill iteration ends (before that, one instance's
@@ -95,11 +92,11 @@ def _decode_window(sim: Simulation) -> list[dict]:
     would not: ITL mixes all instances and the prefill-perturbed steps."""
     series = []
     for inst in sim.instances:
-        if inst.stats.series_stride != 1:  # the series was decimated: iterations are missing
+        if inst.series_stride != 1:  # the series was decimated: iterations are missing
             raise NpusimError("decode window too long to measure: use a shorter output_len")
-        series.append(inst.stats.batch_series)
+        series.append(inst.batch_series)
     t_start = max(s[0][0] for s in series)
-    t_stop = min(r.t_done for r in sim.finished)
+    t_stop = sim.first_done
     out = []
     for s in series:
         inside = [k for k, (t, _, _) in enumerate(s) if t_start <= t <= t_stop]
@@ -157,10 +154,9 @@ def simulate_steady_decode(hw: HardwareSpec | str, model: ModelSpec | str, *, ba
     # in lockstep an instance's iteration period is the time between two tokens of one sequence
     periods = [w["seconds"] / w["iterations"] for w in window]
     mean_batch = [w["tokens"] / w["iterations"] for w in window]
-    first = {inst.index: min(r.t_first for r in sim.finished if _owner(r.id, instances) == inst.index)
-             for inst in sim.instances}
+    # lockstep: each instance's requests all got their first token in the same iteration
     lockstep = (result["kv_cache"]["preemptions"] == 0
-                and all(r.t_first == first[_owner(r.id, instances)] for r in sim.finished)
+                and all(i.first_token_span[0] == i.first_token_span[1] for i in sim.instances)
                 and all(abs(b - batch) < 1e-9 for b in mean_batch))
     return dict(
         hw=hw.name, model=model.name, batch=batch, context=context, instances=instances,
@@ -173,11 +169,6 @@ def simulate_steady_decode(hw: HardwareSpec | str, model: ModelSpec | str, *, ba
         mean_kv_slots_per_seq=_mean_slots_per_seq(prompt, output_len, point.block_size),
         preemptions=result["kv_cache"]["preemptions"], lockstep=lockstep,
     )
-
-
-def _owner(request_id: int, instances: int) -> int:
-    """The instance a request went to: the simulator dispatches round-robin in arrival order."""
-    return request_id % instances
 
 
 # --------------------------------------------------------------------------- the grid
@@ -322,7 +313,7 @@ def _load_run(hw: HardwareSpec, model: ModelSpec, point: AnalyticalPoint, *, cas
     workload = WorkloadSpec(num_requests=num_requests, rate=rate, input_len=_fixed(prompt),
                             output_len=_fixed(output_len))
     sim, res = _simulate(hw, model, engine, workload, k, sharing, seed)
-    last_arrival = max(r.arrival for r in sim.finished)
+    last_arrival = sim.last_arrival_done
     duration = res["duration"]
     # the realised offered load: a few hundred Poisson arrivals stray from the nominal rate
     offered = output_len * (num_requests - 1) / last_arrival if last_arrival > 0 else None

@@ -8,8 +8,8 @@ the token-count-dependent dense part is memoised, the attention part is a few mu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
@@ -42,6 +42,26 @@ def _pad_efficiency(x: int, tile: int) -> float:
     return x / (ceil_div(x, tile) * tile)
 
 
+@dataclass(slots=True)
+class Batch:
+    """What one iteration runs, as the scheduler formed it: the only thing the cost model prices.
+
+    ``scheduled`` is the scheduler's own list of (request, new tokens) it advanced one by one (prefill
+    chunks, a swapped-in decode); the decode set's members are in the sums only."""
+
+    num_decodes: int = 0
+    decode_context_tokens: int = 0  # tokens attended by the decodes, each its cached tokens + 1
+    decode_kv_slots: int = 0  # KV slots read: whole pages (>= decode_context_tokens)
+    prefill_chunks: list[tuple[int, int]] = field(default_factory=list)  # (new tokens, cached context)
+    num_sampled: int | None = None  # rows whose logits are computed; None: every decode and chunk
+    swap_bytes: float = 0.0  # KV moved between host and device memory before the iteration
+    scheduled: list[Any] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + sum(c for c, _ in self.prefill_chunks)
+
+
 class CostModel:
     """Prices iterations of `model` on `hw` (or on a partition of it, see HardwareSpec.partition)."""
 
@@ -59,6 +79,7 @@ class CostModel:
         self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6
         self.host_overhead_s = hw.host_overhead_ms * 1e-3
+        self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
         self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
@@ -204,6 +225,18 @@ class CostModel:
             attn += self.attention_prefill_op(prefill_chunks).time_s
         return t + self.model.num_layers * attn
 
+    def price(self, batch: Batch) -> tuple[float, float, float]:
+        """(host, device, swap) seconds of one iteration. Host work is the engine's per-iteration
+        overhead; device time is the roofline of the batch; swap copies KV pages over the host link
+        before the device runs. A batch with no tokens (everything in it was preempted) costs host
+        and swap time only."""
+        device = 0.0
+        if batch.num_decodes or batch.prefill_chunks:
+            device = self.step_time(batch.num_decodes, batch.decode_context_tokens,
+                                    batch.decode_kv_slots, batch.prefill_chunks, batch.num_sampled)
+        swap = batch.swap_bytes / self.host_link_bytes_per_s if batch.swap_bytes else 0.0
+        return self.host_overhead_s, device, swap
+
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
@@ -291,4 +324,41 @@ def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None 
                       kv_per_token, formula, num_blocks, fits, verdict)
 
 
-__all__ = ["Op", "CostModel", "MemoryPlan", "memory_plan", "activation_peak_bytes", "DTYPE_BYTES"]
+# --------------------------------------------------------------------------- one instance
+
+@dataclass(frozen=True)
+class InstanceSetup:
+    """What one of K instances on a device runs on, what an iteration costs there, and its memory."""
+
+    hw: HardwareSpec  # the whole device, or the vNPU partition the instance owns
+    cost: CostModel
+    plan: MemoryPlan
+    usable_blocks: int  # blocks a request may hold: the pool less the admission watermark
+
+
+def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, instances: int = 1,
+                   sharing: str = "time-slice") -> InstanceSetup:
+    """One instance of K. Time slicing: all cores, 1/K of the memory. vNPU: ai_cores // K cores,
+    with their share of bandwidth and 1/K of the memory (a single instance owns the whole device
+    whatever the mode). The plan says whether it fits; callers decide what a misfit means."""
+    if instances < 1:
+        raise NpusimError(f"instances must be >= 1, got {instances}")
+    if sharing not in ("time-slice", "vnpu"):
+        raise NpusimError(f"sharing must be time-slice or vnpu, got {sharing!r}")
+    if sharing == "vnpu" and instances > 1:
+        cores = hw.ai_cores // instances
+        if cores < 1:
+            raise NpusimError(f"--instances {instances} exceeds {hw.name}'s {hw.ai_cores} AI cores "
+                              f"for vnpu sharing")
+        part = hw.partition(cores, 1.0 / instances)
+        plan = memory_plan(part, model, engine)
+    else:
+        part = hw
+        plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype)
+    usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
+    return InstanceSetup(part, cost, plan, usable)
+
+
+__all__ = ["Op", "Batch", "CostModel", "MemoryPlan", "memory_plan", "activation_peak_bytes",
+           "InstanceSetup", "instance_setup", "DTYPE_BYTES"]

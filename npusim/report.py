@@ -10,13 +10,15 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from npusim.engine import InstanceRecord, LatencySummary, RunRecord
 from npusim.errors import NpusimError
+from npusim.specs import ceil_div
 
 
-def _timeline_figure(sim) -> go.Figure:
+def _timeline_figure(run: RunRecord) -> go.Figure:
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("KV cache: used fraction and waste", "Batch: running and waiting requests"))
-    for inst in sim.instances:
+    for inst in run.instances:
         pts = inst.timeline.series()
         t = [p[0] for p in pts]
         cap = [p[3] + p[4] + p[5] for p in pts]
@@ -26,7 +28,7 @@ def _timeline_figure(sim) -> go.Figure:
         fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used fraction", mode="lines"), row=1, col=1)
         fig.add_trace(go.Scatter(x=t, y=waste, name=f"{tag}: waste fraction", mode="lines",
                                  line=dict(dash="dot")), row=1, col=1)
-        bt = inst.stats.batch_series
+        bt = inst.batch_series
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[1] for b in bt], name=f"{tag}: running",
                                  mode="lines"), row=2, col=1)
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[2] for b in bt], name=f"{tag}: waiting",
@@ -37,24 +39,29 @@ def _timeline_figure(sim) -> go.Figure:
     return fig
 
 
-def _latency_figure(sim) -> go.Figure:
-    done = sim.finished
-    ttft = [(r.t_first - r.submit) * 1e3 for r in done]
-    tpot = [(r.t_done - r.t_first) / (r.output_len - 1) * 1e3 for r in done if r.output_len > 1]
+def _histogram(summary: LatencySummary, name: str) -> go.Histogram:
+    """Every request's latency, or past the summary's exact limit its 0.1 %-wide bins, in ms."""
+    if summary.exact:
+        return go.Histogram(x=[v * 1e3 for v in summary.values], nbinsx=60, name=name)
+    centres, counts = summary.hist.bins()
+    return go.Histogram(x=[c * 1e3 for c in centres], y=counts, histfunc="sum", nbinsx=60, name=name)
+
+
+def _latency_figure(run: RunRecord) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "TPOT (ms)"))
-    fig.add_trace(go.Histogram(x=ttft, nbinsx=60, name="TTFT"), row=1, col=1)
-    fig.add_trace(go.Histogram(x=tpot, nbinsx=60, name="TPOT"), row=1, col=2)
+    fig.add_trace(_histogram(run.ttft, "TTFT"), row=1, col=1)
+    fig.add_trace(_histogram(run.tpot, "TPOT"), row=1, col=2)
     fig.update_layout(height=360, showlegend=False, margin=dict(t=50, l=60, r=20, b=40))
     return fig
 
 
-def _block_map_figure(inst) -> go.Figure | None:
+def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
     """Pages as a grid, coloured by the request holding them, at the instance's peak use."""
     if inst.block_map is None:
         return None
     t, tables = inst.block_map
-    if inst.cfg.paging:
-        n = inst.plan.num_blocks
+    if inst.paged:
+        n = inst.setup.plan.num_blocks
         unit = "block"
         owner = [-1] * n
         for rid, table in tables.items():
@@ -62,14 +69,14 @@ def _block_map_figure(inst) -> go.Figure | None:
                 owner[b] = rid
     else:
         # Contiguous arena: one cell per block_size slots, coloured by the reservation covering it.
-        n = max(1, inst.kv.capacity_tokens // inst.block_size)
+        n = max(1, inst.capacity_tokens // inst.block_size)
         unit = f"{inst.block_size}-slot cell"
         owner = [-1] * n
         for rid, (start, length) in tables.items():
-            for cell in range(start // inst.block_size, min(n, -(-(start + length) // inst.block_size))):
+            for cell in range(start // inst.block_size, min(n, ceil_div(start + length, inst.block_size))):
                 owner[cell] = rid
     cols = max(16, int(math.ceil(math.sqrt(n * 2))))
-    rows = -(-n // cols)
+    rows = ceil_div(n, cols)
     z, text = [], []
     for r in range(rows):
         zr, tr = [], []
@@ -109,14 +116,14 @@ def _summary_table(result: dict) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def write_report(path: str | Path, result: dict, sim) -> Path:
+def write_report(path: str | Path, result: dict, run: RunRecord) -> Path:
     """Write the report; plotly's JavaScript is inlined so the file opens anywhere, offline."""
     p = Path(path)
     if p.suffix.lower() not in (".html", ".htm"):
         raise NpusimError(f"--report must name an .html file, got {p}")
     sc = result["scenario"]
-    figs = [_timeline_figure(sim), _latency_figure(sim)]
-    figs += [f for f in (_block_map_figure(i) for i in sim.instances) if f is not None]
+    figs = [_timeline_figure(run), _latency_figure(run)]
+    figs += [f for f in (_block_map_figure(i) for i in run.instances) if f is not None]
     parts = []
     for i, fig in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from npusim.costmodel import CostModel
-from npusim.scenario import Scenario, run_scenario
+from npusim.scenario import Scenario, run_scenario, simulate_scenario
 from npusim.specs import EngineConfig, load_hardware, load_model
 from npusim.workload import LengthDist, WorkloadSpec
 
@@ -255,36 +255,26 @@ def test_trace_replay_takes_the_first_rows(tmp_path):
     ({}, dict(max_concurrency=12)),
 ])
 def test_decode_set_sums_match_its_members(monkeypatch, engine, workload):
-    """The decode set is kept as sums and advanced lazily; before every iteration they must equal
-    what its members, brought up to date one by one, add up to, and the KV cache must hold what
-    each member has been told of."""
-    from npusim.engine import Instance
+    """The decode set is kept as sums and advanced lazily; before and after every iteration they
+    must equal what its members, brought up to date one by one, add up to, the KV pool must hold
+    what each member has been told of, and the allocator's own invariants must hold."""
+    from npusim.sched import ContinuousScheduler
 
-    real = Instance.schedule_continuous
-    checked = []
+    real = ContinuousScheduler.check
+    sizes = []
 
-    def schedule_and_check(self):
-        members = [r for r in self.running if r.state == "decode"]
-        cached = [r.base_c + (self.it - r.base_it) for r in members]
-        assert self.dset_n == len(members)
-        assert self.dset_ctx == sum(c + 1 for c in cached)
-        assert self.lag == sum(c - r.told for c, r in zip(cached, members))
-        if self.paged:
-            bs = self.block_size
-            assert self.dset_slots == sum(-(-c // bs) * bs for c in cached)
-            for r in members:
-                assert self.kv.num_tokens(r.id) == r.told
-        for r in self.prefilling:
-            assert r.state == "prefill" and self.kv.num_tokens(r.id) == r.num_computed
-        checked.append(len(members))
-        return real(self)
+    def check_and_count(self, batch=None):
+        real(self, batch)
+        sizes.append(self.decoding.n)
 
-    monkeypatch.setattr(Instance, "schedule_continuous", schedule_and_check)
+    monkeypatch.setattr(ContinuousScheduler, "check", check_and_count)
     wl = dict(num_requests=150, input_len=LengthDist(kind="sharegpt"), output_len=LengthDist(kind="sharegpt"))
     wl.update(workload)
-    r = run_scenario(Scenario(engine=EngineConfig(**engine), workload=WorkloadSpec(**wl), seed=2))
-    assert r["completed"] == 150
-    assert max(checked) > 5  # the set was exercised
+    sc = Scenario(engine=EngineConfig(**engine), workload=WorkloadSpec(**wl), seed=2)
+    run = simulate_scenario(sc, check_invariants=True)
+    assert run.completed == 150
+    assert max(sizes) > 5  # the set was exercised
+    assert len(sizes) == 2 * sum(i.stats.iterations for i in run.instances)  # around every iteration
 
 
 def test_token_budget_must_cover_every_running_sequence():

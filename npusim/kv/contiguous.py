@@ -152,6 +152,19 @@ class ContiguousKVCache:
             del holes[i]
         holes.insert(i, (start, size))
 
+    def check(self) -> None:
+        """Raise AssertionError unless reservations and holes tile the arena without overlap and
+        the counters equal a recount. For tests."""
+        spans = sorted([(s, n) for s, n, _ in self._res.values()] + self._holes)
+        pos = 0
+        for start, length in spans:
+            assert start == pos and length > 0, "ranges overlap or leave a gap"
+            pos += length
+        assert pos == self.capacity_tokens, "ranges do not cover the arena"
+        assert self._reserved == sum(n for _, n, _ in self._res.values()), "reserved miscounted"
+        assert self._filled == sum(f for _, n, f in self._res.values()), "filled miscounted"
+        assert all(0 <= f <= n for _, n, f in self._res.values()), "a request overfills its range"
+
     # ---- internals -------------------------------------------------------------------------
 
     def _get(self, req_id: Hashable) -> list[int]:

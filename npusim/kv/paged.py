@@ -153,6 +153,10 @@ class PagedKVCache:
         _, revived, new = self._plan(num_tokens, prefix_hashes)
         return self._available() - revived - new >= self.watermark_blocks
 
+    def cached_prefix_tokens(self, num_tokens: int, prefix_hashes: Sequence[int] | None) -> int:
+        """Tokens of the first `num_tokens` that allocate() would find in the prefix cache now."""
+        return len(self._plan(num_tokens, prefix_hashes)[0]) * self._block_size
+
     def allocate(
         self, req_id: Hashable, num_tokens: int, prefix_hashes: Sequence[int] | None = None
     ) -> int | None:
@@ -238,6 +242,31 @@ class PagedKVCache:
             self._register(req, old // bs, new // bs)
         return True
 
+    def trim(self, req_id: Hashable, num_tokens: int) -> None:
+        """Give back the request's last `num_tokens` slots, and the blocks left empty: slots taken
+        for an iteration that will not run (its request was preempted before it). Only slots in
+        blocks this request owns alone and that hold no prefix hash can be given back."""
+        req = self._get(req_id)
+        new = req.num_tokens - num_tokens
+        if num_tokens < 0 or new < 1:
+            raise ValueError(f"cannot trim {num_tokens} of {req.num_tokens} tokens of {req_id!r}")
+        if num_tokens == 0:
+            return
+        bs = self._block_size
+        table = req.table
+        keep = -(-new // bs)
+        for b in table[keep - 1 if new % bs else keep:]:
+            if self._ref[b] != 1 or self._block_hash[b] is not None:
+                raise ValueError(f"cannot trim {req_id!r}: block {b} is shared or holds a prefix hash")
+        released = table[keep:]
+        del table[keep:]
+        for b in reversed(released):
+            self._ref[b] = 0
+            self._free.append(b)
+        self._filled -= num_tokens
+        req.num_tokens = new
+        self._set_fast_limit(req)
+
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """The child shares every block of the parent, e.g. for parallel sampling or beam search."""
         parent = self._get(parent_id)
@@ -312,6 +341,33 @@ class PagedKVCache:
             self._register(req, 0, req.num_tokens // self._block_size)
         self.swaps_in += 1
         return n
+
+    def check(self) -> None:
+        """Raise AssertionError unless the allocator's invariants hold: every block in exactly one
+        of used, free and cached; refcounts equal the block tables' references; the filled-slot
+        counter equals a recount; each table has the blocks its tokens need; every registered
+        hash points at a block that holds it. Costs time in the pool size: for tests."""
+        n = self._num_blocks
+        used = [b for b in range(n) if self._ref[b] > 0]
+        places = list(self._free) + list(self._cached) + used
+        assert len(places) == len(set(places)) == n, "a block is in two states, or lost"
+        counts = [0] * n
+        filled = {}
+        bs = self._block_size
+        for req in self._reqs.values():
+            assert len(req.table) == -(-req.num_tokens // bs), "table does not match its tokens"
+            for i, b in enumerate(req.table):
+                counts[b] += 1
+                fill = min(bs, req.num_tokens - i * bs)
+                filled[b] = max(filled.get(b, 0), fill)
+        assert counts == self._ref, "refcounts differ from the block tables"
+        assert self._filled == sum(filled.values()), "filled-slot counter differs from a recount"
+        for b in self._cached:
+            assert self._ref[b] == 0 and self._block_hash[b] is not None, "cached block without hash"
+        for h, b in self._hash_to_block.items():
+            assert self._block_hash[b] == h, "prefix hash points at the wrong block"
+        host = sum(-(-r.num_tokens // bs) for r in self._swapped.values())
+        assert host == self._host_used <= self.num_host_blocks, "host blocks miscounted"
 
     # ---- internals -------------------------------------------------------------------------
 
