@@ -56,14 +56,24 @@ def setup_instances(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, in
 
 
 def resolve_max_model_len(model: ModelSpec, engine: EngineConfig, plan: MemoryPlan) -> int:
-    """The engine's max_model_len, by default the model's context capped to what one pool holds."""
+    """The engine's max_model_len, by default the model's context capped to what one pool holds.
+    Without chunked prefill a request preempted for recompute must be prefilled again in one
+    iteration, so max_model_len must fit the token budget, as vLLM requires; by default it does."""
     capacity = plan.num_blocks * engine.block_size
+    no_chunks = not engine.enable_chunked_prefill and batching_mode(engine) == "continuous"
     if engine.max_model_len is not None:
         if engine.max_model_len > capacity:
             raise NpusimError(f"max_model_len {engine.max_model_len} exceeds the KV pool of "
                               f"{capacity} tokens ({plan.num_blocks} blocks of {engine.block_size})")
+        if no_chunks and engine.max_model_len > engine.max_num_batched_tokens:
+            raise NpusimError(f"max_model_len {engine.max_model_len} exceeds max_num_batched_tokens "
+                              f"{engine.max_num_batched_tokens}: without chunked prefill every request "
+                              f"must fit one iteration (as vLLM requires)")
         return engine.max_model_len
-    return min(model.max_position_embeddings, capacity)
+    default = min(model.max_position_embeddings, capacity)
+    if no_chunks:
+        default = min(default, engine.max_num_batched_tokens)
+    return default
 
 
 def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,

@@ -280,3 +280,36 @@ def test_decode_set_sums_match_its_members(monkeypatch, engine, workload):
 def test_token_budget_must_cover_every_running_sequence():
     assert_one_line_error("simulate", ["--requests", "5", "--max-num-batched-tokens", "128"],
                           "max_num_batched_tokens (128) must be >= max_num_seqs (256)")
+
+
+def test_a_shared_prefix_longer_than_the_first_chunk_is_served_from_the_cache():
+    """Regression: the prefix-cache hit was taken out of a chunk already cut to the token budget,
+    leaving a 0-token chunk. Hits are looked up first, then the budget applies (as vLLM)."""
+    rc, out, err = run_cli("simulate", "--prefix-caching", "--shared-prefix-len", "3000",
+                           "--input-len", "4000", "--output-len", "8", "--max-num-batched-tokens",
+                           "1024", "--max-num-seqs", "8", "--rate", "0.05", "--requests", "3", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["completed"] == 3
+    # 31 full 128-token blocks per prompt; the 2nd and 3rd find the prefix's 23 blocks cached
+    assert d["kv_cache"]["prefix_cache_hit_rate"] == pytest.approx(46 / 93)
+    # the first request prefills 4 chunks, the others 2 (1024 + 32 new tokens): a shorter TTFT
+    assert d["median_ttft_ms"] < 0.7 * d["p99_ttft_ms"]
+
+
+def test_a_decode_preempted_after_taking_its_next_page_gives_the_page_back(monkeypatch):
+    """Regression: a member granted its next page and then preempted in the same round (by a
+    prefill chunk that needed room) drove its pool count below zero and crashed."""
+    from npusim.kv import PagedKVCache
+
+    trims = []
+    real = PagedKVCache.trim
+    monkeypatch.setattr(PagedKVCache, "trim", lambda self, rid, n: (trims.append(n), real(self, rid, n)))
+    sc = Scenario(engine=EngineConfig(block_size=16, num_blocks=120, max_num_batched_tokens=256,
+                                      max_num_seqs=8, preemption_mode="swap"),
+                  workload=WorkloadSpec(num_requests=60, rate=20.0, input_len=LengthDist(kind="sharegpt"),
+                                        output_len=LengthDist(kind="sharegpt")))
+    run = simulate_scenario(sc, check_invariants=True)
+    assert run.completed + len(run.rejected) == 60
+    assert run.instances[0].stats.preemptions > 0 and run.instances[0].swaps > 0
+    assert trims and set(trims) == {1}  # exactly the one token taken ahead, given back

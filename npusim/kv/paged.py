@@ -188,7 +188,9 @@ class PagedKVCache:
         self._set_fast_limit(req)
 
         if caching:
-            self.prefix_queries += min(len(prefix_hashes), num_tokens // self._block_size)
+            # vLLM counts the whole prompt as queried at admission, however much of it the
+            # first chunk fills
+            self.prefix_queries += len(prefix_hashes)
             self.prefix_hits += len(hits)
             self._register(req, len(hits), num_tokens // self._block_size)
         return len(hits) * self._block_size

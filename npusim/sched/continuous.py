@@ -50,9 +50,6 @@ class ContinuousScheduler:
         if total > self.max_model_len:
             return (f"prompt {r.prompt_len} + output {r.output_len} = {total} tokens exceeds "
                     f"max_model_len {self.max_model_len}")
-        if not self.cfg.enable_chunked_prefill and r.prompt_len > self.cfg.max_num_batched_tokens:
-            return (f"prompt {r.prompt_len} exceeds max_num_batched_tokens "
-                    f"{self.cfg.max_num_batched_tokens} and chunked prefill is off")
         return self.pool.capacity_problem(r)
 
     def submit(self, r: Request) -> None:
@@ -253,7 +250,7 @@ class ContinuousScheduler:
         scheduled = {r.id: n for r, n in batch.scheduled} if batch else {}
         for r in self.prefilling:
             assert r.state is State.PREFILL, f"request {r.id} prefilling in state {r.state}"
-            assert self.pool.held(r) == r.num_computed + scheduled.get(r.id, 0), \
+            assert self.pool.holds(r, r.num_computed + scheduled.get(r.id, 0)), \
                 f"request {r.id}: a prefilling request's pool count differs from its progress"
         assert len(self.running) <= self.cfg.max_num_seqs, "more running than max_num_seqs"
         self.pool.check()

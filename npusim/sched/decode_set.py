@@ -120,7 +120,7 @@ class DecodeSet:
         assert self.context_tokens == sum(c + 1 for c in cached), "context sum"
         assert self.untold == sum(c - r.kv_tokens for c, r in zip(cached, members)), "untold sum"
         for c, r in zip(cached, members):
-            assert self.pool.held(r) == r.kv_tokens, f"request {r.id}: pool holds another count"
+            assert self.pool.holds(r, r.kv_tokens), f"request {r.id}: pool holds another count"
         if self.page:
             p = self.page
             ahead = 1 if in_flight else 0

@@ -58,6 +58,10 @@ class PagedPool:
     def held(self, r: Request) -> int:
         return self.kv.num_tokens(r.id)
 
+    def holds(self, r: Request, tokens: int) -> bool:
+        """Whether the pool holds exactly what `tokens` told tokens of r should occupy."""
+        return self.kv.num_tokens(r.id) == tokens
+
     def free(self, r: Request) -> None:
         self.kv.free(r.id)
 
@@ -134,6 +138,9 @@ class ContiguousPool:
 
     def held(self, r: Request) -> int:
         return self.kv.num_tokens(r.id)
+
+    def holds(self, r: Request, tokens: int) -> bool:
+        return self.kv.num_tokens(r.id) == max(tokens, r.prompt_len)  # the prompt filled at admission
 
     def free(self, r: Request) -> None:
         self.kv.free(r.id)

@@ -108,6 +108,6 @@ class StaticScheduler:
     def check(self, batch: Batch | None = None) -> None:
         ahead = {r.id: n for r, n in batch.scheduled} if batch and batch.num_decodes else {}
         for r in self.batch:
-            assert self.pool.held(r) == max(r.prompt_len, r.num_computed + ahead.get(r.id, 0)), \
+            assert self.pool.holds(r, r.num_computed + ahead.get(r.id, 0)), \
                 f"request {r.id}: its reservation holds another count"
         self.pool.check()
