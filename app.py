@@ -16,9 +16,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from npusim.analysis import (SHARING_MODES, analytical_point, decode_batch, instance_engine,
-                             instance_hardware, reference_point)
-from npusim.costmodel import CostModel, memory_plan
+from npusim.analysis import SHARING_MODES, analytical_point, decode_batch, instance_engine, reference_point
+from npusim.costmodel import instance_setup
 from npusim.errors import NpusimError
 from npusim.scenario import Scenario, run_scenario
 from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, gib,
@@ -78,8 +77,7 @@ def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, bl
     """One instance's memory plan, with the engine settings analytical_point uses for it."""
     engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, utilization=utilization)
-    plan = memory_plan(load_hardware(hw_name), load_model(model_name), engine,
-                       memory_fraction=1.0 / instances)
+    plan = instance_setup(load_hardware(hw_name), load_model(model_name), engine, instances).plan
     d = plan.as_dict()
     d.update(device_bytes=plan.device_bytes, usable_bytes=plan.usable_bytes,
              weight_bytes=plan.weight_bytes, activation_bytes=plan.activation_bytes,
@@ -93,8 +91,9 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
                 block_size: int, weight_dtype: str, kv_dtype: str) -> list[dict]:
     """The ops of one decode iteration of one instance, priced as analytical_point prices them:
     every sequence holds context + 1 tokens and reads every slot of its pages."""
-    hw = instance_hardware(load_hardware(hw_name), instances, sharing)
-    cost = CostModel(hw, load_model(model_name), weight_dtype, kv_dtype)
+    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
+                             kv_dtype=kv_dtype, utilization=0.9)
+    cost = instance_setup(load_hardware(hw_name), load_model(model_name), engine, instances, sharing).cost
     ops = cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
     return [op.as_dict() for op in ops]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from npusim.costmodel import CostModel, Op, memory_plan
+from npusim.costmodel import CostModel, Op, instance_hardware, instance_setup
 from npusim.errors import NpusimError
 from npusim.specs import (KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec, ModelSpec, ceil_div,
                           check_block_size, dtype_bytes, gib, load_hardware, load_model)
@@ -92,13 +92,6 @@ class AnalyticalPoint:
 
 # --------------------------------------------------------------------------- hardware variants
 
-def instance_hardware(hw: HardwareSpec, instances: int, sharing: str) -> HardwareSpec:
-    """What one instance runs on. A single instance owns the whole device whatever the mode."""
-    if instances == 1 or sharing == "time-slice":
-        return hw
-    return hw.partition(hw.ai_cores // instances, 1.0 / instances)
-
-
 def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
     """`hw` with `cores` AI cores. "partition": a vNPU slice, whose bandwidth and memory follow its
     cores. "fixed-bandwidth": compute cut to `cores` but the device's full bandwidth and memory kept,
@@ -156,16 +149,17 @@ def _check_inputs(hw: HardwareSpec, batch: int, context: int, instances: int, sh
 # --------------------------------------------------------------------------- pieces of a point
 
 def _capacity(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
-              block_size: int, weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
+              sharing: str, block_size: int, weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
     """Each instance holds its own weights, activations and runtime reserve in a 1/K share."""
     engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, utilization=utilization)
-    plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
+    setup = instance_setup(hw, model, engine, instances, sharing)
+    plan = setup.plan
     # the token being generated needs its slot too
     per_seq = ceil_div(context + 1, block_size)
     # Admission keeps the engine's watermark (1 % of blocks) free, as vLLM does.
-    usable = plan.num_blocks - int(engine.watermark * plan.num_blocks)
-    max_batch = usable // per_seq if plan.fits else 0
+    usable = setup.usable_blocks
+    max_batch = usable // per_seq
     k = instances
     each = " per instance" if k > 1 else ""
     reason = ""
@@ -237,7 +231,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     """Everything of a point except its comparison with the proportional law."""
     inst = instance_hardware(hw, instances, sharing)
     cm = CostModel(inst, model, weight_dtype, kv_dtype)
-    cap = _capacity(hw, model, batch=batch, context=context, instances=instances,
+    cap = _capacity(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
                     block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
                     utilization=gpu_memory_utilization)
     notes = []

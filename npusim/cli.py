@@ -16,7 +16,7 @@ from npusim.errors import NpusimError
 
 if TYPE_CHECKING:  # the simulator is imported only by the commands that run it
     from npusim.scenario import Scenario
-from npusim.specs import (MODEL_ZOO, EngineConfig, check_block_size, gib, known_hardware,
+from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, check_block_size, gib, known_hardware,
                           load_hardware, load_model)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -69,7 +69,7 @@ def step(
     eng = _engine(block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
     cm = CostModel(h, m, weight_dtype, kv_dtype)
     if phase == "decode":
-        slots_per_seq = -(-context // bs) * bs
+        slots_per_seq = ceil_div(context, bs) * bs
         args = dict(num_decodes=batch, decode_context_tokens=batch * context,
                     decode_kv_slots=batch * slots_per_seq)
         kv_tokens = batch * context
@@ -79,7 +79,7 @@ def step(
     ops = cm.ops(**args)
     step_s = sum(o.time_s for o in ops)
     plan = memory_plan(h, m, eng)
-    need_blocks = batch * -(-(context if phase == "decode" else prompt) // bs)
+    need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
     mem = plan.as_dict()
     mem["blocks_needed"] = need_blocks
     mem["batch_fits"] = plan.fits and need_blocks <= plan.num_blocks
@@ -194,7 +194,8 @@ def format_summary(r: dict) -> str:
 
     kv, en, sc = r["kv_cache"], r["energy"], r["scenario"]
     eng = sc["engine"]
-    mode = "paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation, static batching)"
+    mode = ("paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation)") + \
+        f", {r['batching']} batching"
     out = [
         head(" Serving Benchmark Result ", "="),
         line("Successful requests:", r["completed"], "{}"),
@@ -265,7 +266,7 @@ def simulate(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="what the contiguous baseline reserves per request"),
     instances: Optional[int] = typer.Option(None, "--instances", min=1, help="model instances on the device"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="time-slice | vnpu"),
-    no_paging: bool = typer.Option(False, "--no-paging", help="contiguous KV reservation with static batching"),
+    no_paging: bool = typer.Option(False, "--no-paging", help="contiguous KV reservation (static batching unless --batching continuous)"),
     contiguous_policy: Optional[str] = typer.Option(None, "--contiguous-policy", help="max | oracle (with --no-paging)"),
     batching: Optional[str] = typer.Option(None, "--batching", help="auto | continuous | static (auto: static without paging)"),
     no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),

@@ -336,29 +336,35 @@ class InstanceSetup:
     usable_blocks: int  # blocks a request may hold: the pool less the admission watermark
 
 
-def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, instances: int = 1,
-                   sharing: str = "time-slice") -> InstanceSetup:
-    """One instance of K. Time slicing: all cores, 1/K of the memory. vNPU: ai_cores // K cores,
-    with their share of bandwidth and 1/K of the memory (a single instance owns the whole device
-    whatever the mode). The plan says whether it fits; callers decide what a misfit means."""
+def instance_hardware(hw: HardwareSpec, instances: int, sharing: str) -> HardwareSpec:
+    """What one of K instances runs on: the whole device when time-sliced, a vNPU partition of
+    ai_cores // K cores (with the bandwidth they can pull and 1/K of the memory) otherwise. A single
+    instance owns the whole device whatever the mode."""
     if instances < 1:
         raise NpusimError(f"instances must be >= 1, got {instances}")
     if sharing not in ("time-slice", "vnpu"):
         raise NpusimError(f"sharing must be time-slice or vnpu, got {sharing!r}")
-    if sharing == "vnpu" and instances > 1:
-        cores = hw.ai_cores // instances
-        if cores < 1:
-            raise NpusimError(f"--instances {instances} exceeds {hw.name}'s {hw.ai_cores} AI cores "
-                              f"for vnpu sharing")
-        part = hw.partition(cores, 1.0 / instances)
-        plan = memory_plan(part, model, engine)
-    else:
-        part = hw
+    if instances == 1 or sharing == "time-slice":
+        return hw
+    if instances > hw.ai_cores:
+        raise NpusimError(f"--instances {instances} exceeds {hw.name}'s {hw.ai_cores} AI cores "
+                          f"for vnpu sharing")
+    return hw.partition(hw.ai_cores // instances, 1.0 / instances)
+
+
+def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, instances: int = 1,
+                   sharing: str = "time-slice") -> InstanceSetup:
+    """One instance of K: its hardware, cost model and memory plan (1/K of the device's memory in
+    either mode). The plan says whether it fits; callers decide what a misfit means."""
+    part = instance_hardware(hw, instances, sharing)
+    if part is hw:
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
+    else:
+        plan = memory_plan(part, model, engine)
     cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable)
 
 
 __all__ = ["Op", "Batch", "CostModel", "MemoryPlan", "memory_plan", "activation_peak_bytes",
-           "InstanceSetup", "instance_setup", "DTYPE_BYTES"]
+           "InstanceSetup", "instance_hardware", "instance_setup", "DTYPE_BYTES"]

@@ -129,7 +129,8 @@ def write_report(path: str | Path, result: dict, run: RunRecord) -> Path:
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     title = f"npusim: {result['model']} on {result['hw']}"
     setup = (f"{sc['instances']} instance(s), sharing {sc['sharing']}, "
-             f"{'paged, block ' + str(sc['engine']['block_size']) if sc['engine']['paging'] else 'contiguous, static batching'}, "
+             f"{'paged, block ' + str(sc['engine']['block_size']) if sc['engine']['paging'] else 'contiguous'}, "
+             f"{result['batching']} batching, "
              f"{result['completed']} requests completed, {len(result['rejected'])} rejected, seed {sc['seed']}")
     doc = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -198,6 +198,7 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     result: dict[str, Any] = {
         "scenario": sc.model_dump(mode="json"),
         "hw": hw.name, "model": model.name, "max_model_len": max_len,
+        "batching": batching_mode(sc.engine),
         "duration": duration,
         "completed": record.completed,
         "total_input_tokens": n_in,

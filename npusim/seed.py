@@ -15,7 +15,7 @@ from typing import Any
 from npusim.costmodel import CostModel, memory_plan
 from npusim.errors import NpusimError
 from npusim.scenario import Scenario, run_scenario
-from npusim.specs import EngineConfig, load_hardware, load_model
+from npusim.specs import EngineConfig, ceil_div, load_hardware, load_model
 from npusim.workload import LengthDist, WorkloadSpec
 
 HW = "ascend-910"
@@ -111,7 +111,7 @@ def bounds(instances: int, paging: bool, utilization: float) -> dict[str, Any]:
     kv_token = m.kv_bytes_per_token(DTYPE)
     plan = memory_plan(hw, m, _engine(paging, utilization), memory_fraction=1.0 / instances)
     if paging:
-        max_batch = plan.num_blocks // -(-MAX_MODEL_LEN // 128) if plan.fits else 0
+        max_batch = plan.num_blocks // ceil_div(MAX_MODEL_LEN, 128) if plan.fits else 0
     else:
         max_batch = plan.kv_capacity_tokens // MAX_MODEL_LEN if plan.fits else 0
     t_floor = weights / bw  # one decode step of one instance, batch 1
@@ -195,7 +195,7 @@ def text_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
     ridge = hw.matmul_tflops_fp16 * 1e12 / (hw.memory_bandwidth_gbs * 1e9)
     intensities = {}
     for L in (1024, 4096, 8192, 16384):
-        ops = cm.ops(1, L, -(-L // 128) * 128)
+        ops = cm.ops(1, L, ceil_div(L, 128) * 128)
         intensities[L] = sum(o.flops for o in ops) / sum(o.bytes for o in ops)
     worst = max(intensities.values())
     out.append(_claim(
@@ -207,7 +207,7 @@ def text_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
     times = {}
     for P in (16, 64, 128, 256, 512):
         ctx = INPUT_LEN + OUTPUT_LEN // 2
-        times[P] = cm.step_time(1, ctx, -(-ctx // P) * P)
+        times[P] = cm.step_time(1, ctx, ceil_div(ctx, P) * P)
     best = min(times, key=times.get)
     spread = max(times.values()) / min(times.values()) - 1
     tail = {P: (P - 1) / 2 / (INPUT_LEN + OUTPUT_LEN) for P in (128, 256)}

@@ -20,7 +20,6 @@ from npusim.errors import NpusimError
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 WEIGHT_DTYPES = ("bf16", "fp16", "int8", "int4")
 KV_DTYPES = ("bf16", "fp16", "int8")
-PROVENANCE_KINDS = ("datasheet", "derived", "third-party", "calibrated", "assumed")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HW_PROFILE_DIR = REPO_ROOT / "hw_profiles"

@@ -227,7 +227,7 @@ class PagedKVCache:
         # Writing into a partly filled last block that others also reference would change their
         # view of it, so this request gets its own copy first.
         cow = last_fill < bs and ref[last] > 1
-        need = -(-new // bs) - len(table) + cow
+        need = self._blocks_for(new) - len(table) + cow
         if need > self._available():
             return False
         fresh = self._take_blocks(need)
@@ -256,7 +256,7 @@ class PagedKVCache:
             return
         bs = self._block_size
         table = req.table
-        keep = -(-new // bs)
+        keep = self._blocks_for(new)
         for b in table[keep - 1 if new % bs else keep:]:
             if self._ref[b] != 1 or self._block_hash[b] is not None:
                 raise ValueError(f"cannot trim {req_id!r}: block {b} is shared or holds a prefix hash")
@@ -357,7 +357,7 @@ class PagedKVCache:
         filled = {}
         bs = self._block_size
         for req in self._reqs.values():
-            assert len(req.table) == -(-req.num_tokens // bs), "table does not match its tokens"
+            assert len(req.table) == self._blocks_for(req.num_tokens), "table does not match its tokens"
             for i, b in enumerate(req.table):
                 counts[b] += 1
                 fill = min(bs, req.num_tokens - i * bs)
@@ -368,7 +368,7 @@ class PagedKVCache:
             assert self._ref[b] == 0 and self._block_hash[b] is not None, "cached block without hash"
         for h, b in self._hash_to_block.items():
             assert self._block_hash[b] == h, "prefix hash points at the wrong block"
-        host = sum(-(-r.num_tokens // bs) for r in self._swapped.values())
+        host = sum(self._blocks_for(r.num_tokens) for r in self._swapped.values())
         assert host == self._host_used <= self.num_host_blocks, "host blocks miscounted"
 
     # ---- internals -------------------------------------------------------------------------

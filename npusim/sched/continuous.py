@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from npusim.costmodel import Batch
 from npusim.sched.decode_set import DecodeSet
 from npusim.sched.request import Request, State
-from npusim.specs import EngineConfig
+from npusim.specs import EngineConfig, ceil_div
 
 
 @dataclass
@@ -182,7 +182,7 @@ class ContinuousScheduler:
                 decodes += 1
                 c = r.num_computed + 1
                 ctx += c
-                slots += -(-c // page) * page if page else c
+                slots += ceil_div(c, page) * page if page else c
             else:
                 chunks.append((n, r.num_computed))
         batch.num_decodes, batch.decode_context_tokens, batch.decode_kv_slots = decodes, ctx, slots

@@ -10,6 +10,7 @@ The KV pool is told of a member's tokens only at its events (`untold` counts the
 from __future__ import annotations
 
 from npusim.sched.request import Request, State
+from npusim.specs import ceil_div
 
 
 def _by_seq(r: Request) -> int:
@@ -41,7 +42,7 @@ class DecodeSet:
         page = self.page
         if page:
             # the pages it holds; the one its next token may need is added when it is granted
-            r.kv_slots = -(-r.num_computed // page) * page
+            r.kv_slots = ceil_div(r.num_computed, page) * page
             self.kv_slots += r.kv_slots
             # iteration j writes token joined_computed + (j - joined_it - 1): a page boundary
             j = it + 1 + (-r.num_computed) % page
@@ -124,4 +125,4 @@ class DecodeSet:
         if self.page:
             p = self.page
             ahead = 1 if in_flight else 0
-            assert self.kv_slots == sum(-(-(c + ahead) // p) * p for c in cached), "KV slot sum"
+            assert self.kv_slots == sum(ceil_div(c + ahead, p) * p for c in cached), "KV slot sum"
