@@ -8,8 +8,8 @@ the token-count-dependent dense part is memoised, the attention part is a few mu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
@@ -19,9 +19,9 @@ ACT_BYTES = 2.0  # activations in bf16/fp16
 LOGIT_BYTES = 4.0  # logits are upcast to fp32 for sampling
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
-    """One op of an iteration, summed over layers where it repeats."""
+class Op(NamedTuple):
+    """One op of an iteration, summed over layers where it repeats. (A named tuple: the simulator
+    builds these for every new batch shape, and a tuple is the cheapest record to build.)"""
 
     name: str
     flops: float
@@ -31,7 +31,7 @@ class Op:
     kernels: int
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = self._asdict()
         d["time_ms"] = d.pop("time_s") * 1e3
         return d
 
@@ -42,24 +42,34 @@ def _pad_efficiency(x: int, tile: int) -> float:
     return x / (ceil_div(x, tile) * tile)
 
 
-@dataclass(slots=True)
 class Batch:
     """What one iteration runs, as the scheduler formed it: the only thing the cost model prices.
 
     ``scheduled`` is the scheduler's own list of (request, new tokens) it advanced one by one (prefill
-    chunks, a swapped-in decode); the decode set's members are in the sums only."""
+    chunks, a swapped-in decode); the decode set's members are in the sums only. (A plain class
+    with slots: one is made per simulated iteration.)"""
 
-    num_decodes: int = 0
-    decode_context_tokens: int = 0  # tokens attended by the decodes, each its cached tokens + 1
-    decode_kv_slots: int = 0  # KV slots read: whole pages (>= decode_context_tokens)
-    prefill_chunks: list[tuple[int, int]] = field(default_factory=list)  # (new tokens, cached context)
-    num_sampled: int | None = None  # rows whose logits are computed; None: every decode and chunk
-    swap_bytes: float = 0.0  # KV moved between host and device memory before the iteration
-    scheduled: list[Any] = field(default_factory=list)
+    __slots__ = ("num_decodes", "decode_context_tokens", "decode_kv_slots", "prefill_chunks",
+                 "num_sampled", "swap_bytes", "scheduled")
+
+    def __init__(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
+                 prefill_chunks: list[tuple[int, int]] | None = None, num_sampled: int | None = None,
+                 swap_bytes: float = 0.0, scheduled: list[Any] | None = None):
+        self.num_decodes = num_decodes
+        self.decode_context_tokens = decode_context_tokens  # each decode's cached tokens + 1
+        self.decode_kv_slots = decode_kv_slots  # KV slots the decodes read: whole pages
+        self.prefill_chunks = [] if prefill_chunks is None else prefill_chunks  # (new, cached)
+        self.num_sampled = num_sampled  # rows whose logits are computed; None: every decode and chunk
+        self.swap_bytes = swap_bytes  # KV moved between host and device memory before the iteration
+        self.scheduled = [] if scheduled is None else scheduled
 
     @property
     def num_tokens(self) -> int:
         return self.num_decodes + sum(c for c, _ in self.prefill_chunks)
+
+    def __repr__(self) -> str:
+        return (f"Batch(decodes={self.num_decodes}, context={self.decode_context_tokens}, "
+                f"slots={self.decode_kv_slots}, chunks={self.prefill_chunks}, swap={self.swap_bytes:g})")
 
 
 class CostModel:
@@ -83,7 +93,7 @@ class CostModel:
         self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
-        self._edge_cache: dict[tuple[int, int], float] = {}
+        self._head_cache: dict[int, float] = {}
         # Decode attention per layer: Q·K and P·V over the whole context for every head.
         m = model
         self._attn_flops_per_ctx = 4.0 * m.num_heads * m.head_dim
@@ -143,10 +153,16 @@ class CostModel:
 
     def edge_ops(self, tokens: int, sampled: int) -> list[Op]:
         """Ops run once per iteration: embedding, final norm, LM head and sampling."""
+        return [self.embedding_op(tokens)] + self.head_ops(sampled)
+
+    def embedding_op(self, tokens: int) -> Op:
+        return self._vector("embedding", 0.0, 2.0 * tokens * self.model.hidden_size * ACT_BYTES)
+
+    def head_ops(self, sampled: int) -> list[Op]:
+        """Final norm, LM head and sampling of the rows whose logits are needed."""
         m = self.model
         h, V = m.hidden_size, m.vocab_size
-        ops = [self._vector("embedding", 0.0, 2.0 * tokens * h * ACT_BYTES)]
-        ops.append(self._vector("final_norm", 4.0 * sampled * h, 2.0 * sampled * h * ACT_BYTES + h * ACT_BYTES))
+        ops = [self._vector("final_norm", 4.0 * sampled * h, 2.0 * sampled * h * ACT_BYTES + h * ACT_BYTES)]
         if sampled:
             ops.append(self._gemm("lm_head", sampled, h, V, ACT_BYTES))  # kept 16-bit under weight-only quant
             ops.append(self._vector("sampling", 5.0 * sampled * V, 2.0 * sampled * V * LOGIT_BYTES, kernels=3))
@@ -197,15 +213,17 @@ class CostModel:
 
     # -- the hot path ----------------------------------------------------------------------------
     def dense_time(self, tokens: int, sampled: int) -> float:
+        """Seconds of every op but attention: the layers and the embedding depend on the tokens,
+        the head on the sampled rows; each is memoised, since iterations repeat shapes."""
         t = self._layer_cache.get(tokens)
         if t is None:
-            t = self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
+            t = (self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
+                 + self.embedding_op(tokens).time_s)
             self._layer_cache[tokens] = t
-        key = (tokens, sampled)
-        e = self._edge_cache.get(key)
+        e = self._head_cache.get(sampled)
         if e is None:
-            e = sum(o.time_s for o in self.edge_ops(tokens, sampled))
-            self._edge_cache[key] = e
+            e = sum(o.time_s for o in self.head_ops(sampled))
+            self._head_cache[sampled] = e
         return t + e
 
     def step_time(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,

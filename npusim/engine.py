@@ -11,6 +11,7 @@ What a run measured is kept in a `RunRecord`, which reports and summaries read.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -73,7 +74,7 @@ class LatencySummary:
     __slots__ = ("values", "hist", "exact_limit", "n", "total", "total_sq")
 
     def __init__(self, exact_limit: int = 200_000):
-        self.values: list[float] | None = []
+        self.values: array | None = array("d")  # 8 bytes a value
         self.hist: LatencyHistogram | None = None
         self.exact_limit = exact_limit
         self.n = 0
@@ -171,6 +172,7 @@ class Instance:
                                      pool.capacity_tokens, power_share, stats=self.sched.stats)
         self._wake: simpy.Event | None = None
         self._peak_used = -1
+        self.want_block_map = sim.want_block_map
 
     def submit(self, r: Request) -> None:
         self.sched.submit(r)
@@ -215,13 +217,14 @@ class Instance:
 
     def _sample(self, now: float) -> None:
         """Memory, queue and batch samples at the end of an iteration."""
-        rec, sched, pool = self.record, self.sched, self.pool
+        rec, sched = self.record, self.sched
         in_system = sched.in_system()
         rec.in_system_area += rec.last_in_system * (now - rec.last_t)
         rec.last_in_system = in_system
         rec.last_t = now
+        pool = self.pool
         rec.timeline.record(now, *pool.sample(sched.untold()))
-        if self.sim.want_block_map:
+        if self.want_block_map:
             used = pool.used()
             if used > self._peak_used:
                 self._peak_used = used

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from npusim.errors import NpusimError
+
+if TYPE_CHECKING:  # numpy is imported where lengths or arrivals are drawn: a trace replay needs none
+    import numpy as np
 
 
 @dataclass(slots=True)
@@ -52,7 +55,9 @@ SHAREGPT_PROMPT = dict(mean=250.0, cv=1.6, low=4, high=4096)
 SHAREGPT_OUTPUT = dict(mean=210.0, cv=1.1, low=4, high=2048)
 
 
-def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator, role: str) -> np.ndarray:
+def sample_lengths(dist: LengthDist, n: int, rng: "np.random.Generator", role: str) -> "np.ndarray":
+    import numpy as np
+
     if dist.kind == "fixed":
         return np.full(n, dist.value, dtype=np.int64)
     if dist.kind == "uniform":
@@ -86,8 +91,10 @@ class WorkloadSpec(BaseModel):
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
 
 
-def arrival_times(n: int, rate: float, cv: float, rng: np.random.Generator) -> np.ndarray:
+def arrival_times(n: int, rate: float, cv: float, rng: "np.random.Generator") -> "np.ndarray":
     """Arrival instants: gamma-distributed gaps with mean 1/rate and the given CV (CV 1 = Poisson)."""
+    import numpy as np
+
     if math.isinf(rate):
         return np.zeros(n)
     shape = 1.0 / (cv * cv)
@@ -145,8 +152,47 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, 
     return rows
 
 
-def make_requests(spec: WorkloadSpec, seed: int) -> list[RequestSpec]:
+def _compact(typecode: str, values) -> array:
+    """A stdlib array of 8-byte numbers from a list or a numpy array (without a list in between)."""
+    if hasattr(values, "astype"):  # numpy
+        out = array(typecode)
+        out.frombytes(values.astype("float64" if typecode == "d" else "int64").tobytes())
+        return out
+    return array(typecode, values)
+
+
+class RequestStream:
+    """The requests of a workload, made one at a time from compact per-request arrays (a few bytes
+    each), so that a million-request run never holds a million request objects."""
+
+    def __init__(self, arrivals, prompts, outputs, prefix_groups=None, prefix_lens=None):
+        self.arrivals = _compact("d", arrivals)
+        self.prompts = _compact("q", prompts)
+        self.outputs = _compact("q", outputs)
+        self.prefix_groups = None if prefix_groups is None else _compact("q", prefix_groups)
+        self.prefix_lens = None if prefix_lens is None else _compact("q", prefix_lens)
+
+    def __len__(self) -> int:
+        return len(self.arrivals)
+
+    def __iter__(self):
+        rows = zip(self.arrivals, self.prompts, self.outputs)
+        if self.prefix_groups is None:
+            for i, (t, p, o) in enumerate(rows):
+                yield RequestSpec(i, t, p, o)
+            return
+        for i, ((t, p, o), g, n) in enumerate(zip(rows, self.prefix_groups, self.prefix_lens)):
+            yield RequestSpec(i, t, p, o, g, n)
+
+
+def make_requests(spec: WorkloadSpec, seed: int) -> RequestStream:
     """The request stream of a workload. The same spec and seed give the same stream."""
+    if spec.trace and spec.rate is None and not spec.shared_prefix_len:
+        rows = read_trace(spec.trace, spec.num_requests)  # the trace as it is: nothing to draw
+        t0 = rows[0][0]
+        return RequestStream([r[0] - t0 for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     if spec.trace:
         rows = read_trace(spec.trace, spec.num_requests)
@@ -155,21 +201,19 @@ def make_requests(spec: WorkloadSpec, seed: int) -> list[RequestSpec]:
             t0 = rows[0][0]
             arrivals = [r[0] - t0 for r in rows]
         else:  # the trace's lengths with a chosen arrival process
-            arrivals = arrival_times(n, spec.rate, spec.burstiness_cv, rng).tolist()
-        prompts = [r[1] for r in rows]
+            arrivals = arrival_times(n, spec.rate, spec.burstiness_cv, rng)
+        prompts = np.array([r[1] for r in rows], dtype=np.int64)
         outputs = [r[2] for r in rows]
     else:
         n = spec.num_requests or 200
-        prompts = sample_lengths(spec.input_len, n, rng, "prompt").tolist()
-        outputs = sample_lengths(spec.output_len, n, rng, "output").tolist()
+        prompts = sample_lengths(spec.input_len, n, rng, "prompt")
+        outputs = sample_lengths(spec.output_len, n, rng, "output")
         rate = math.inf if spec.rate is None else spec.rate
-        arrivals = arrival_times(n, rate, spec.burstiness_cv, rng).tolist()
-    reqs = [RequestSpec(i, float(arrivals[i]), int(prompts[i]), int(outputs[i])) for i in range(n)]
+        arrivals = arrival_times(n, rate, spec.burstiness_cv, rng)
+    groups = lens = None
     if spec.shared_prefix_len:
         shares = rng.random(n) < spec.shared_prefix_fraction
-        groups = rng.integers(0, spec.shared_prefix_groups, size=n)
-        for r, share, g in zip(reqs, shares, groups):
-            if share:
-                r.prefix_group = int(g)
-                r.prefix_len = min(spec.shared_prefix_len, r.prompt_len)
-    return reqs
+        drawn = rng.integers(0, spec.shared_prefix_groups, size=n)
+        groups = np.where(shares, drawn, -1)
+        lens = np.where(shares, np.minimum(spec.shared_prefix_len, prompts), 0)
+    return RequestStream(arrivals, prompts, outputs, groups, lens)

@@ -61,21 +61,25 @@ class MemoryTimeline:
         free_blocks: int,
         cached_blocks: int = 0,
     ) -> None:
+        # Called once per simulated iteration: kept to plain arithmetic on a few attributes.
+        if filled_slots < 0 or filled_slots > allocated_slots:
+            raise ValueError(f"filled must be in [0, allocated={allocated_slots}], got {filled_slots}")
+        waste = (allocated_slots - filled_slots) / allocated_slots if allocated_slots else 0.0
+        capacity = used_blocks + free_blocks + cached_blocks
+        used_frac = used_blocks / capacity if capacity else 0.0
         n = self.num_samples
         if n:
             dt = t - self._t
             if dt < 0:
                 raise ValueError(f"t must not decrease: got {t} after {self._t}")
-            self._int_alloc += self._alloc * dt
-            self._int_filled += self._filled * dt
-            self._int_waste += self._waste * dt
-            self._int_used_frac += self._used_frac * dt
-            self._int_cached += self._cached * dt
+            if dt:
+                self._int_alloc += self._alloc * dt
+                self._int_filled += self._filled * dt
+                self._int_waste += self._waste * dt
+                self._int_used_frac += self._used_frac * dt
+                self._int_cached += self._cached * dt
         else:
             self._t0 = t
-        waste = waste_fraction(allocated_slots, filled_slots)
-        capacity = used_blocks + free_blocks + cached_blocks
-        used_frac = used_blocks / capacity if capacity else 0.0
         self._t = t
         self._alloc = allocated_slots
         self._filled = filled_slots
@@ -92,7 +96,6 @@ class MemoryTimeline:
             self._peak_waste = waste
         if used_frac > self._peak_used_frac:
             self._peak_used_frac = used_frac
-
         if n % self._stride == 0:
             self._series.append(
                 (t, allocated_slots, filled_slots, used_blocks, free_blocks, cached_blocks)

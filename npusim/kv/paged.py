@@ -122,6 +122,12 @@ class PagedKVCache:
     def filled_slots(self) -> int:
         return self._filled
 
+    def occupancy(self) -> tuple[int, int, int, int, int]:
+        """(allocated slots, filled slots, used, free and cached blocks), in one call."""
+        free, cached = len(self._free), len(self._cached)
+        used = self._num_blocks - free - cached
+        return used * self._block_size, self._filled, used, free, cached
+
     @property
     def prefix_cache_hit_rate(self) -> float:
         """Fraction of looked-up full prompt blocks found in the cache (0.0 before any lookup)."""
@@ -210,6 +216,19 @@ class PagedKVCache:
             req.num_tokens = new
             self._filled += num_tokens
             return True
+        table = req.table
+        bs = self._block_size
+        if (req.fast_limit and req.hashes is None and old < new <= (len(table) + 1) * bs
+                and self._free):
+            # Next fastest: the last block is this request's alone (no copy-on-write) and one fresh
+            # block takes the rest: a decode crossing into a new page.
+            b = self._free.popleft()
+            self._ref[b] = 1
+            table.append(b)
+            self._filled += num_tokens
+            req.num_tokens = new
+            req.fast_limit = len(table) * bs + 1
+            return True
         return self._append_slow(req, num_tokens)
 
     def _append_slow(self, req: _Request, num_tokens: int) -> bool:
@@ -227,7 +246,20 @@ class PagedKVCache:
         # Writing into a partly filled last block that others also reference would change their
         # view of it, so this request gets its own copy first.
         cow = last_fill < bs and ref[last] > 1
-        need = self._blocks_for(new) - len(table) + cow
+        need = -(-new // bs) - len(table) + cow
+        if need == 1 and not cow and self._free:
+            # The common case, a decode crossing into a new page: one block off the free list.
+            b = self._free.popleft()
+            ref[b] = 1
+            table.append(b)
+            self._filled += num_tokens
+            req.num_tokens = new
+            if req.hashes is None:
+                req.fast_limit = len(table) * bs + 1
+            else:
+                self._set_fast_limit(req)
+                self._register(req, old // bs, new // bs)
+            return True
         if need > self._available():
             return False
         fresh = self._take_blocks(need)

@@ -124,7 +124,7 @@ class ContinuousScheduler:
                 self._make_room(r, lambda r=r: dset.grant_page(r, j), batch)
         budget = cfg.max_num_batched_tokens - dset.n
         work = batch.scheduled
-        for r in list(self.prefilling):
+        for r in (list(self.prefilling) if self.prefilling else ()):
             if budget <= 0:
                 break
             if r.state is not State.PREFILL:

@@ -21,6 +21,8 @@ class DecodeSet:
     def __init__(self, pool):
         self.pool = pool
         self.page = pool.page_tokens  # 0: a contiguous reservation, read exactly, never needs a page
+        # page grants are the hot path at small pages: they go straight to the allocator
+        self._append = pool.kv.append_slots if self.page else None
         self.n = 0
         self.context_tokens = 0  # tokens the next iteration attends: each member's cached + 1
         self.kv_slots = 0  # KV slots it reads: whole pages (paged; contiguous reads its context)
@@ -82,16 +84,19 @@ class DecodeSet:
         due = self.page_at.pop(j, None)
         if not due:
             return []
+        if len(due) == 1:
+            r, t = due[0]
+            return [r] if r.ticket == t else []
         return sorted((r for r, t in due if r.ticket == t), key=_by_seq)
 
     def grant_page(self, r: Request, j: int) -> bool:
         """Tell the pool of r's tokens up to the one iteration j writes, which starts a new page;
         False (nothing changed) when no page is free."""
-        c = r.joined_computed + (j - 1 - r.joined_it)  # cached tokens before iteration j
-        if not self.pool.grow(r, r.kv_tokens, c + 1):
+        upto = r.joined_computed + (j - r.joined_it)  # cached tokens before iteration j, plus its own
+        if not self._append(r.id, upto - r.kv_tokens):
             return False
-        self.untold -= c + 1 - r.kv_tokens
-        r.kv_tokens = c + 1
+        self.untold -= upto - r.kv_tokens
+        r.kv_tokens = upto
         page = self.page
         r.kv_slots += page
         self.kv_slots += page

@@ -80,9 +80,8 @@ class PagedPool:
     def sample(self, untold: int) -> tuple[int, int, int, int, int]:
         """(allocated slots, filled slots, used, free and cached blocks) for the memory timeline;
         `untold` decoded tokens are in the pages but not yet counted by the allocator."""
-        kv = self.kv
-        return (kv.allocated_slots, kv.filled_slots + untold, kv.num_used_blocks, kv.num_free_blocks,
-                kv.num_cached_blocks)
+        allocated, filled, used, free, cached = self.kv.occupancy()
+        return allocated, filled + untold, used, free, cached
 
     def used(self) -> int:
         return self.kv.num_used_blocks
