@@ -38,7 +38,9 @@ class LatencyHistogram:
         self.total = 0.0
 
     def add(self, x: float, count: int = 1) -> None:
-        key = int(math.log(x) / self._LOG_STEP) if x > 0 else self._ZERO
+        # floor, not int(): int() rounds toward zero, which put every value below 1 s (most
+        # latencies) one bin too high
+        key = math.floor(math.log(x) / self._LOG_STEP) if x > 0 else self._ZERO
         self.counts[key] = self.counts.get(key, 0) + count
         self.n += count
         self.total += x * count

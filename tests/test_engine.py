@@ -313,3 +313,27 @@ def test_a_decode_preempted_after_taking_its_next_page_gives_the_page_back(monke
     assert run.completed + len(run.rejected) == 60
     assert run.instances[0].stats.preemptions > 0 and run.instances[0].swaps > 0
     assert trims and set(trims) == {1}  # exactly the one token taken ahead, given back
+
+
+def test_request_latencies_past_the_exact_limit_keep_quantiles_to_a_tenth_of_a_percent():
+    """A million-request run keeps fixed-size summaries: exact values up to a limit, then 0.1 %
+    bins whose median and p99 stay within 0.1 % of the exact ones; mean and std stay exact."""
+    import random
+    import statistics
+
+    from npusim.engine import LatencySummary
+    from npusim.scenario import _ms_stats
+
+    rng = random.Random(5)
+    values = [rng.lognormvariate(-3, 0.8) for _ in range(5000)]
+    small, big = LatencySummary(exact_limit=10_000), LatencySummary(exact_limit=1000)
+    for v in values:
+        small.add(v)
+        big.add(v)
+    assert small.exact and not big.exact and big.values is None
+    exact, binned = _ms_stats(small, "x"), _ms_stats(big, "x")
+    for key in ("median_x_ms", "p99_x_ms"):
+        assert binned[key] == pytest.approx(exact[key], rel=1e-3)
+        assert binned[key] != exact[key]  # it is the binned path
+    assert binned["mean_x_ms"] == pytest.approx(statistics.fmean(values) * 1e3, rel=1e-12)
+    assert binned["std_x_ms"] == pytest.approx(statistics.pstdev(values) * 1e3, rel=1e-9)
