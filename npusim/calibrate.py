@@ -2,10 +2,14 @@
 
 Two halves:
 
-* the harness (``detect_device``, ``run_calibration``) times a GEMM sweep, a device copy, an
-  elementwise op and back-to-back tiny kernels with PyTorch on an Ascend NPU (torch_npu), a GPU or
-  the CPU. It needs only torch and the standard library, so that ``python -m npusim.calibrate``
-  runs on a machine that has torch but none of npusim's other dependencies;
+* the harness (``detect_device``, ``run_calibration``) times, with PyTorch on an Ascend NPU
+  (torch_npu), a GPU or the CPU: the basic set the fit reads (a few GEMMs, a device copy, an
+  elementwise op, back-to-back tiny kernels) and the shape-aware sweeps (GEMMs over M for the zoo
+  models' linear layers, read and copy bandwidth over sizes, chains of dependent small kernels in
+  a graph and eagerly, paged and dense decode attention over batch x context x block size, causal
+  and chunked prefill attention). It needs only torch and the standard library, so that
+  ``python -m npusim.calibrate`` runs on a machine that has torch but none of npusim's other
+  dependencies;
 * the fit (``fit_profile``, ``write_profile``) turns those measurements into a new profile in the
   YAML layout of ``hw_profiles/``, each fitted number marked ``kind: calibrated`` with a source
   naming what was measured, where and when. It imports pydantic/yaml lazily, inside the functions.
@@ -31,7 +35,7 @@ from typing import Any, Callable
 from npusim.errors import NpusimError
 
 INSTALL_HINT = "pip install -e '.[calibrate]'"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 adds the shape-aware sections; every key of version 1 is kept
 GIB = 2**30
 DTYPE_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -312,42 +316,757 @@ def bench_latency(torch, dev: DeviceInfo, plan: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- shape-aware sweeps
+#
+# The primitives below feed engine profiles and shape-aware device costs: every result keeps raw
+# samples (seconds per call), the timing mode ("graph" replay or "eager" launches) and the shape.
+
+# The zoo models whose linear layers the GEMM sweep covers, as in npusim.specs.MODEL_ZOO (copied,
+# not imported: specs needs pydantic and this harness must run with torch alone; a test keeps
+# the two equal).
+SWEEP_MODELS: dict[str, dict[str, int]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+                         intermediate_size=8192, vocab_size=128256),
+    "llama-3.1-8b": dict(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=128256),
+    "llama-2-13b": dict(hidden_size=5120, num_heads=40, num_kv_heads=40, head_dim=128,
+                        intermediate_size=13824, vocab_size=32000),
+    "qwen2.5-7b": dict(hidden_size=3584, num_heads=28, num_kv_heads=4, head_dim=128,
+                       intermediate_size=18944, vocab_size=152064),
+}
+SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+LINEAR_LAYERS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+def linear_shapes(shape: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(N, K) of each linear layer of a model, y[M, N] = x[M, K] @ W[N, K]^T, with QKV and
+    gate/up fused as serving engines run them."""
+    h, f = shape["hidden_size"], shape["intermediate_size"]
+    q = shape["num_heads"] * shape["head_dim"]
+    kv = shape["num_kv_heads"] * shape["head_dim"]
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * f, h), "down": (h, f),
+            "lm_head": (shape["vocab_size"], h)}
+
+
+def zoo_gemm_pairs(models: list[str] | tuple[str, ...] = tuple(SWEEP_MODELS)) -> list[dict]:
+    """The distinct (N, K) pairs of the models' linear layers, in first-seen order, each with the
+    "model:layer" labels that use it."""
+    pairs: dict[tuple[int, int], list[str]] = {}
+    for name in models:
+        for layer, nk in linear_shapes(SWEEP_MODELS[name]).items():
+            pairs.setdefault(nk, []).append(f"{name}:{layer}")
+    return [{"n": n, "k": k, "layers": labels} for (n, k), labels in pairs.items()]
+
+
+def _backend(torch, dev: DeviceInfo):
+    return getattr(torch, dev.kind)
+
+
+def _capture_graph(torch, dev: DeviceInfo, fn: Callable[[], Any]):
+    """A captured device graph of `fn` (CUDA graphs, NPU graphs), after a warm-up on a side stream
+    as the graph APIs require. Raises where the backend has none."""
+    api = None if dev.kind == "cpu" else _graph_api(torch, dev.kind)
+    if api is None:
+        raise RuntimeError(f"no graph API on {dev.kind}")
+    cls, capture = api
+    backend = _backend(torch, dev)
+    side = backend.Stream()
+    side.wait_stream(backend.current_stream())
+    with backend.stream(side):
+        fn()
+    backend.current_stream().wait_stream(side)
+    _synchronize(torch, dev)
+    graph = cls()
+    with capture(graph):
+        fn()
+    _synchronize(torch, dev)
+    return graph
+
+
+def time_calls(torch, dev: DeviceInfo, calls: list[Callable[[], Any]], plan: dict,
+               use_graph: bool = True) -> dict:
+    """Median seconds per call of `calls` run round-robin (the rotation defeats the L2 cache).
+
+    With `use_graph` and a backend graph API, the round-robin is captured into one graph, repeated
+    so that the graph lasts about plan["target_s"], and replayed: the samples are device time per
+    call without launch gaps. Otherwise (or if the capture fails, recorded as graph_error) the
+    calls are launched eagerly back to back and timed with device events."""
+    n = len(calls)
+
+    def rounds(k: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(k):
+                for c in calls:
+                    c()
+        return run
+
+    once = rounds(1)
+    for _ in range(max(1, plan["warmup"])):
+        once()
+    _synchronize(torch, dev)
+    probe = max(_time_once(torch, dev, once, 1) / n, 1e-9)
+    out: dict[str, Any] = {}
+    if use_graph and dev.kind != "cpu" and _graph_api(torch, dev.kind) is not None:
+        k = max(1, min(plan.get("max_graph_calls", 2000) // n, int(plan["target_s"] / (probe * n))))
+        try:
+            graph = _capture_graph(torch, dev, rounds(k))
+            sec, samples, inner = time_op(torch, dev, graph.replay, 1, plan["repeats"],
+                                          plan["target_s"], max_inner=50)
+            per = k * n
+            out.update(timing="graph", seconds=sec / per, samples=[s / per for s in samples],
+                       calls_per_sample=inner * per)
+            del graph
+            return out
+        except Exception as e:  # capture is optional: record why and time eagerly
+            out["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            _synchronize(torch, dev)
+    k = max(1, min(plan.get("max_inner", 1000), int(plan["target_s"] / (probe * n))))
+    samples = [_time_once(torch, dev, rounds(k), 1) / (k * n) for _ in range(plan["repeats"])]
+    out.update(timing="eager", seconds=statistics.median(samples), samples=samples,
+               calls_per_sample=k * n)
+    return out
+
+
+def _copies(plan: dict, nbytes: float) -> int:
+    """How many copies of an `nbytes` operand to rotate through so that they overflow the L2."""
+    return max(1, min(plan.get("max_copies", 32), math.ceil(plan["rotate_bytes"] / max(nbytes, 1))))
+
+
+def bench_linear(torch, dev: DeviceInfo, m: int, n: int, k: int, dtype: str, plan: dict,
+                 layers: list[str] | None = None) -> dict:
+    """y[m, n] = x[m, k] @ W[n, k]^T, the linear layer of a model (torch.mm on the transposed
+    weight view, as F.linear does). W rotates over copies past the L2, as successive layers'
+    weights would; small M is replayed from a graph so launch gaps don't count."""
+    td = _torch_dtype(torch, dtype)
+    size = DTYPE_SIZE[dtype]
+    x = torch.randn(m, k, device=dev.device, dtype=td)
+    copies = _copies(plan, n * k * size)
+    ws = [torch.randn(n, k, device=dev.device, dtype=td) for _ in range(copies)]
+    y = torch.empty(m, n, device=dev.device, dtype=td)
+    calls = [lambda w=w: torch.mm(x, w.t(), out=y) for w in ws]
+    t = time_calls(torch, dev, calls, plan, use_graph=m <= plan["graph_max_m"])
+    flops = 2.0 * m * n * k
+    nbytes = float((m * k + n * k + m * n) * size)
+    row = {"m": m, "n": n, "k": k, "dtype": dtype, "op": "x @ W^T (torch.mm, transposed weight)",
+           "layers": layers or [], "flops": flops, "bytes": nbytes, "weight_copies": copies, **t}
+    row["tflops"] = flops / row["seconds"] / 1e12
+    row["gbs"] = nbytes / row["seconds"] / 1e9
+    return row
+
+
+def bench_gemm_sweep(torch, dev: DeviceInfo, dtype: str, plan: dict,
+                     say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """Every M of plan["sweep_m"] over every (N, K) of plan["sweep_pairs"]."""
+    rows = []
+    for pair in plan["sweep_pairs"]:
+        if time.perf_counter() > plan.get("deadline", math.inf):
+            say("gemm sweep: time budget spent, remaining shapes skipped")
+            break
+        say(f"gemm sweep N={pair['n']} K={pair['k']} ({', '.join(pair['layers'])})")
+        for m in plan["sweep_m"]:
+            rows.append(bench_linear(torch, dev, m, pair["n"], pair["k"], dtype, plan, pair["layers"]))
+    return rows
+
+
+def bench_read_bandwidth(torch, dev: DeviceInfo, dtype: str, nbytes: int, plan: dict) -> dict:
+    """torch.sum over a buffer into one fp32 scalar: a pure read, as a GEMV's weight stream is.
+    Buffers smaller than the L2 rotation rotate over copies."""
+    td = _torch_dtype(torch, dtype)
+    numel = nbytes // DTYPE_SIZE[dtype]
+    nbytes = numel * DTYPE_SIZE[dtype]
+    copies = _copies(plan, nbytes)
+    xs = [torch.empty(numel, device=dev.device, dtype=td).uniform_() for _ in range(copies)]
+    out = torch.empty((), device=dev.device, dtype=torch.float32)
+    calls = [lambda x=x: torch.sum(x, 0, dtype=torch.float32, out=out) for x in xs]
+    t = time_calls(torch, dev, calls, plan, use_graph=True)
+    return {"op": "sum (read only)", "dtype": dtype, "bytes": nbytes, "bytes_read": nbytes,
+            "copies": copies, **t, "gbs": nbytes / t["seconds"] / 1e9}
+
+
+def bench_copy_bandwidth(torch, dev: DeviceInfo, nbytes: int, plan: dict) -> dict:
+    """dst.copy_(src): bytes counted as read + write."""
+    copies = _copies(plan, 2 * nbytes)
+    pairs = [(torch.empty(nbytes, device=dev.device, dtype=torch.uint8).fill_(1),
+              torch.empty(nbytes, device=dev.device, dtype=torch.uint8)) for _ in range(copies)]
+    calls = [lambda s=s, d=d: d.copy_(s) for s, d in pairs]
+    # eager: a captured copy_ becomes a graph memcpy node, which ran at 2.7 TB/s on an H200
+    # where the same copy launched eagerly ran at 4.1 TB/s; the graph timing is kept beside it
+    t = time_calls(torch, dev, calls, plan, use_graph=False)
+    row = {"op": "copy_", "bytes": nbytes, "bytes_moved": 2 * nbytes, "copies": copies, **t,
+           "gbs": 2 * nbytes / t["seconds"] / 1e9}
+    if dev.kind != "cpu":
+        g = time_calls(torch, dev, calls, plan, use_graph=True)
+        row["graph"] = {**g, "gbs": 2 * nbytes / g["seconds"] / 1e9}
+    return row
+
+
+def bench_kernel_chain(torch, dev: DeviceInfo, op: str, shape: tuple[int, int], dtype: str,
+                       kernels: int, plan: dict) -> dict:
+    """`kernels` dependent kernels, each reading what the one before wrote, on a small tensor.
+
+    op "add": x.add_(1) on `shape`; op "mm": y = x @ W with x `shape` = (rows, k) and W (k, k),
+    ping-ponging two buffers. Replayed from a graph the time per kernel is the device's real
+    minimum cost of a small dependent kernel; launched eagerly it is the dispatch cost (the host
+    cannot launch faster), and the host's own view (wall clock until done) is kept too."""
+    td = _torch_dtype(torch, dtype)
+    rows, cols = shape
+    if op == "add":
+        x = torch.zeros(rows, cols, device=dev.device, dtype=td)
+
+        def chain() -> None:
+            for _ in range(kernels):
+                x.add_(1.0)
+        desc, flops, nbytes = "x.add_(1)", float(rows * cols), 2.0 * rows * cols * DTYPE_SIZE[dtype]
+    elif op == "mm":
+        a = torch.randn(rows, cols, device=dev.device, dtype=td) / cols
+        b = torch.empty_like(a)
+        w = torch.randn(cols, cols, device=dev.device, dtype=td) / math.sqrt(cols)
+
+        def chain() -> None:
+            for i in range(kernels):
+                src, dst = (a, b) if i % 2 == 0 else (b, a)
+                torch.mm(src, w, out=dst)
+        desc = "y = x @ W (ping-pong)"
+        flops = 2.0 * rows * cols * cols
+        nbytes = float((2 * rows * cols + cols * cols) * DTYPE_SIZE[dtype])
+    else:
+        raise ValueError(f"unknown chain op {op!r}")
+    row: dict[str, Any] = {"op": op, "desc": desc, "shape": [rows, cols], "dtype": dtype,
+                           "kernels": kernels, "flops_per_kernel": flops, "bytes_per_kernel": nbytes}
+    chain()
+    sec, samples, _ = time_op(torch, dev, chain, 1, plan["repeats"], 0.0, max_inner=1)
+    hosts = []
+    for _ in range(plan["repeats"]):
+        _synchronize(torch, dev)
+        t0 = time.perf_counter()
+        chain()
+        _synchronize(torch, dev)
+        hosts.append(time.perf_counter() - t0)
+    host = statistics.median(hosts)
+    row["eager"] = {"seconds": sec, "us_per_kernel": sec / kernels * 1e6, "samples": samples,
+                    "host_seconds": host, "host_us_per_kernel": host / kernels * 1e6,
+                    "host_samples": hosts}
+    if dev.kind != "cpu" and _graph_api(torch, dev.kind) is not None:
+        try:
+            graph = _capture_graph(torch, dev, chain)
+            gsec, gsamples, _ = time_op(torch, dev, graph.replay, 2, plan["repeats"], 0.0, max_inner=1)
+            row["graph"] = {"seconds": gsec, "us_per_kernel": gsec / kernels * 1e6, "samples": gsamples}
+            del graph
+        except Exception as e:
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+    return row
+
+
+# -- attention -----------------------------------------------------------------------------------
+
+def _sdpa_backends(torch):
+    """(context manager factory, backend enum) for pinning SDPA to a backend, or (None, None)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None, None
+    return sdpa_kernel, SDPBackend
+
+
+def sdpa(torch, q, k, v, backend: str = "flash", **kw):
+    """F.scaled_dot_product_attention pinned to `backend` ("flash", "efficient", "cudnn",
+    "math"), or torch's own choice for "default"."""
+    F = torch.nn.functional
+    if q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True
+    ctx, enum = _sdpa_backends(torch)
+    if backend == "default" or ctx is None:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    with ctx(getattr(enum, names[backend])):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def pick_sdpa_backend(torch, fn: Callable[[str], Any], prefer=("flash", "efficient", "default")) -> str:
+    """The first SDPA backend in `prefer` under which `fn(backend)` runs."""
+    last = None
+    for b in prefer:
+        try:
+            fn(b)
+            return b
+        except (RuntimeError, ValueError, TypeError) as e:
+            last = e
+    raise RuntimeError(f"no SDPA backend ran: {last}")
+
+
+def random_block_tables(torch, batch: int, blocks_per_seq: int, total_blocks: int, copies: int,
+                        seed: int = 0) -> list:
+    """`copies` block tables [batch, blocks_per_seq] (int32) drawn without replacement from one
+    random permutation of the pool's blocks: fragmented, as a long-running paged cache is."""
+    g = torch.Generator().manual_seed(seed)
+    need = batch * blocks_per_seq * copies
+    if need > total_blocks:
+        raise ValueError(f"{need} blocks needed, pool has {total_blocks}")
+    perm = torch.randperm(total_blocks, generator=g)[:need].to(torch.int32)
+    return [t.view(batch, blocks_per_seq).clone() for t in perm.chunk(copies)]
+
+
+def block_slots(torch, table, block_size: int):
+    """Slot index [batch, blocks * block_size] (int64) of every token of each sequence."""
+    offs = torch.arange(block_size, device=table.device, dtype=torch.int64)
+    return (table.to(torch.int64)[:, :, None] * block_size + offs).reshape(table.shape[0], -1)
+
+
+def paged_decode_gather(torch, q, k_pool, v_pool, slots, backend: str = "flash"):
+    """Decode attention over a paged cache by gathering each sequence's blocks, then dense SDPA.
+    q [B, Hq, 1, D]; pools [slots, Hkv, D] (vLLM's [blocks, block_size, Hkv, D] flattened);
+    slots [B, S]."""
+    k = k_pool[slots].transpose(1, 2)  # [B, Hkv, S, D]
+    v = v_pool[slots].transpose(1, 2)
+    return sdpa(torch, q, k, v, backend)
+
+
+def flex_paged_mask(torch, tables: list, block_size: int, num_slots: int):
+    """A FlexAttention BlockMask (one per table) that reads each sequence's pages straight from
+    the pool: every page a full block, so the compiled kernel skips the mask function; the mask
+    function (owner of the page) keeps the eager fallback exact. The owner tensor is OR-ed over
+    the tables (the rotation copies): exact for one table, and unused by the compiled kernel."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, nb = tables[0].shape
+    device = tables[0].device
+    total_blocks = num_slots // block_size
+    owner = torch.zeros(batch, total_blocks, dtype=torch.bool, device=device)
+    for t in tables:
+        owner.scatter_(1, t.to(torch.int64), True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return owner[b, kv_idx // block_size]
+
+    masks = []
+    for t in tables:
+        idx = torch.zeros(batch, 1, 1, total_blocks, dtype=torch.int32, device=device)
+        idx[:, 0, 0, :nb] = t
+        zero = torch.zeros(batch, 1, 1, dtype=torch.int32, device=device)
+        full = torch.full((batch, 1, 1), nb, dtype=torch.int32, device=device)
+        masks.append(BlockMask.from_kv_blocks(zero, idx, full, idx, BLOCK_SIZE=(128, block_size),
+                                              mask_mod=mask_mod, seq_lengths=(1, num_slots),
+                                              compute_q_blocks=False))
+    return masks
+
+
+_FLEX: dict[str, Any] = {}
+
+
+def flex_attention_fn(torch, compiled: bool):
+    """flex_attention, compiled once per process (its eager form is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if "fn" not in _FLEX:
+        # static shapes: with a symbolic batch, torch 2.11 leaves its decode kernel for the
+        # general one, which refuses pages smaller than its KV tile (seen on an H200)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def paged_decode_flex(flex, q, k_pool, v_pool, mask):
+    """Decode attention read straight from the paged pool by FlexAttention. pools [slots, Hkv, D]."""
+    kp = k_pool.permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, slots, D], a view
+    vp = v_pool.permute(1, 0, 2).unsqueeze(0)
+    return flex(q, kp, vp, block_mask=mask, enable_gqa=q.shape[1] != kp.shape[1])
+
+
+def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
+                           say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """One layer's decode attention (one query token per sequence, every sequence `context` tokens)
+    over batch x context x block size, for each head layout of plan["attn_heads"]:
+
+    * "sdpa_dense": SDPA over a contiguous [B, Hkv, context, D] cache (block size None), the
+      floor a paged kernel aims at;
+    * "gather_sdpa": gather the pages into a dense copy, then SDPA (plain PyTorch paging);
+    * "flex_paged": FlexAttention reading the pages in place (compiled with static shapes, except
+      on the CPU; one compile per batch size, the pool being fixed per head layout and block size).
+
+    The KV bytes of one call (batch x context x Hkv x D x 2 x dtype) rotate over copies past the L2;
+    the paged pool's blocks are handed out at random (a fragmented cache)."""
+    td = _torch_dtype(torch, dtype)
+    size = DTYPE_SIZE[dtype]
+    rows: list[dict] = []
+    compiled_flex = dev.kind != "cpu"
+    flex_state = {"compile_s": 0.0, "errors": 0}
+    t_start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > plan.get("attn_budget_s", 1e9)
+
+    def cases(hkv: int, d: int):
+        for batch in plan["attn_batch"]:
+            for ctx_len in plan["attn_context"]:
+                kv_bytes = 2.0 * batch * ctx_len * hkv * d * size
+                if kv_bytes <= plan["attn_max_kv_bytes"]:
+                    yield batch, ctx_len, kv_bytes, _copies(plan, kv_bytes)
+
+    for hq, hkv, d in plan["attn_heads"]:
+        def base(batch, ctx_len, kv_bytes, copies):
+            return {"heads": hq, "kv_heads": hkv, "head_dim": d, "batch": batch, "context": ctx_len,
+                    "dtype": dtype, "kv_bytes": kv_bytes, "copies": copies}
+
+        for batch, ctx_len, kv_bytes, copies in cases(hkv, d):  # the dense floor
+            if over_budget():
+                say("decode attention: time budget spent, rest skipped")
+                return rows
+            say(f"decode attention sdpa_dense Hq={hq} Hkv={hkv} D={d} B={batch} ctx={ctx_len}")
+            row = {**base(batch, ctx_len, kv_bytes, copies), "impl": "sdpa_dense", "block_size": None}
+            try:
+                qs = [torch.randn(batch, hq, 1, d, device=dev.device, dtype=td) for _ in range(copies)]
+                ks = [torch.randn(batch, hkv, ctx_len, d, device=dev.device, dtype=td) for _ in range(copies)]
+                vs = [torch.randn_like(k) for k in ks]
+                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b))
+                calls = [lambda i=i: sdpa(torch, qs[i], ks[i], vs[i], backend) for i in range(copies)]
+                row.update(backend=backend, **time_calls(torch, dev, calls, plan))
+                qs = ks = vs = None  # free the device memory before the next case
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+        for bs in plan["attn_block_sizes"]:
+            todo = [c for c in cases(hkv, d) if c[1] % bs == 0]
+            if not todo:
+                continue
+            # one pool for every case of this layout and block size: FlexAttention's compiled
+            # kernel then varies with the batch size only
+            total_blocks = max(b * (c // bs) * n for b, c, _, n in todo) + 1
+            num_slots = total_blocks * bs
+            k_pool = torch.randn(num_slots, hkv, d, device=dev.device, dtype=td)
+            v_pool = torch.randn_like(k_pool)
+            for batch, ctx_len, kv_bytes, copies in todo:
+                if over_budget():
+                    say("decode attention: time budget spent, rest skipped")
+                    return rows
+                nb = ctx_len // bs
+                say(f"decode attention paged Hq={hq} Hkv={hkv} D={d} B={batch} ctx={ctx_len} bs={bs}")
+                qs = [torch.randn(batch, hq, 1, d, device=dev.device, dtype=td) for _ in range(copies)]
+                tables = [t.to(dev.device) for t in
+                          random_block_tables(torch, batch, nb, total_blocks, copies, seed=batch + ctx_len)]
+                slots = [block_slots(torch, t, bs) for t in tables]
+                for impl in plan["attn_impls"]:
+                    row = {**base(batch, ctx_len, kv_bytes, copies), "impl": impl, "block_size": bs,
+                           "pool_slots": num_slots}
+                    try:
+                        if impl == "gather_sdpa":
+                            if 2 * kv_bytes > plan["attn_max_gather_bytes"]:
+                                continue
+                            backend = pick_sdpa_backend(
+                                torch, lambda b: paged_decode_gather(torch, qs[0], k_pool, v_pool, slots[0], b))
+                            row["backend"] = backend
+                            calls = [lambda i=i: paged_decode_gather(torch, qs[i], k_pool, v_pool, slots[i], backend)
+                                     for i in range(copies)]
+                        elif impl == "flex_paged":
+                            if flex_state["errors"] >= plan.get("flex_max_errors", 6) or \
+                                    flex_state["compile_s"] > plan.get("flex_compile_budget_s", 1e9):
+                                row["error"] = "skipped: flex errors or compile budget spent"
+                                rows.append(row)
+                                continue
+                            flex = flex_attention_fn(torch, compiled_flex)
+                            masks = flex_paged_mask(torch, tables, bs, num_slots)
+                            t0 = time.perf_counter()
+                            paged_decode_flex(flex, qs[0], k_pool, v_pool, masks[0])
+                            _synchronize(torch, dev)
+                            row["first_call_s"] = time.perf_counter() - t0
+                            flex_state["compile_s"] += row["first_call_s"]
+                            row["backend"] = ("flex_attention (compiled, static shapes)" if compiled_flex
+                                              else "flex_attention (eager)")
+                            calls = [lambda i=i: paged_decode_flex(flex, qs[i], k_pool, v_pool, masks[i])
+                                     for i in range(copies)]
+                        else:
+                            raise ValueError(f"unknown attention impl {impl!r}")
+                        row.update(time_calls(torch, dev, calls, plan))
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                        if impl == "flex_paged":
+                            flex_state["errors"] += 1
+                        if dev.kind != "cpu":
+                            _synchronize(torch, dev)
+                    rows.append(row)
+                qs = tables = slots = None
+            k_pool = v_pool = None
+    for r in rows:
+        if "seconds" in r:
+            r["gbs"] = r["kv_bytes"] / r["seconds"] / 1e9
+    return rows
+
+
+def attention_pairs(chunk: int, cached: int) -> float:
+    """(query, key) pairs of causal attention of `chunk` new tokens over `cached` earlier ones."""
+    return chunk * cached + chunk * (chunk + 1) / 2.0
+
+
+def bench_prefill_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
+                            say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """One layer's causal prefill attention (batch 1), SDPA on the flash backend where it runs:
+    full prompts of plan["prefill_lengths"] (cached 0), and chunks of c new tokens over p cached
+    ones (plan["prefill_chunks"]), the chunk's mask aligned to the bottom right (each new token
+    sees all p cached tokens). flops = 4 * Hq * D * causal pairs."""
+    td = _torch_dtype(torch, dtype)
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:  # pragma: no cover - old torch
+        causal_lower_right = None
+    rows = []
+    cases = [(n, 0) for n in plan["prefill_lengths"]] + [tuple(c) for c in plan["prefill_chunks"]]
+    for hq, hkv, d in plan["prefill_heads"]:
+        for chunk, cached in cases:
+            say(f"prefill attention Hq={hq} Hkv={hkv} D={d} chunk={chunk} cached={cached}")
+            total = chunk + cached
+            kv_bytes = 2.0 * total * hkv * d * DTYPE_SIZE[dtype]
+            copies = _copies(plan, kv_bytes)
+            qs = [torch.randn(1, hq, chunk, d, device=dev.device, dtype=td) for _ in range(copies)]
+            ks = [torch.randn(1, hkv, total, d, device=dev.device, dtype=td) for _ in range(copies)]
+            vs = [torch.randn_like(k) for k in ks]
+            if cached == 0:
+                kw: dict[str, Any] = {"is_causal": True}
+                mask = "causal (top-left = bottom-right, square)"
+            elif causal_lower_right is not None:
+                kw = {"attn_mask": causal_lower_right(chunk, total)}
+                mask = "causal_lower_right"
+            else:
+                continue
+            pairs = attention_pairs(chunk, cached)
+            row: dict[str, Any] = {"heads": hq, "kv_heads": hkv, "head_dim": d, "chunk": chunk,
+                                   "cached": cached, "dtype": dtype, "mask": mask, "pairs": pairs,
+                                   "flops": 4.0 * hq * d * pairs, "kv_bytes": kv_bytes, "copies": copies}
+            try:
+                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b, **kw))
+                row["backend"] = backend
+                calls = [lambda i=i: sdpa(torch, qs[i], ks[i], vs[i], backend, **kw) for i in range(copies)]
+                row.update(time_calls(torch, dev, calls, plan))
+                row["tflops"] = row["flops"] / row["seconds"] / 1e12
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            qs = ks = vs = None
+    return rows
+
+
+def device_details(torch, dev: DeviceInfo) -> dict:
+    """What else identifies the run: driver, CUDA/CANN runtime, multiprocessors, L2, memory."""
+    info: dict[str, Any] = {"torch": torch.__version__}
+    version = getattr(torch, "version", None)
+    for key in ("cuda", "hip", "cann"):
+        v = getattr(version, key, None)
+        if v:
+            info[key] = v
+    if dev.kind == "cpu":
+        info["threads"] = torch.get_num_threads()
+        return info
+    try:
+        props = _backend(torch, dev).get_device_properties(dev.device)
+        for attr in ("multi_processor_count", "L2_cache_size", "total_memory", "major", "minor"):
+            if hasattr(props, attr):
+                info[attr] = getattr(props, attr)
+    except Exception:
+        pass
+    if dev.kind == "cuda":
+        import shutil
+        import subprocess
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                out = subprocess.run([smi, "--query-gpu=driver_version,name,clocks.max.sm,power.limit",
+                                      "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+                parts = [p.strip() for p in out.stdout.strip().splitlines()[0].split(",")]
+                info.update(driver=parts[0], smi_name=parts[1], max_sm_clock=parts[2], power_limit=parts[3])
+            except Exception:
+                pass
+        try:
+            info["cudnn"] = torch.backends.cudnn.version()
+        except Exception:
+            pass
+    return info
+
+
+SECTIONS = ("basic", "gemm_sweep", "bandwidth", "kernel_chain", "decode_attention", "prefill_attention")
+MIB = 2**20
+
+
+def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, Any]:
+    """Sizes of the shape-aware sweeps (see _plan for the basic ones)."""
+    rotate = max(2 * (l2_bytes or 50 * MIB), 128 * MIB)
+    if on_cpu:  # tiny shapes: the CPU path exists to test the harness, not to calibrate a CPU
+        tiny = {"n": 256, "k": 128, "layers": ["tiny:qkv"]}
+        return dict(
+            sweep_m=[1, 4, 32] if quick else [1, 16, 64, 256], graph_max_m=1024,
+            sweep_pairs=[tiny] if quick else [tiny, {"n": 1024, "k": 1024, "layers": ["small:o"]}],
+            read_sizes=[MIB, 4 * MIB], copy_sizes=[MIB, 4 * MIB],
+            chains=[("add", (1, 64)), ("add", (8, 64)), ("mm", (1, 32))], chain_kernels=50,
+            attn_groups=[{"heads": (4, 2, 16), "batch": [1, 2], "context": [32, 64],
+                          "block_sizes": [16, 32]}],
+            attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=64 * MIB,
+            attn_max_gather_bytes=64 * MIB,
+            prefill_heads=[(4, 2, 16)], prefill_lengths=[32, 64], prefill_chunks=[(16, 48)],
+            rotate_bytes=0, max_copies=2, warmup=1, repeats=3, target_s=0.002, max_graph_calls=200)
+    if quick:
+        return dict(
+            sweep_m=[1, 16, 256, 4096], graph_max_m=1024,
+            sweep_pairs=[{"n": 6144, "k": 4096, "layers": ["llama-3.1-8b:qkv"]}],
+            read_sizes=[32 * MIB, 1024 * MIB], copy_sizes=[1024 * MIB],
+            chains=[("add", (1, 4096)), ("mm", (1, 512))], chain_kernels=200,
+            attn_groups=[{"heads": (32, 8, 128), "batch": [1, 32], "context": [2048],
+                          "block_sizes": [16, 128]}],
+            attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=8 * GIB,
+            attn_max_gather_bytes=8 * GIB,
+            prefill_heads=[(32, 8, 128)], prefill_lengths=[1024], prefill_chunks=[(512, 1536)],
+            rotate_bytes=rotate, max_copies=64, warmup=1, repeats=3, target_s=0.002)
+    big = [1, 4, 16, 32, 64, 128]
+    ctxs = [512, 1024, 2048, 4096, 8192]
+    return dict(
+        sweep_m=list(SWEEP_M), graph_max_m=1024, sweep_pairs=zoo_gemm_pairs(),
+        read_sizes=[8 * MIB, 32 * MIB, 128 * MIB, 512 * MIB, 2048 * MIB, 4096 * MIB],
+        copy_sizes=[8 * MIB, 32 * MIB, 128 * MIB, 512 * MIB, 2048 * MIB],
+        chains=[("add", (1, 1)), ("add", (1, 4096)), ("add", (128, 4096)), ("add", (1024, 4096)),
+                ("mm", (1, 512)), ("mm", (16, 1024))], chain_kernels=1000,
+        attn_groups=[
+            {"heads": (32, 8, 128), "batch": big, "context": ctxs, "block_sizes": [16, 128]},
+            {"heads": (32, 8, 64), "batch": [1, 16, 64], "context": [512, 2048, 8192], "block_sizes": [16, 128]},
+            {"heads": (40, 40, 128), "batch": [1, 16, 64], "context": [512, 2048, 8192], "block_sizes": [16]},
+            {"heads": (28, 4, 128), "batch": [1, 16, 64], "context": [512, 2048, 8192], "block_sizes": [16]},
+        ],
+        attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=8 * GIB,
+        attn_max_gather_bytes=8 * GIB, attn_budget_s=150.0, flex_compile_budget_s=100.0,
+        prefill_heads=[(32, 8, 128), (32, 8, 64), (40, 40, 128), (28, 4, 128)],
+        prefill_lengths=[256, 512, 1024, 2048, 4096, 8192],
+        prefill_chunks=[(128, 3968), (256, 1792), (512, 1536), (512, 3584), (512, 7680),
+                        (1024, 3072), (2048, 2048), (2048, 6144)],
+        rotate_bytes=rotate, max_copies=64, warmup=2, repeats=7, target_s=0.002)
+
+
 def run_calibration(device: str = "auto", quick: bool = False,
-                    progress: Callable[[str], None] | None = None) -> dict:
-    """Every microbenchmark on one device; a JSON-ready dict with device, date and raw samples."""
+                    progress: Callable[[str], None] | None = None,
+                    sections: list[str] | tuple[str, ...] | None = None,
+                    budget_s: float | None = None) -> dict:
+    """Microbenchmarks on one device; a JSON-ready dict with device, date and raw samples.
+
+    Sections (all by default): "basic" (the keys gemm, copy, elementwise, latency that `fit`
+    reads), "gemm_sweep", "bandwidth" (read_bandwidth, copy_bandwidth), "kernel_chain",
+    "decode_attention", "prefill_attention". With `budget_s`, sections not started by then are
+    skipped (listed under "skipped_sections"), as are the GEMM sweep's remaining shapes."""
     torch = _import_torch()
     dev = detect_device(device)
-    plan = _plan(quick, dev.kind == "cpu")
+    sections = tuple(sections or SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise NpusimError(f"unknown calibration section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    on_cpu = dev.kind == "cpu"
+    plan = _plan(quick, on_cpu)
     say = progress or (lambda _msg: None)
     torch.manual_seed(0)
     dtype = pick_dtype(torch, dev)
+    details = device_details(torch, dev)
+    sweep = _sweep_plan(quick, on_cpu, details.get("L2_cache_size"))
+    sweep_dtype = dtype
+    _raise_recompile_limits(torch)
     now = _dt.datetime.now(_dt.timezone.utc)
-    # the large square GEMM first: a sustained sweep heats the device, and at its power limit
-    # the clocks drop (seen on an H200: a 4096x4096x14336 GEMM went from 611 to 655 us in ten runs)
-    shapes = [(plan["square"],) * 3]
-    shapes += [(m, n, k) for n, k in plan["gemm_nk"] for m in plan["gemm_m"]]
-    gemms = []
-    for m, n, k in shapes:
-        say(f"gemm {m}x{n}x{k} {dtype}")
-        gemms.append(bench_gemm(torch, dev, m, n, k, dtype, plan))
-    say("copy")
-    copy = bench_copy(torch, dev, plan)
-    say("elementwise")
-    elementwise = bench_elementwise(torch, dev, dtype, plan)
-    say("kernel latency")
-    latency = bench_latency(torch, dev, plan)
-    return {
+    t_all = time.perf_counter()
+    out: dict[str, Any] = {
         "npusim_calibration": SCHEMA_VERSION,
         "date": now.date().isoformat(),
         "timestamp": now.isoformat(timespec="seconds"),
         "device": asdict(dev),
+        "device_details": details,
         "host": {"python": platform.python_version(), "platform": platform.platform()},
         "quick": quick,
-        "gemm": gemms,
-        "copy": copy,
-        "elementwise": elementwise,
-        "latency": latency,
+        "dtype": dtype,
+        "sections": list(sections),
+        "plan": {k: v for k, v in sweep.items() if k != "sweep_pairs"},
+        "section_seconds": {},
+        "skipped_sections": [],
     }
+    if budget_s is not None:
+        sweep["deadline"] = t_all + budget_s
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        if budget_s is not None and time.perf_counter() - t_all > budget_s:
+            out["skipped_sections"].append(name)
+            say(f"{name}: skipped, time budget spent")
+            return []
+        t0 = time.perf_counter()
+        result = fn()
+        out["section_seconds"][name] = round(time.perf_counter() - t0, 2)
+        say(f"{name}: {out['section_seconds'][name]:.1f} s")
+        return result
+
+    if "basic" in sections:
+        def basic() -> None:
+            # the large square GEMM first: a sustained sweep heats the device, and at its power limit
+            # the clocks drop (seen on an H200: a 4096x4096x14336 GEMM went from 611 to 655 us in ten runs)
+            shapes = [(plan["square"],) * 3]
+            shapes += [(m, n, k) for n, k in plan["gemm_nk"] for m in plan["gemm_m"]]
+            gemms = []
+            for m, n, k in shapes:
+                say(f"gemm {m}x{n}x{k} {dtype}")
+                gemms.append(bench_gemm(torch, dev, m, n, k, dtype, plan))
+            out["gemm"] = gemms
+            say("copy")
+            out["copy"] = bench_copy(torch, dev, plan)
+            say("elementwise")
+            out["elementwise"] = bench_elementwise(torch, dev, dtype, plan)
+            say("kernel latency")
+            out["latency"] = bench_latency(torch, dev, plan)
+        timed("basic", basic)
+    if "gemm_sweep" in sections:
+        out["gemm_sweep"] = timed("gemm_sweep", lambda: bench_gemm_sweep(torch, dev, sweep_dtype, sweep, say))
+    if "bandwidth" in sections:
+        def bandwidth() -> None:
+            reads, copies = [], []
+            for nbytes in sweep["read_sizes"]:
+                say(f"read bandwidth {nbytes / MIB:g} MiB")
+                reads.append(bench_read_bandwidth(torch, dev, sweep_dtype, nbytes, sweep))
+            for nbytes in sweep["copy_sizes"]:
+                say(f"copy bandwidth {nbytes / MIB:g} MiB")
+                copies.append(bench_copy_bandwidth(torch, dev, nbytes, sweep))
+            out["read_bandwidth"], out["copy_bandwidth"] = reads, copies
+        timed("bandwidth", bandwidth)
+    if "kernel_chain" in sections:
+        def chains() -> list[dict]:
+            rows = []
+            for op, shape in sweep["chains"]:
+                say(f"kernel chain {op} {shape[0]}x{shape[1]}")
+                rows.append(bench_kernel_chain(torch, dev, op, shape, sweep_dtype, sweep["chain_kernels"], sweep))
+            return rows
+        out["kernel_chain"] = timed("kernel_chain", chains)
+    if "decode_attention" in sections:
+        def decode() -> list[dict]:
+            rows: list[dict] = []
+            t0 = time.perf_counter()
+            for g in sweep["attn_groups"]:
+                # the time and compile budgets hold for the whole section, not per group
+                compiled = sum(r.get("first_call_s", 0.0) for r in rows)
+                p = {**sweep, "attn_heads": [g["heads"]], "attn_batch": g["batch"],
+                     "attn_context": g["context"], "attn_block_sizes": g["block_sizes"],
+                     "attn_budget_s": sweep.get("attn_budget_s", 1e9) - (time.perf_counter() - t0),
+                     "flex_compile_budget_s": sweep.get("flex_compile_budget_s", 1e9) - compiled}
+                rows += bench_decode_attention(torch, dev, sweep_dtype, p, say)
+            return rows
+        out["decode_attention"] = timed("decode_attention", decode)
+    if "prefill_attention" in sections:
+        out["prefill_attention"] = timed("prefill_attention",
+                                         lambda: bench_prefill_attention(torch, dev, sweep_dtype, sweep, say))
+    out["total_seconds"] = round(time.perf_counter() - t_all, 2)
+    return out
+
+
+def _raise_recompile_limits(torch) -> None:
+    """FlexAttention recompiles per shape until dynamic shapes kick in; past dynamo's default limit
+    (8) it would silently fall back to its slow eager form."""
+    cfg = getattr(getattr(torch, "_dynamo", None), "config", None)
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if cfg is not None and hasattr(cfg, name):
+            try:
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+            except Exception:
+                pass
+
+
+def _fmt_us(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e6:.1f}"
 
 
 def format_measurements(meas: dict) -> str:
@@ -355,18 +1074,62 @@ def format_measurements(meas: dict) -> str:
     d = meas["device"]
     lines = [f"{d['name']} ({d['device']}, torch {d['torch_version']}), {meas['date']}"
              + (" [quick]" if meas.get("quick") else "")]
-    lines.append(f"{'GEMM m x n x k':<24}{'dtype':<7}{'us':>12}{'TFLOP/s':>10}")
-    for g in meas["gemm"]:
-        shape = f"{g['m']} x {g['n']} x {g['k']}"
-        lines.append(f"{shape:<24}{g['dtype']:<7}{g['seconds'] * 1e6:>12.1f}{g['tflops']:>10.2f}")
-    c, e, lat = meas["copy"], meas["elementwise"], meas["latency"]
-    lines.append(f"copy {c['bytes'] / 2**20:.0f} MiB: {c['gbs']:.1f} GB/s (read + write)")
-    lines.append(f"elementwise {e['op']}, {e['elements']} x {e['dtype']}: {e['gbs']:.1f} GB/s, "
-                 f"{e['gflops']:.1f} GFLOP/s")
-    text = f"kernel latency: {lat['us_per_op']:.2f} us/op (host view {lat['host_us_per_op']:.2f} us/op)"
-    if "graph_us_per_op" in lat:
-        text += f", graph replay {lat['graph_us_per_op']:.2f} us/op"
-    lines.append(text)
+    det = meas.get("device_details") or {}
+    if det.get("driver"):
+        lines.append(f"driver {det['driver']}, CUDA {det.get('cuda', '?')}, "
+                     f"{det.get('multi_processor_count', '?')} SMs, L2 {det.get('L2_cache_size', 0) / MIB:g} MiB")
+    if "gemm" in meas:
+        lines.append(f"{'GEMM m x n x k':<24}{'dtype':<7}{'us':>12}{'TFLOP/s':>10}")
+        for g in meas["gemm"]:
+            shape = f"{g['m']} x {g['n']} x {g['k']}"
+            lines.append(f"{shape:<24}{g['dtype']:<7}{g['seconds'] * 1e6:>12.1f}{g['tflops']:>10.2f}")
+    if "copy" in meas:
+        c, e, lat = meas["copy"], meas["elementwise"], meas["latency"]
+        lines.append(f"copy {c['bytes'] / 2**20:.0f} MiB: {c['gbs']:.1f} GB/s (read + write)")
+        lines.append(f"elementwise {e['op']}, {e['elements']} x {e['dtype']}: {e['gbs']:.1f} GB/s, "
+                     f"{e['gflops']:.1f} GFLOP/s")
+        text = f"kernel latency: {lat['us_per_op']:.2f} us/op (host view {lat['host_us_per_op']:.2f} us/op)"
+        if "graph_us_per_op" in lat:
+            text += f", graph replay {lat['graph_us_per_op']:.2f} us/op"
+        lines.append(text)
+    sweep = meas.get("gemm_sweep") or []
+    if sweep:
+        ms = sorted({g["m"] for g in sweep})
+        lines.append("GEMM sweep, TFLOP/s by M (x @ W^T; " + ", ".join(sorted({g["timing"] for g in sweep})) + ")")
+        lines.append(f"{'N x K':<16}" + "".join(f"{m:>7}" for m in ms))
+        by = {(g["n"], g["k"], g["m"]): g for g in sweep}
+        for n, k in dict.fromkeys((g["n"], g["k"]) for g in sweep):
+            cells = "".join(f"{by[(n, k, m)]['tflops']:>7.1f}" if (n, k, m) in by else f"{'-':>7}" for m in ms)
+            lines.append(f"{f'{n} x {k}':<16}" + cells)
+    for key, label in (("read_bandwidth", "read (sum)"), ("copy_bandwidth", "copy (r+w)")):
+        rows = meas.get(key) or []
+        if rows:
+            lines.append(f"{label} GB/s: " + ", ".join(f"{r['bytes'] / MIB:g} MiB {r['gbs']:.0f}" for r in rows))
+    for r in meas.get("kernel_chain") or []:
+        text = (f"chain {r['kernels']} x {r['desc']} {r['shape'][0]}x{r['shape'][1]}: eager "
+                f"{r['eager']['us_per_kernel']:.2f} us/kernel (host {r['eager']['host_us_per_kernel']:.2f})")
+        if "graph" in r:
+            text += f", graph {r['graph']['us_per_kernel']:.2f} us/kernel"
+        lines.append(text)
+    att = [r for r in meas.get("decode_attention") or [] if "seconds" in r]
+    if att:
+        lines.append(f"{'decode attention':<20}{'B':>5}{'ctx':>6}{'bs':>5}  {'impl':<12}{'us':>10}{'GB/s':>8}")
+        for r in att:
+            heads = f"{r['heads']}/{r['kv_heads']}x{r['head_dim']}"
+            lines.append(f"{heads:<20}{r['batch']:>5}{r['context']:>6}{str(r['block_size'] or '-'):>5}  "
+                         f"{r['impl']:<12}{_fmt_us(r['seconds']):>10}{r['gbs']:>8.0f}")
+    errs = [r for r in meas.get("decode_attention") or [] if "error" in r]
+    if errs:
+        lines.append(f"decode attention: {len(errs)} case(s) failed, first: {errs[0]['impl']}: {errs[0]['error']}")
+    pre = [r for r in meas.get("prefill_attention") or [] if "seconds" in r]
+    if pre:
+        lines.append(f"{'prefill attention':<20}{'chunk':>6}{'cached':>7}  {'backend':<10}{'us':>10}{'TFLOP/s':>9}")
+        for r in pre:
+            heads = f"{r['heads']}/{r['kv_heads']}x{r['head_dim']}"
+            lines.append(f"{heads:<20}{r['chunk']:>6}{r['cached']:>7}  {r['backend']:<10}"
+                         f"{_fmt_us(r['seconds']):>10}{r['tflops']:>9.1f}")
+    if meas.get("section_seconds"):
+        lines.append("seconds per section: " + ", ".join(f"{k} {v:g}" for k, v in meas["section_seconds"].items()))
     return "\n".join(lines)
 
 
@@ -556,14 +1319,24 @@ def save_measurements(meas: dict, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """`python -m npusim.calibrate`: the harness alone, for machines with torch and nothing else."""
     p = argparse.ArgumentParser(prog="python -m npusim.calibrate",
-                                description="Time GEMMs, copies, elementwise ops and kernel launches.")
+                                description="Time GEMMs, bandwidth, kernel chains and attention on this device.")
     p.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | another torch accelerator")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds on a CPU)")
     p.add_argument("--out", help="write the measurements JSON here")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the sections not started after this many seconds")
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"  [{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
     try:
-        meas = run_calibration(args.device, args.quick,
-                               progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        meas = run_calibration(args.device, args.quick, progress=progress, sections=sections,
+                               budget_s=args.budget_s)
         print(format_measurements(meas))
         if args.out:
             print(f"measurements: {save_measurements(meas, args.out)}")
