@@ -21,7 +21,7 @@ from npusim.costmodel import instance_setup
 from npusim.errors import NpusimError
 from npusim.scenario import Scenario, run_scenario
 from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, gib,
-                          known_hardware, load_hardware, load_model)
+                          known_hardware, load_engine_profile, load_hardware, load_model)
 from npusim.workload import LengthDist, WorkloadSpec
 
 BLOCK_SIZE_CHOICES = (8, 16, 32, 64, 128, 256, 512)
@@ -54,7 +54,7 @@ PROVENANCE = "Hardware numbers and their sources: `npusim hw show NAME`."
 def block_size_options(hw_name: str) -> tuple[list[int], int]:
     """The page sizes of BLOCK_SIZE_CHOICES the device's paged-attention kernels accept, and the
     device's recommended one."""
-    rule = load_hardware(hw_name).kv_block_sizes
+    rule = load_engine_profile(load_hardware(hw_name).default_engine).kv_block_sizes
     options = [b for b in BLOCK_SIZE_CHOICES if rule.accepts(b)]
     if rule.recommended not in options:
         options = sorted(options + [rule.recommended])

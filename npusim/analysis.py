@@ -23,7 +23,7 @@ from typing import Sequence
 from npusim.costmodel import CostModel, Op, instance_hardware, instance_setup
 from npusim.errors import NpusimError
 from npusim.specs import (KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec, ModelSpec, ceil_div,
-                          check_block_size, dtype_bytes, gib, load_hardware, load_model)
+                          dtype_bytes, gib, load_hardware, load_model, resolve_engine)
 
 SHARING_MODES = ("time-slice", "vnpu")
 CORE_SCALINGS = ("device", "fixed-bandwidth", "partition")
@@ -55,6 +55,7 @@ class AnalyticalPoint:
     weight_dtype: str
     kv_dtype: str
     include_host: bool
+    engine: str  # the engine profile's name
     # memory, always reported: it explains an infeasible point
     weights_gib: float
     num_blocks: int  # KV blocks per instance
@@ -65,6 +66,7 @@ class AnalyticalPoint:
     ridge_point: float  # peak matmul flop/s over nominal bandwidth, flop/byte
     # metrics: None when the point is infeasible
     device_step_ms: float | None
+    device_turn_ms: float | None  # how long the device is held: its kernels, or their launches if longer
     host_ms: float | None
     iteration_ms: float | None  # T: one iteration of one instance
     tpot_ms: float | None  # time between two tokens of one sequence
@@ -110,9 +112,9 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
 
 
 def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
-                    utilization: float) -> EngineConfig:
+                    utilization: float, profile: str | None = None) -> EngineConfig:
     """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
-    return EngineConfig(block_size=block_size, max_num_seqs=max(256, batch),
+    return EngineConfig(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
                         max_num_batched_tokens=max(8192, batch),
                         gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
                         kv_dtype=kv_dtype)
@@ -148,12 +150,9 @@ def _check_inputs(hw: HardwareSpec, batch: int, context: int, instances: int, sh
 
 # --------------------------------------------------------------------------- pieces of a point
 
-def _capacity(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
-              sharing: str, block_size: int, weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
+def _capacity(hw: HardwareSpec, model: ModelSpec, setup, *, batch: int, context: int, instances: int,
+              block_size: int, utilization: float) -> dict:
     """Each instance holds its own weights, activations and runtime reserve in a 1/K share."""
-    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, utilization=utilization)
-    setup = instance_setup(hw, model, engine, instances, sharing)
     plan = setup.plan
     # the token being generated needs its slot too
     per_seq = ceil_div(context + 1, block_size)
@@ -227,13 +226,14 @@ def _regime(p: dict) -> str:
 
 def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
-              gpu_memory_utilization: float, include_host: bool) -> dict:
+              gpu_memory_utilization: float, include_host: bool, engine: str | None = None) -> dict:
     """Everything of a point except its comparison with the proportional law."""
-    inst = instance_hardware(hw, instances, sharing)
-    cm = CostModel(inst, model, weight_dtype, kv_dtype)
-    cap = _capacity(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
-                    block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                    utilization=gpu_memory_utilization)
+    setup = instance_setup(hw, model, instance_engine(
+        batch=batch, block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+        utilization=gpu_memory_utilization, profile=engine), instances, sharing)
+    inst, cm = setup.hw, setup.cost
+    cap = _capacity(hw, model, setup, batch=batch, context=context, instances=instances,
+                    block_size=block_size, utilization=gpu_memory_utilization)
     notes = []
     if context + 1 > model.max_position_embeddings:
         notes.append(f"context {context} is beyond {model.name}'s max_position_embeddings "
@@ -244,10 +244,11 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     p = dict(hw=hw.name, model=model.name, batch=batch, context=context, instances=instances,
              sharing=sharing, cores_per_instance=inst.ai_cores,
              bandwidth_gbs_per_instance=inst.memory_bandwidth_gbs, block_size=block_size,
-             weight_dtype=weight_dtype, kv_dtype=kv_dtype, include_host=include_host, **cap,
+             weight_dtype=weight_dtype, kv_dtype=kv_dtype, include_host=include_host,
+             engine=setup.profile.name, **cap,
              ridge_point=inst.matmul_tflops(weight_dtype) * 1e12 / (inst.memory_bandwidth_gbs * 1e9),
              notes=tuple(notes))
-    metrics = ("device_step_ms", "host_ms", "iteration_ms", "tpot_ms", "tokens_per_s_per_instance",
+    metrics = ("device_step_ms", "device_turn_ms", "host_ms", "iteration_ms", "tpot_ms", "tokens_per_s_per_instance",
                "tokens_per_s", "compute_ms", "memory_ms", "kv_memory_ms", "overhead_ms", "bound",
                "arithmetic_intensity")
     if not cap["feasible"]:
@@ -256,17 +257,24 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     args = decode_batch(batch=batch, context=context, block_size=block_size)
     device_s = cm.step_time(**args)
     ops = cm.ops(**args)
-    host_s = cm.host_overhead_s if include_host else 0.0
-    t = device_s + host_s
+    if include_host:
+        # the engine's host work before the device has work, and how long the device is held
+        # (its kernels, or their eager launches when those take longer)
+        host_s, held_s = cm.host_times(batch, device_s, cm.kernels_per_iteration(True, False))
+    else:
+        host_s, held_s = 0.0, device_s
+    t = host_s + held_s
     # Time-sliced instances take turns on the whole device: one iteration of each per round. An
     # instance's host work runs on the CPU while another instance holds the device, as in the
-    # simulator, so a round lasts K device steps unless one instance's host time is longer.
-    per_token = max(instances * device_s, t) if sharing == "time-slice" else t
+    # simulator, so a round lasts K device turns unless one instance's host time is longer.
+    per_token = max(instances * held_s, t) if sharing == "time-slice" else t
+    host_s = t - device_s  # every millisecond of the iteration the device does not compute
     per_instance = batch / per_token
     compute, memory, kv, latency = _time_split(cm, ops)
     overhead = latency + host_s
     times = {"compute": compute, "memory": memory, "latency": overhead}
-    p.update(device_step_ms=device_s * 1e3, host_ms=host_s * 1e3, iteration_ms=t * 1e3,
+    p.update(device_step_ms=device_s * 1e3, device_turn_ms=held_s * 1e3, host_ms=host_s * 1e3,
+             iteration_ms=t * 1e3,
              tpot_ms=per_token * 1e3, tokens_per_s_per_instance=per_instance,
              tokens_per_s=per_instance * instances, compute_ms=compute * 1e3, memory_ms=memory * 1e3,
              kv_memory_ms=kv * 1e3, overhead_ms=overhead * 1e3, bound=max(times, key=times.get),
@@ -276,20 +284,22 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
 
 # --------------------------------------------------------------------------- public API
 
-def _settings(hw: HardwareSpec, block_size: int | None) -> int:
-    bs = block_size if block_size is not None else hw.kv_block_sizes.recommended
-    check_block_size(hw, bs)
-    return bs
+def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> int:
+    """The page size: the one given, if the engine's attention kernels take it, or the engine's."""
+    _, cfg = resolve_engine(hw, EngineConfig(profile=engine, block_size=block_size))
+    return cfg.block_size
 
 
 def reference_point(hw: HardwareSpec | str, model: ModelSpec | str, *, context: int,
                     block_size: int | None = None, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                    gpu_memory_utilization: float = 0.9, include_host: bool = True) -> Reference:
+                    gpu_memory_utilization: float = 0.9, include_host: bool = True,
+                    engine: str | None = None) -> Reference:
     """One sequence of `context` tokens, one instance on all of `hw`'s cores."""
     hw, model = load_hardware(hw), load_model(model)
     p = _evaluate(hw, model, batch=1, context=context, instances=1, sharing="time-slice",
-                  block_size=_settings(hw, block_size), weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                  gpu_memory_utilization=gpu_memory_utilization, include_host=include_host)
+                  block_size=_settings(hw, block_size, engine), weight_dtype=weight_dtype,
+                  kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
+                  include_host=include_host, engine=engine)
     return Reference(batch=1, cores=hw.ai_cores, tokens_per_s=p["tokens_per_s"])
 
 
@@ -297,20 +307,21 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
                      instances: int = 1, sharing: str = "time-slice", block_size: int | None = None,
                      weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                      gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                     reference: Reference | None = None) -> AnalyticalPoint:
+                     reference: Reference | None = None, engine: str | None = None) -> AnalyticalPoint:
     """Decode throughput, latency, bound and memory feasibility of K instances of `batch` sequences
     of `context` tokens, compared with the law "throughput ∝ B · N_core / T" normalised at
     `reference` (default: one sequence on this same hardware)."""
     hw, model = load_hardware(hw), load_model(model)
     _check_inputs(hw, batch, context, instances, sharing, weight_dtype, kv_dtype, gpu_memory_utilization)
-    bs = _settings(hw, block_size)
+    bs = _settings(hw, block_size, engine)
     p = _evaluate(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
                   block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                  gpu_memory_utilization=gpu_memory_utilization, include_host=include_host)
+                  gpu_memory_utilization=gpu_memory_utilization, include_host=include_host,
+                  engine=engine)
     if reference is None:
         reference = reference_point(hw, model, context=context, block_size=bs, weight_dtype=weight_dtype,
                                     kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                    include_host=include_host)
+                                    include_host=include_host, engine=engine)
     prop = ratio = None
     if p["feasible"] and reference.tokens_per_s:
         # time-sliced instances share the same cores; vNPUs add theirs up
@@ -329,7 +340,8 @@ def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, bat
                           contexts: Sequence[int], cores_list: Sequence[int], instances: int = 2,
                           sharing_modes: Sequence[str] = SHARING_MODES, block_size: int | None = None,
                           weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                          gpu_memory_utilization: float = 0.9, include_host: bool = True) -> list[dict]:
+                          gpu_memory_utilization: float = 0.9, include_host: bool = True,
+                          engine: str | None = None) -> list[dict]:
     """A grid of points, each with its `regime` and `core_scaling`, that shows where throughput
     ∝ B · N_core / T holds and where it breaks. Per context:
 
@@ -348,7 +360,7 @@ def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, bat
     cores_list = sorted(set(cores_list))
     contexts = list(dict.fromkeys(contexts))  # the caller's order: the explanation uses the first
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-              gpu_memory_utilization=gpu_memory_utilization, include_host=include_host)
+              gpu_memory_utilization=gpu_memory_utilization, include_host=include_host, engine=engine)
     rows: list[dict] = []
 
     def add(h: HardwareSpec, scaling: str, ref: Reference, batch: int, context: int, k: int = 1,

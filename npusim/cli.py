@@ -16,8 +16,8 @@ from npusim.errors import NpusimError
 
 if TYPE_CHECKING:  # the simulator is imported only by the commands that run it
     from npusim.scenario import Scenario
-from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, check_block_size, gib, known_hardware,
-                          load_hardware, load_model)
+from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
+                          load_engine_profile, load_hardware, load_model, resolve_engine)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="npusim: paged KV-cache memory and throughput of LLM serving on NPUs and GPUs.")
@@ -27,12 +27,15 @@ app.add_typer(hw_app, name="hw")
 calibrate_app = typer.Typer(no_args_is_help=True, help="Calibrate a hardware profile: measure this machine, or import Ascend profiler output.")
 app.add_typer(calibrate_app, name="calibrate")
 app.add_typer(model_app, name="model")
+engine_app = typer.Typer(no_args_is_help=True, help="Engine profiles: how an implementation turns a layer into kernels, and its host.")
+app.add_typer(engine_app, name="engine")
 
 # wide enough that model and profile names are never cut when output is piped
 console = Console(width=max(140, Console().width))
 
 HW_OPT = typer.Option(..., "--hw", help="hardware profile name (see `npusim hw list`) or path to a .yaml")
 MODEL_OPT = typer.Option(..., "--model", help="model name (see `npusim model list`) or path to a config.json")
+ENGINE_HELP = "engine profile name (see `npusim engine list`) or path to a .yaml (default: the device's)"
 
 
 def _print_json(obj) -> None:
@@ -54,20 +57,21 @@ def step(
     batch: int = typer.Option(1, "--batch", min=1, help="sequences in the iteration"),
     context: int = typer.Option(1024, "--context", min=1, help="decode: tokens of context per sequence"),
     prompt: int = typer.Option(1024, "--prompt", min=1, help="prefill: prompt tokens per sequence"),
-    block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the device's recommended)"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the engine's recommended)"),
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Device time of one forward iteration: per-op FLOPs, bytes, time and bound."""
+    """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
     if phase not in ("decode", "prefill"):
         raise NpusimError(f"--phase must be decode or prefill, got {phase!r}")
     h = load_hardware(hw)
     m = load_model(model)
-    bs = block_size if block_size is not None else h.kv_block_sizes.recommended
-    check_block_size(h, bs)
-    eng = _engine(block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
-    cm = CostModel(h, m, weight_dtype, kv_dtype)
+    profile, eng = resolve_engine(h, _engine(profile=engine, block_size=block_size,
+                                             weight_dtype=weight_dtype, kv_dtype=kv_dtype))
+    bs = eng.block_size
+    cm = CostModel(h, m, weight_dtype, kv_dtype, profile)
     if phase == "decode":
         slots_per_seq = ceil_div(context, bs) * bs
         args = dict(num_decodes=batch, decode_context_tokens=batch * context,
@@ -78,6 +82,9 @@ def step(
         kv_tokens = batch * prompt
     ops = cm.ops(**args)
     step_s = sum(o.time_s for o in ops)
+    kernels = sum(o.kernels for o in ops)
+    host_s, held_s = cm.host_times(batch, step_s, kernels)
+    iteration_s = host_s + held_s
     plan = memory_plan(h, m, eng)
     need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
     mem = plan.as_dict()
@@ -89,24 +96,28 @@ def step(
             "hw": h.name, "model": m.name, "phase": phase, "batch": batch,
             "context": context if phase == "decode" else None,
             "prompt": prompt if phase == "prefill" else None, "block_size": bs,
-            "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
-            "step_ms": step_s * 1e3, "host_overhead_ms": cm.host_overhead_s * 1e3,
-            "tokens_per_s": tokens / (step_s + cm.host_overhead_s),
+            "weight_dtype": weight_dtype, "kv_dtype": kv_dtype, "engine": profile.name,
+            "execution": profile.execution,
+            "step_ms": step_s * 1e3, "device_ms": step_s * 1e3,
+            "host_ms": (iteration_s - step_s) * 1e3, "iteration_ms": iteration_s * 1e3,
+            "kernels": kernels, "tokens_per_s": tokens / iteration_s,
             "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_ms": o.time_s * 1e3,
                      "bound": o.bound, "kernels": o.kernels} for o in ops],
             "memory": mem,
         })
         return
     what = f"decode, batch {batch}, context {context}" if phase == "decode" else f"prefill, batch {batch}, prompt {prompt}"
-    t = Table(title=f"{m.name} on {h.name}: {what}, block {bs}, weights {weight_dtype}, KV {kv_dtype}")
-    for col in ("op", "GFLOP", "MB", "time ms", "share", "bound"):
+    t = Table(title=f"{m.name} on {h.name} with {profile.name} ({profile.execution}): {what}, block {bs}, "
+                    f"weights {weight_dtype}, KV {kv_dtype}")
+    for col in ("op", "kernels", "GFLOP", "MB", "time ms", "share", "bound"):
         t.add_column(col, justify="left" if col in ("op", "bound") else "right")
     for o in ops:
-        t.add_row(o.name, f"{o.flops / 1e9:,.2f}", f"{o.bytes / 1e6:,.1f}", f"{o.time_s * 1e3:.3f}",
-                  f"{o.time_s / step_s:.1%}", o.bound)
+        t.add_row(o.name, str(o.kernels), f"{o.flops / 1e9:,.2f}", f"{o.bytes / 1e6:,.1f}",
+                  f"{o.time_s * 1e3:.3f}", f"{o.time_s / step_s:.1%}", o.bound)
     console.print(t)
-    console.print(f"device step: [bold]{step_s * 1e3:.3f} ms[/]   host overhead: {cm.host_overhead_s * 1e3:.3f} ms   "
-                  f"throughput: {tokens / (step_s + cm.host_overhead_s):,.1f} tokens/s")
+    console.print(f"device: [bold]{step_s * 1e3:.3f} ms[/] in {kernels} kernels   host: "
+                  f"{(iteration_s - step_s) * 1e3:.3f} ms   iteration: {iteration_s * 1e3:.3f} ms   "
+                  f"throughput: {tokens / iteration_s:,.1f} tokens/s")
     console.print(f"memory: {plan.verdict}")
     if plan.fits and need_blocks > plan.num_blocks:
         console.print(f"[yellow]this batch needs {need_blocks} blocks ({kv_tokens} tokens) but only "
@@ -156,6 +167,8 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
             eng["enable_prefix_caching"] = True
         elif key == "preemption":
             eng["preemption_mode"] = value
+        elif key == "engine":
+            eng["profile"] = value
         elif key == "requests":
             wl["num_requests"] = value
         elif key == "input_len":
@@ -275,6 +288,7 @@ def simulate(
     shared_prefix_len: Optional[int] = typer.Option(None, "--shared-prefix-len", min=0, help="tokens of a system prompt all requests share"),
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     seed: Optional[int] = typer.Option(None, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),
     report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
@@ -334,6 +348,7 @@ def analyze(
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="fraction of device memory the engine may use"),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -353,7 +368,7 @@ def analyze(
         raise NpusimError(f"--instances must be <= {h.ai_cores} (the AI cores of {h.name}) with "
                           f"--sharing vnpu, got {instances}")
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-              gpu_memory_utilization=gpu_memory_utilization)
+              gpu_memory_utilization=gpu_memory_utilization, engine=engine)
     point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing, **kw)
     # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)
     grid_k = instances if instances > 1 else 2
@@ -444,13 +459,14 @@ def kv_study(
     model: str = typer.Option("llama-3.1-8b", "--model"),
     max_model_len: int = typer.Option(4096, "--max-model-len", min=1, help="what a max reservation holds"),
     rate: Optional[str] = typer.Option(None, "--rate", help="replace the trace's times: requests/s or inf"),
+    engine: str = typer.Option("mindie", "--engine", help="engine profile (default mindie: its attention takes the study's pages of 16 and 128 tokens)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """KV waste on a trace: paged (block 16 and 128) against contiguous max/oracle reservation."""
     from npusim.kvstudy import format_study, waste_study
 
     rows = waste_study(trace, requests=requests, hw=hw, model=model, max_model_len=max_model_len,
-                       rate=_parse_rate(rate))
+                       rate=_parse_rate(rate), engine=engine)
     if as_json:
         _print_json(rows)
     else:
@@ -466,6 +482,7 @@ def seed(
     requests: int = typer.Option(16, "--requests", min=1, help="requests per instance, all arriving at once"),
     seed_: int = typer.Option(0, "--seed"),
     no_alternatives: bool = typer.Option(False, "--no-alternatives", help="skip the alternative configurations"),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Reproduce the seed article's study (Llama 13B, Ascend 910, input 5120, output 128) and judge its claims."""
@@ -473,7 +490,7 @@ def seed(
 
     if not 0 < gpu_memory_utilization <= 1:
         raise NpusimError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
-    result = run_seed(gpu_memory_utilization, requests, seed_, alternatives=not no_alternatives)
+    result = run_seed(gpu_memory_utilization, requests, seed_, alternatives=not no_alternatives, engine=engine)
     if as_json:
         _print_json(result)
     else:
@@ -508,8 +525,41 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
         t.add_column(col)
     for field, prov in h.provenance.items():
         t.add_row(field, f"{getattr(h, field):g}", prov.kind, prov.source)
-    r = h.kv_block_sizes
-    t.add_row("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "datasheet", r.source)
+    t.add_row("default_engine", h.default_engine, "-", "the engine profile used when none is named")
+    console.print(t)
+
+
+@engine_app.command("list")
+def engine_list() -> None:
+    """Known engine profiles."""
+    t = Table()
+    for col in ("name", "execution", "kernels/layer (decode)", "block sizes", "host ms/iter", "description"):
+        t.add_column(col)
+    for name in known_engines():
+        e = load_engine_profile(name)
+        decode = e.kernels_per_layer() - e.kernels["attention_prefill"] - e.kernels["qk_norm"] - e.kernels["qkv_bias"]
+        t.add_row(name, e.execution, str(decode), e.kv_block_sizes.describe(),
+                  f"{e.host_per_iteration_ms:g}", e.description)
+    console.print(t)
+
+
+@engine_app.command("show")
+def engine_show(name: str = typer.Argument(..., help="profile name or path"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """One engine profile, every number with its kind and source."""
+    e = load_engine_profile(name)
+    if as_json:
+        _print_json(e.model_dump())
+        return
+    t = Table(title=f"{e.name} ({e.execution}): {e.description}")
+    for col in ("field", "value", "kind", "source"):
+        t.add_column(col)
+    t.add_row("attention_backend", e.attention_backend, "-", "")
+    r = e.kv_block_sizes
+    t.add_row("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)
+    for field, prov in e.provenance.items():
+        value = e.kernels[field.split(".", 1)[1]] if field.startswith("kernels.") else getattr(e, field)
+        t.add_row(field, f"{value:g}", prov.kind, prov.source)
     console.print(t)
 
 

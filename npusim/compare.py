@@ -44,10 +44,11 @@ MIN_WINDOW_ITERATIONS = 8  # fewer decode iterations than this in the window is 
 
 def _analytic(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               sharing: str, block_size: int | None, weight_dtype: str, kv_dtype: str,
-              gpu_memory_utilization: float) -> AnalyticalPoint:
+              gpu_memory_utilization: float, engine: str | None = None) -> AnalyticalPoint:
     return analytical_point(hw, model, batch=batch, context=context, instances=instances,
                             sharing=sharing, block_size=block_size, weight_dtype=weight_dtype,
-                            kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization)
+                            kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
+                            engine=engine)
 
 
 def decode_prompt_len(context: int, output_len: int) -> int:
@@ -130,16 +131,17 @@ def _feasible_point(hw, model, *, output_len: int, **point_kw):
 def simulate_steady_decode(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: int, context: int,
                            instances: int = 1, sharing: str = "time-slice", block_size: int | None = None,
                            weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                           gpu_memory_utilization: float = 0.9, output_len: int = 64) -> dict:
+                           gpu_memory_utilization: float = 0.9, output_len: int = 64,
+                           engine: str | None = None) -> dict:
     """A simulator run shaped like the analytical point: `batch` requests per instance, all at
     t = 0, prefilled together, then decoded in lockstep around a mean context of `context`.
     Returns per-instance and total decode tokens/s and per-token latency of the steady window."""
     hw, model, point, prompt = _feasible_point(
         hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
         block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len)
+        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len, engine=engine)
     engine = EngineConfig(
-        block_size=point.block_size, max_num_seqs=max(256, batch),
+        profile=engine, block_size=point.block_size, max_num_seqs=max(256, batch),
         # every prompt of an instance in one prefill iteration, so the decode that follows is pure
         max_num_batched_tokens=max(8192, batch * prompt),
         gpu_memory_utilization=gpu_memory_utilization, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
@@ -178,12 +180,14 @@ def _rounding_factor(hw: HardwareSpec, model: ModelSpec, p: AnalyticalPoint, sim
     priced with the same cost model: the analytical step reads ceil((context + 1) / block) whole
     pages per sequence; the simulator's sequences cross a page boundary during their decode and read
     sim's mean slots."""
-    cm = CostModel(instance_hardware(hw, p.instances, p.sharing), model, p.weight_dtype, p.kv_dtype)
+    cm = CostModel(instance_hardware(hw, p.instances, p.sharing), model, p.weight_dtype, p.kv_dtype,
+                   p.engine)
     b = p.batch
-    device_ms = cm.step_time(b, b * (p.context + 1), b * sim["mean_kv_slots_per_seq"]) * 1e3
+    device_s = cm.step_time(b, b * (p.context + 1), b * sim["mean_kv_slots_per_seq"])
+    host_s, held_s = cm.host_times(b, device_s, cm.kernels_per_iteration(True, False))
     if p.sharing == "time-slice" and p.instances > 1:
-        return p.tpot_ms / max(p.instances * device_ms, device_ms + p.host_ms)
-    return p.iteration_ms / (device_ms + p.host_ms)
+        return p.tpot_ms / (max(p.instances * held_s, held_s + host_s) * 1e3)
+    return p.iteration_ms / ((held_s + host_s) * 1e3)
 
 
 def _grid_note(p: AnalyticalPoint, sim: dict, rel: float, rounding: float) -> str:
@@ -222,14 +226,15 @@ def compare_grid(hw: HardwareSpec | str, model: ModelSpec | str, *,
                  batches: Sequence[int] = GRID_BATCHES, contexts: Sequence[int] = GRID_CONTEXTS,
                  instances_list: Sequence[int] = (1, 2), sharing_modes: Sequence[str] = SHARING_MODES,
                  block_size: int | None = None, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                 gpu_memory_utilization: float = 0.9, output_len: int = 64) -> list[dict]:
+                 gpu_memory_utilization: float = 0.9, output_len: int = 64,
+                 engine: str | None = None) -> list[dict]:
     """Analytical vs simulated steady-state decode at every grid point. One instance owns the whole
     device in either mode, so it appears once, with sharing "-". `rel_diff` is simulated over
     analytical throughput minus 1; `expected_ratio` (= rounding_factor) the ratio that blocks
     rounding explains; `residual` what is left after it."""
     hw, model = load_hardware(hw), load_model(model)
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-              gpu_memory_utilization=gpu_memory_utilization)
+              gpu_memory_utilization=gpu_memory_utilization, engine=engine)
     rows = []
     for k in instances_list:
         for sharing in (sharing_modes[:1] if k == 1 else sharing_modes):
@@ -307,7 +312,8 @@ def _load_run(hw: HardwareSpec, model: ModelSpec, point: AnalyticalPoint, *, cas
     k, sharing, batch = point.instances, point.sharing, point.batch
     # max_num_seqs is the cap the analytical batch stands for; the pool is the analytical point's
     # (or the small one), whatever vLLM's activation estimate would leave at this cap
-    engine = EngineConfig(block_size=point.block_size, max_num_seqs=batch, num_blocks=num_blocks,
+    engine = EngineConfig(profile=point.engine, block_size=point.block_size, max_num_seqs=batch,
+                          num_blocks=num_blocks,
                           gpu_memory_utilization=gpu_memory_utilization, weight_dtype=point.weight_dtype,
                           kv_dtype=point.kv_dtype)
     workload = WorkloadSpec(num_requests=num_requests, rate=rate, input_len=_fixed(prompt),
@@ -339,7 +345,7 @@ def compare_under_load(hw: HardwareSpec | str, model: ModelSpec | str, *, batch:
                        instances: int = 1, sharing: str = "time-slice", block_size: int | None = None,
                        weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                        gpu_memory_utilization: float = 0.9, num_blocks_pressure: int | None = None,
-                       seed: int = 0) -> list[dict]:
+                       seed: int = 0, engine: str | None = None) -> list[dict]:
     """Open-loop Poisson arrivals at each rate (requests/s, inf = all at t = 0), then the highest
     rate again on a small KV pool that forces preemptions, against the analytical capacity at
     max_num_seqs = `batch` per instance. `num_requests` defaults to eight full batches per
@@ -349,10 +355,10 @@ def compare_under_load(hw: HardwareSpec | str, model: ModelSpec | str, *, batch:
     hw, model, point, prompt = _feasible_point(
         hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
         block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len)
+        gpu_memory_utilization=gpu_memory_utilization, output_len=output_len, engine=engine)
     n = num_requests or 8 * batch * instances
     pressure = num_blocks_pressure or pressure_num_blocks(batch, prompt, output_len, point.block_size)
-    cost = CostModel(instance_hardware(hw, instances, sharing), model, weight_dtype, kv_dtype)
+    cost = CostModel(instance_hardware(hw, instances, sharing), model, weight_dtype, kv_dtype, point.engine)
     prefill_s = cost.step_time(prefill_chunks=[(prompt, 0)])  # one prompt alone, for the note
     common = dict(num_requests=n, prompt=prompt, output_len=output_len, seed=seed,
                   gpu_memory_utilization=gpu_memory_utilization, prefill_s=prefill_s)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
-from npusim.specs import (DTYPE_BYTES, KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec,
-                          ModelSpec, ceil_div, dtype_bytes, gib)
+from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
+                          EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
+                          load_engine_profile, resolve_engine)
 
 ACT_BYTES = 2.0  # activations in bf16/fp16
 LOGIT_BYTES = 4.0  # logits are upcast to fp32 for sampling
@@ -73,12 +74,16 @@ class Batch:
 
 
 class CostModel:
-    """Prices iterations of `model` on `hw` (or on a partition of it, see HardwareSpec.partition)."""
+    """Prices iterations of `model` on `hw` (or on a partition of it, see HardwareSpec.partition)
+    as `engine` runs them: the engine profile says how many kernels each op launches and what the
+    host does; the hardware says how fast each kernel runs."""
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
-                 kv_dtype: str = "bf16"):
+                 kv_dtype: str = "bf16", engine: EngineProfile | str | None = None):
         self.hw = hw
         self.model = model
+        self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
+        self.kernels = self.engine.kernels
         self.weight_dtype = weight_dtype
         self.kv_dtype = kv_dtype
         self.w_bytes = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
@@ -87,10 +92,21 @@ class CostModel:
         self.mm_rate = hw.matmul_tflops(compute_dtype) * 1e12 * hw.matmul_efficiency
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
         self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
-        self.latency = hw.kernel_latency_us * 1e-6
-        self.host_overhead_s = hw.host_overhead_ms * 1e-3
+        self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
         self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
         self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
+        e = self.engine
+        # decode attention moves each KV byte this many times (a gather copy reads, writes, reads)
+        self._kv_read_bytes_per_slot = self.kv_bytes_per_token_layer * e.decode_kv_passes
+        self.host_overhead_s = e.host_per_iteration_ms * 1e-3
+        self.host_per_sequence_s = e.host_per_sequence_us * 1e-6
+        self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
+        self.graph_launch_s = e.graph_launch_us * 1e-6
+        # which ops this model has, and the kernels an iteration launches outside attention
+        self.layer_ops = tuple(o for o in LAYER_OPS if self._has(o))
+        dense = [o for o in self.layer_ops if not o.startswith("attention")]
+        self._dense_kernels = model.num_layers * sum(self.kernels[o] for o in dense)
+        self._step_kernels = sum(self.kernels[o] for o in STEP_OPS)
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
@@ -100,9 +116,19 @@ class CostModel:
         group = m.num_heads // m.num_kv_heads
         # GQA packs the query heads of one KV head as the rows of a small GEMM.
         self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
+        self._decode_attn_latency = self.kernels["attention_decode"] * self.latency
+
+    def _has(self, op: str) -> bool:
+        if op == "qkv_bias":
+            return self.model.qkv_bias
+        if op == "qk_norm":
+            return self.model.qk_norm
+        return True
 
     # -- primitive pricing -----------------------------------------------------------------------
     def _price(self, flops: float, nbytes: float, rate: float, kernels: int) -> tuple[float, str]:
+        """Roofline of the op's work plus the least time of each of its kernels (fused ops, with
+        no kernel of their own, add only their work)."""
         tc = flops / rate
         tm = nbytes / self.bw
         t = max(tc, tm)
@@ -112,18 +138,27 @@ class CostModel:
             bound = "latency"
         return t + lat, bound
 
-    def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
+    def gemm(self, m: int, k: int, n: int, weight_bytes_per_elem: float = ACT_BYTES, kernels: int = 1,
+             name: str = "gemm") -> Op:
+        """One (m x k) @ (k x n) GEMM whose weight has `weight_bytes_per_elem`, in `kernels` kernels."""
         hw = self.hw
         eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
                * _pad_efficiency(k, hw.matmul_tile_k))
         flops = 2.0 * m * n * k
         nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, 1)
-        return Op(name, flops, nbytes, t, bound, 1)
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels)
+        return Op(name, flops, nbytes, t, bound, kernels)
 
-    def _vector(self, name: str, flops: float, nbytes: float, kernels: int = 1) -> Op:
+    def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
+        return self.gemm(m, k, n, weight_bytes_per_elem, self.kernels[name], name)
+
+    def vector(self, flops: float, nbytes: float, kernels: int = 1, name: str = "vector") -> Op:
+        """Elementwise or reduction work on the vector units, in `kernels` kernels."""
         t, bound = self._price(flops, nbytes, self.vec_rate, kernels)
         return Op(name, flops, nbytes, t, bound, kernels)
+
+    def _vector(self, name: str, flops: float, nbytes: float) -> Op:
+        return self.vector(flops, nbytes, self.kernels[name], name)
 
     @property
     def _linear_weight_bytes(self) -> float:
@@ -133,13 +168,20 @@ class CostModel:
 
     # -- op lists --------------------------------------------------------------------------------
     def layer_dense_ops(self, tokens: int) -> list[Op]:
-        """Ops of one layer whose cost depends only on the number of new tokens."""
+        """Ops of one layer whose cost depends only on the number of new tokens (attention aside)."""
         m = self.model
         h, f, T, w = m.hidden_size, m.intermediate_size, tokens, self._linear_weight_bytes
         qkv_n = m.q_dim + 2 * m.kv_dim
-        return [
+        ops = [
             self._vector("rmsnorm_attn", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
             self._gemm("qkv_proj", T, h, qkv_n, w),
+        ]
+        if m.qkv_bias:  # Qwen2: a bias on q, k and v
+            ops.append(self._vector("qkv_bias", T * qkv_n, 2.0 * T * qkv_n * ACT_BYTES + qkv_n * ACT_BYTES))
+        if m.qk_norm:  # Qwen3: RMSNorm over each head of q and k
+            qk = m.q_dim + m.kv_dim
+            ops.append(self._vector("qk_norm", 4.0 * T * qk, 2.0 * T * qk * ACT_BYTES + 2 * m.head_dim * ACT_BYTES))
+        ops += [
             self._vector("rope", 6.0 * T * (m.q_dim + m.kv_dim), 2.0 * T * (m.q_dim + m.kv_dim) * ACT_BYTES),
             self._vector("kv_cache_write", 0.0, T * m.kv_dim * 2 * (ACT_BYTES + self.kv_bytes)),
             self._gemm("o_proj", T, m.q_dim, h, w),
@@ -150,6 +192,7 @@ class CostModel:
             self._gemm("down_proj", T, f, h, w),
             self._vector("residual_mlp", T * h, 3.0 * T * h * ACT_BYTES),
         ]
+        return ops
 
     def edge_ops(self, tokens: int, sampled: int) -> list[Op]:
         """Ops run once per iteration: embedding, final norm, LM head and sampling."""
@@ -165,7 +208,7 @@ class CostModel:
         ops = [self._vector("final_norm", 4.0 * sampled * h, 2.0 * sampled * h * ACT_BYTES + h * ACT_BYTES)]
         if sampled:
             ops.append(self._gemm("lm_head", sampled, h, V, ACT_BYTES))  # kept 16-bit under weight-only quant
-            ops.append(self._vector("sampling", 5.0 * sampled * V, 2.0 * sampled * V * LOGIT_BYTES, kernels=3))
+            ops.append(self._vector("sampling", 5.0 * sampled * V, 2.0 * sampled * V * LOGIT_BYTES))
         return ops
 
     def attention_decode_op(self, num_decodes: int, context_tokens: int, kv_slots: int) -> Op:
@@ -173,9 +216,10 @@ class CostModel:
         the unfilled tail of its last page (`kv_slots` >= `context_tokens`)."""
         m = self.model
         flops = self._attn_flops_per_ctx * context_tokens
-        nbytes = kv_slots * self.kv_bytes_per_token_layer + 2.0 * num_decodes * m.q_dim * ACT_BYTES
-        t, bound = self._price(flops, nbytes, self._attn_decode_rate, 1)
-        return Op("attention_decode", flops, nbytes, t, bound, 1)
+        nbytes = kv_slots * self._kv_read_bytes_per_slot + 2.0 * num_decodes * m.q_dim * ACT_BYTES
+        kernels = self.kernels["attention_decode"]
+        t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels)
+        return Op("attention_decode", flops, nbytes, t, bound, kernels)
 
     def attention_prefill_op(self, chunks: Sequence[tuple[int, int]]) -> Op:
         """One layer's causal prefill attention over chunks of (new tokens c, cached context p):
@@ -191,8 +235,9 @@ class CostModel:
         flops = self._attn_flops_per_ctx * pairs
         nbytes = kv_tokens * self.kv_bytes_per_token_layer + 2.0 * new * m.q_dim * ACT_BYTES
         eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, 1)
-        return Op("attention_prefill", flops, nbytes, t, bound, 1)
+        kernels = self.kernels["attention_prefill"]
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels)
+        return Op("attention_prefill", flops, nbytes, t, bound, kernels)
 
     def ops(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
             prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> list[Op]:
@@ -203,10 +248,11 @@ class CostModel:
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
         L = self.model.num_layers
         layer = self.layer_dense_ops(tokens)
+        at = next(i for i, o in enumerate(layer) if o.name == "kv_cache_write") + 1
         if prefill_chunks:
-            layer.insert(3, self.attention_prefill_op(prefill_chunks))
+            layer.insert(at, self.attention_prefill_op(prefill_chunks))
         if num_decodes:
-            layer.insert(3, self.attention_decode_op(num_decodes, decode_context_tokens, decode_kv_slots))
+            layer.insert(at, self.attention_decode_op(num_decodes, decode_context_tokens, decode_kv_slots))
         edge = self.edge_ops(tokens, sampled)
         scaled = [Op(o.name, o.flops * L, o.bytes * L, o.time_s * L, o.bound, o.kernels * L) for o in layer]
         return edge[:1] + scaled + edge[1:]
@@ -243,24 +289,59 @@ class CostModel:
             attn += self.attention_prefill_op(prefill_chunks).time_s
         return t + self.model.num_layers * attn
 
+    def kernels_per_iteration(self, has_decode: bool, has_prefill: bool) -> int:
+        """Device kernels one iteration launches (the head's only when rows are sampled)."""
+        n = self._dense_kernels + self._step_kernels
+        if has_decode:
+            n += self.model.num_layers * self.kernels["attention_decode"]
+        if has_prefill:
+            n += self.model.num_layers * self.kernels["attention_prefill"]
+        return n
+
+    def host_times(self, num_sequences: int, device_s: float, kernels: int) -> tuple[float, float]:
+        """(host seconds that the device waits for, seconds the device is held) of one iteration
+        of `num_sequences` sequences whose kernels take `device_s` on the device.
+
+        The engine's scheduler, input preparation and per-sequence output processing run before
+        the device has work. Then, eagerly, the CPU launches kernel after kernel and the device
+        runs them as they come, so the device is held for the longer of the two (a host-bound
+        iteration leaves it idle between kernels); a captured graph is launched once and runs
+        at device speed; piecewise graphs launch the captured pieces between eager attention."""
+        host = self.host_overhead_s + self.host_per_sequence_s * num_sequences
+        mode = self.engine.execution
+        if mode == "graph":
+            held = self.graph_launch_s + device_s
+        elif mode == "eager":
+            held = max(device_s, kernels * self.dispatch_s)
+        else:  # piecewise: one graph per layer between attention calls, attention launched eagerly
+            L = self.model.num_layers
+            eager_kernels = L * (self.kernels["attention_decode"] + self.kernels["attention_prefill"])
+            held = max(device_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
+        return host, held
+
     def price(self, batch: Batch) -> tuple[float, float, float]:
-        """(host, device, swap) seconds of one iteration. Host work is the engine's per-iteration
-        overhead; device time is the roofline of the batch; swap copies KV pages over the host link
-        before the device runs. A batch with no tokens (everything in it was preempted) costs host
-        and swap time only."""
+        """(host, device, swap) seconds of one iteration: host work the device waits for, the time
+        the device is held (its kernels, or their eager launches when those take longer), and KV
+        pages copied over the host link before it runs. A batch with no tokens (everything in it
+        was preempted) costs host and swap time only."""
         device = 0.0
-        if batch.num_decodes or batch.prefill_chunks:
-            device = self.step_time(batch.num_decodes, batch.decode_context_tokens,
-                                    batch.decode_kv_slots, batch.prefill_chunks, batch.num_sampled)
+        decodes, chunks = batch.num_decodes, batch.prefill_chunks
+        if decodes or chunks:
+            device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
+                                    chunks, batch.num_sampled)
+            kernels = self.kernels_per_iteration(bool(decodes), bool(chunks))
+            host, device = self.host_times(decodes + len(chunks), device, kernels)
+        else:
+            host = self.host_overhead_s
         swap = batch.swap_bytes / self.host_link_bytes_per_s if batch.swap_bytes else 0.0
-        return self.host_overhead_s, device, swap
+        return host, device, swap
 
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
-        tm = (kv_slots * self.kv_bytes_per_token_layer
+        tm = (kv_slots * self._kv_read_bytes_per_slot
               + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
-        return (tc if tc > tm else tm) + self.latency
+        return (tc if tc > tm else tm) + self._decode_attn_latency
 
 
 # --------------------------------------------------------------------------- memory
@@ -315,6 +396,8 @@ def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None 
     """KV blocks left for one instance owning `memory_fraction` of the device's memory:
     (memory × utilisation − weights − activation peak − runtime reserve) // block bytes."""
     e = engine or EngineConfig()
+    if e.block_size is None:
+        _, e = resolve_engine(hw, e)
     device = hw.memory_bytes * memory_fraction
     usable = device * e.gpu_memory_utilization
     weights = model.weight_bytes(e.weight_dtype)
@@ -352,6 +435,8 @@ class InstanceSetup:
     cost: CostModel
     plan: MemoryPlan
     usable_blocks: int  # blocks a request may hold: the pool less the admission watermark
+    engine: EngineConfig  # the settings, the engine profile's defaults filled in
+    profile: EngineProfile
 
 
 def instance_hardware(hw: HardwareSpec, instances: int, sharing: str) -> HardwareSpec:
@@ -372,16 +457,17 @@ def instance_hardware(hw: HardwareSpec, instances: int, sharing: str) -> Hardwar
 
 def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, instances: int = 1,
                    sharing: str = "time-slice") -> InstanceSetup:
-    """One instance of K: its hardware, cost model and memory plan (1/K of the device's memory in
-    either mode). The plan says whether it fits; callers decide what a misfit means."""
+    """One instance of K: its hardware, engine, cost model and memory plan (1/K of the device's
+    memory in either mode). The plan says whether it fits; callers decide what a misfit means."""
+    profile, engine = resolve_engine(hw, engine)
     part = instance_hardware(hw, instances, sharing)
     if part is hw:
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
-    return InstanceSetup(part, cost, plan, usable)
+    return InstanceSetup(part, cost, plan, usable, engine, profile)
 
 
 __all__ = ["Op", "Batch", "CostModel", "MemoryPlan", "memory_plan", "activation_peak_bytes",

@@ -652,7 +652,7 @@ def _gemm_calls(records: list[KernelRecord]) -> Iterator[tuple[KernelRecord, lis
 
 
 def _cost_models(hw) -> dict[str, Any]:
-    """One CostModel per 16-bit compute dtype. `_gemm` prices from the hardware alone; the model
+    """One CostModel per 16-bit compute dtype. `gemm` prices from the hardware alone; the model
     is only there because CostModel needs one."""
     from npusim.costmodel import CostModel
     from npusim.specs import load_model
@@ -683,7 +683,7 @@ def gemm_kernels(records: list[KernelRecord], hw) -> tuple[list[dict], dict[str,
             continue
         m, k, n = dims
         op_type = r.op_type or r.op
-        op = models[dtype]._gemm(op_type, m, k, n, 2.0)
+        op = models[dtype].gemm(m, k, n, 2.0, name=op_type)
         peak = hw.matmul_tflops(dtype) * 1e12
         tflops = op.flops / (measured * 1e-6) / 1e12
         rows.append({

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from npusim.costmodel import InstanceSetup, MemoryPlan, instance_setup
 from npusim.engine import InstanceRecord, LatencySummary, RunRecord, Simulation, percentile
 from npusim.errors import NpusimError
-from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batching_mode, check_block_size,
-                          load_hardware, load_mapping, load_model)
+from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batching_mode, load_hardware,
+                          load_mapping, load_model)
 from npusim.workload import LengthDist, WorkloadSpec, make_requests
 
 
@@ -84,10 +84,9 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     names when the caller has the specs already (e.g. loaded from a file)."""
     hw = hw or load_hardware(sc.hw)
     model = model or load_model(sc.model)
-    eng = sc.engine
-    check_block_size(hw, eng.block_size)
-    batching_mode(eng)
-    setups = setup_instances(hw, model, eng, sc.instances, sc.sharing)
+    batching_mode(sc.engine)
+    setups = setup_instances(hw, model, sc.engine, sc.instances, sc.sharing)
+    eng = setups[0].engine  # the profile's defaults filled in
     max_len = resolve_max_model_len(model, eng, setups[0].plan)
     specs = make_requests(sc.workload, sc.seed)
     total = len(specs)
@@ -195,9 +194,14 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "kv_cache": k,
         })
     mem = insts[0].setup.plan.as_dict()
+    scenario = sc.model_dump(mode="json")
+    setup = insts[0].setup
+    scenario["engine"] = setup.engine.model_dump(mode="json")  # the profile's defaults filled in
+    scenario["engine"]["profile"] = setup.profile.name
     result: dict[str, Any] = {
-        "scenario": sc.model_dump(mode="json"),
+        "scenario": scenario,
         "hw": hw.name, "model": model.name, "max_model_len": max_len,
+        "engine_profile": setup.profile.name, "execution": setup.profile.execution,
         "batching": batching_mode(sc.engine),
         "duration": duration,
         "completed": record.completed,

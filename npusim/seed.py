@@ -15,7 +15,7 @@ from typing import Any
 from npusim.costmodel import CostModel, memory_plan
 from npusim.errors import NpusimError
 from npusim.scenario import Scenario, run_scenario
-from npusim.specs import EngineConfig, ceil_div, load_hardware, load_model
+from npusim.specs import EngineConfig, ceil_div, load_engine_profile, load_hardware, load_model
 from npusim.workload import LengthDist, WorkloadSpec
 
 HW = "ascend-910"
@@ -52,20 +52,21 @@ NOTES = [
 ]
 
 
-def _engine(paging: bool, utilization: float, weight_dtype: str = DTYPE, max_len: int = MAX_MODEL_LEN) -> EngineConfig:
+def _engine(paging: bool, utilization: float, weight_dtype: str = DTYPE, max_len: int = MAX_MODEL_LEN,
+            profile: str | None = None) -> EngineConfig:
     # Chunked prefill at 2048 tokens keeps the activation peak small: every GB counts on this device.
-    return EngineConfig(paging=paging, block_size=128, gpu_memory_utilization=utilization,
+    return EngineConfig(profile=profile, paging=paging, block_size=128, gpu_memory_utilization=utilization,
                         max_num_batched_tokens=2048, max_model_len=max_len,
                         weight_dtype=weight_dtype, kv_dtype=DTYPE, max_num_seqs=64)
 
 
 def simulate_row(name: str, model: str, instances: int, paging: bool, *, input_len: int = INPUT_LEN,
                  output_len: int = OUTPUT_LEN, utilization: float, weight_dtype: str = DTYPE,
-                 requests: int = 16, seed: int = 0) -> dict[str, Any]:
+                 requests: int = 16, seed: int = 0, engine: str | None = None) -> dict[str, Any]:
     """One configuration through the simulator: `requests` requests per instance arriving at once.
     An infeasible configuration comes back with its reason and null metrics."""
     sc = Scenario(hw=HW, model=model, instances=instances, sharing="time-slice", seed=seed,
-                  engine=_engine(paging, utilization, weight_dtype, input_len + output_len),
+                  engine=_engine(paging, utilization, weight_dtype, input_len + output_len, engine),
                   workload=WorkloadSpec(num_requests=requests * instances, rate=math.inf,
                                         input_len=LengthDist(kind="fixed", value=input_len),
                                         output_len=LengthDist(kind="fixed", value=output_len)))
@@ -175,7 +176,7 @@ def table_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
     return out
 
 
-def text_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
+def text_claims(rows: dict[str, dict], utilization: float, engine: str | None = None) -> list[dict]:
     hw, m = load_hardware(HW), load_model(STAND_IN)
     out = []
     # 1. Paging cuts peak memory by more than 50 % for L > 4096.
@@ -191,7 +192,7 @@ def text_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
         f"paging does not touch them: the cut is at most {max_cut:.0%}"
         + (f"; simulated: {ours:.1%}" if ours is not None else "")))
     # 2. Throughput is bandwidth-bound for L > 8192.
-    cm = CostModel(hw, m, DTYPE, DTYPE)
+    cm = CostModel(hw, m, DTYPE, DTYPE, engine)
     ridge = hw.matmul_tflops_fp16 * 1e12 / (hw.memory_bandwidth_gbs * 1e9)
     intensities = {}
     for L in (1024, 4096, 8192, 16384):
@@ -219,7 +220,8 @@ def text_claims(rows: dict[str, dict], utilization: float) -> list[dict]:
     # 4. throughput proportional to B * N_core / T_latency.
     t1 = cm.step_time(1, INPUT_LEN, INPUT_LEN)
     half = CostModel(hw.partition(hw.ai_cores // 2, 1.0).model_copy(
-        update={"memory_bandwidth_gbs": hw.memory_bandwidth_gbs}), m, DTYPE, DTYPE).step_time(1, INPUT_LEN, INPUT_LEN)
+        update={"memory_bandwidth_gbs": hw.memory_bandwidth_gbs}), m, DTYPE, DTYPE, engine).step_time(
+        1, INPUT_LEN, INPUT_LEN)
     out.append(_claim(
         "throughput is proportional to B * N_core / T_latency", None, f"halving N_core changes T by {half / t1 - 1:+.1%}",
         None, False, "holds only when compute-bound",
@@ -242,13 +244,14 @@ ALTERNATIVES = [
 
 
 def run_seed(utilization: float = 0.98, requests: int = 16, seed: int = 0,
-             alternatives: bool = True) -> dict[str, Any]:
-    """The article's three configurations, its claims judged, and feasible alternatives."""
+             alternatives: bool = True, engine: str | None = None) -> dict[str, Any]:
+    """The article's three configurations, its claims judged, and feasible alternatives, with
+    `engine` (default: the device's)."""
     rows = {}
     for name, spec in ARTICLE.items():
         rows[name] = simulate_row(name, STAND_IN, spec["instances"], spec["paging"],
-                                  utilization=utilization, requests=requests, seed=seed)
-    at_default = memory_plan(load_hardware(HW), load_model(STAND_IN), _engine(True, 0.9))
+                                  utilization=utilization, requests=requests, seed=seed, engine=engine)
+    at_default = memory_plan(load_hardware(HW), load_model(STAND_IN), _engine(True, 0.9, profile=engine))
     settings_note = (f"gpu_memory_utilization {utilization} (at vLLM's default 0.9: "
                      f"{at_default.num_blocks} blocks = {at_default.kv_capacity_tokens} tokens, "
                      f"{'enough' if at_default.kv_capacity_tokens >= MAX_MODEL_LEN else 'not enough'} "
@@ -257,17 +260,18 @@ def run_seed(utilization: float = 0.98, requests: int = 16, seed: int = 0,
     if alternatives:
         for name, model, k, paging, wd, L, O in ALTERNATIVES:
             alts.append(simulate_row(name, model, k, paging, input_len=L, output_len=O,
-                                     utilization=utilization, weight_dtype=wd, requests=requests, seed=seed))
+                                     utilization=utilization, weight_dtype=wd, requests=requests, seed=seed,
+                                     engine=engine))
     scenarios = [rows[n] for n in ARTICLE]
     for s in scenarios:
         s["article"] = {k: ARTICLE[s["name"]][k] for k in METRICS}
     return {
-        "setup": {"hw": HW, "model": STAND_IN, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
+        "setup": {"hw": HW, "model": STAND_IN, "engine": load_engine_profile(engine or load_hardware(HW).default_engine).name, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
                   "dtype": DTYPE, "block_size": 128, "requests_per_instance": requests,
                   "settings": settings_note},
         "notes": NOTES,
         "scenarios": scenarios,
-        "claims": table_claims(rows, utilization) + text_claims(rows, utilization),
+        "claims": table_claims(rows, utilization) + text_claims(rows, utilization, engine),
         "alternatives": alts,
     }
 

@@ -149,8 +149,7 @@ class HardwareSpec(BaseModel):
     tdp_w: float = Field(gt=0)
     idle_w: float = Field(gt=0)
     # fixed costs
-    kernel_latency_us: float = Field(ge=0, description="fixed device-side cost per kernel")
-    host_overhead_ms: float = Field(ge=0, description="host/framework time per iteration")
+    kernel_latency_us: float = Field(ge=0, description="least device time of one small dependent kernel")
     runtime_reserve_gib: float = Field(ge=0, description="runtime/driver/workspace memory outside the KV pool")
     # roofline efficiencies (fractions of peak)
     matmul_efficiency: float = Field(gt=0, le=1)
@@ -159,7 +158,7 @@ class HardwareSpec(BaseModel):
     matmul_tile_m: int = Field(gt=0, description="hardware MMA tile rows")
     matmul_tile_n: int = Field(gt=0)
     matmul_tile_k: int = Field(gt=0)
-    kv_block_sizes: BlockSizeRule
+    default_engine: str = Field(min_length=1, description="engine profile used when none is named")
     provenance: dict[str, Provenance]
 
     @model_validator(mode="after")
@@ -261,6 +260,112 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     return hardware_from_mapping(load_mapping(path), str(path))
 
 
+# --------------------------------------------------------------------------- engine profiles
+
+ENGINE_PROFILE_DIR = HW_PROFILE_DIR / "engines"
+
+# The ops npusim prices, per layer and once per iteration; an engine profile says how many device
+# kernels each launches (0: fused into a neighbour, which does its work).
+LAYER_OPS = ("rmsnorm_attn", "qkv_proj", "qkv_bias", "qk_norm", "rope", "kv_cache_write",
+             "attention_decode", "attention_prefill", "o_proj", "residual_attn", "rmsnorm_mlp",
+             "gate_up_proj", "silu_mul", "down_proj", "residual_mlp")
+STEP_OPS = ("embedding", "final_norm", "lm_head", "sampling")
+
+
+class EngineProfile(BaseModel):
+    """How one serving implementation turns a model into kernels, and what its host does.
+
+    Device costs (rates, bandwidth, the least time a kernel takes) belong to the hardware profile;
+    an engine profile holds what the implementation decides: how many kernels each op launches, how
+    they are launched (captured graphs, eager dispatch), which KV page sizes its attention kernels
+    take, and the host time around them."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    execution: Literal["graph", "eager", "piecewise"]
+    attention_backend: str = Field(min_length=2, description="the attention kernels, in words")
+    kv_block_sizes: BlockSizeRule
+    kernels: dict[str, int]  # op -> kernels it launches (per layer for LAYER_OPS, per step for STEP_OPS)
+    decode_kv_passes: float = Field(ge=1, description="times decode attention moves each KV byte: 1 in place, 3 for a gather copy")
+    # host terms, seconds as named
+    host_per_iteration_ms: float = Field(ge=0, description="scheduler and input preparation per iteration")
+    host_per_sequence_us: float = Field(ge=0, description="sampling, detokenisation, output processing per sequence")
+    dispatch_per_kernel_us: float = Field(ge=0, description="CPU time to launch one kernel eagerly")
+    graph_launch_us: float = Field(ge=0, description="CPU time to replay one captured graph")
+    provenance: dict[str, Provenance]
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineProfile":
+        unknown = sorted(set(self.kernels) - set(LAYER_OPS) - set(STEP_OPS))
+        if unknown:
+            raise ValueError(f"kernels: unknown op(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(LAYER_OPS + STEP_OPS)}")
+        missing = [o for o in LAYER_OPS + STEP_OPS if o not in self.kernels]
+        if missing:
+            raise ValueError(f"kernels: no count given for {', '.join(missing)} (0 if fused)")
+        bad = [f"{o} = {n}" for o, n in self.kernels.items() if n < 0]
+        if bad:
+            raise ValueError(f"kernels must be >= 0, got {', '.join(bad)}")
+        need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance]
+        need += [f"kernels.{o}" for o in self.kernels if f"kernels.{o}" not in self.provenance]
+        if need:
+            raise ValueError(f"no source given for {', '.join(need)}")
+        return self
+
+    def kernels_per_layer(self, ops: tuple[str, ...] = LAYER_OPS) -> int:
+        return sum(self.kernels[o] for o in ops)
+
+
+ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
+                        "dispatch_per_kernel_us", "graph_launch_us")
+
+
+def _split_number(val: Any, key: str, where: str) -> tuple[Any, dict[str, Any]]:
+    if not isinstance(val, dict) or "value" not in val:
+        raise NpusimError(f"{where}: {key} must be a mapping {{value, kind, source}}, got {val!r}")
+    extra = set(val) - {"value", "kind", "source"}
+    if extra:
+        raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
+    return val["value"], {k: v for k, v in val.items() if k != "value"}
+
+
+def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfile:
+    """Split `{value, kind, source}` numbers (the host terms and each op's kernel count) into
+    values and provenance, then validate."""
+    flat: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    for key, val in data.items():
+        if key in ENGINE_NUMBER_FIELDS:
+            flat[key], provenance[key] = _split_number(val, key, where)
+        elif key == "kernels":
+            if not isinstance(val, dict):
+                raise NpusimError(f"{where}: kernels must be a mapping of op -> {{value, kind, source}}")
+            flat["kernels"] = {}
+            for op, item in val.items():
+                flat["kernels"][op], provenance[f"kernels.{op}"] = _split_number(item, f"kernels.{op}", where)
+        else:
+            flat[key] = val
+    flat["provenance"] = provenance
+    return _validate(EngineProfile, flat, where)
+
+
+def known_engines() -> list[str]:
+    return sorted(p.stem for p in ENGINE_PROFILE_DIR.glob("*.yaml"))
+
+
+def load_engine_profile(name_or_path: str | Path) -> EngineProfile:
+    """An engine profile by name (``vllm``) or by path to a YAML/JSON file."""
+    if isinstance(name_or_path, EngineProfile):
+        return name_or_path
+    path = _resolve(name_or_path, ENGINE_PROFILE_DIR, "engine profile")
+    if path is None:
+        raise NpusimError(
+            f"unknown engine {str(name_or_path)!r}; known: {', '.join(known_engines())} "
+            f"(or give a path to a .yaml profile)")
+    return engine_profile_from_mapping(load_mapping(path), str(path))
+
+
 # --------------------------------------------------------------------------- models
 
 class ModelSpec(BaseModel):
@@ -277,6 +382,7 @@ class ModelSpec(BaseModel):
     vocab_size: int = Field(gt=0)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k
     max_position_embeddings: int = Field(gt=0)
     source: str = Field(min_length=3)
 
@@ -307,7 +413,8 @@ class ModelSpec(BaseModel):
     @property
     def other_params_per_layer(self) -> int:
         bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        return 2 * self.hidden_size + bias  # two RMSNorm weights
+        qk_norm = 2 * self.head_dim if self.qk_norm else 0
+        return 2 * self.hidden_size + bias + qk_norm  # two RMSNorm weights, and the q/k norms
 
     @property
     def embedding_params(self) -> int:
@@ -370,6 +477,12 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_heads=28, num_kv_heads=4, head_dim=128,
                        intermediate_size=18944, vocab_size=152064, qkv_bias=True,
                        max_position_embeddings=32768, source=_HF + "Qwen/Qwen2.5-7B"),
+    "qwen3-8b": dict(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                     intermediate_size=12288, vocab_size=151936, qk_norm=True,
+                     max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-8B"),
+    "qwen3-32b": dict(num_layers=64, hidden_size=5120, num_heads=64, num_kv_heads=8, head_dim=128,
+                      intermediate_size=25600, vocab_size=151936, qk_norm=True,
+                      max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-32B"),
 }
 
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -398,6 +511,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         vocab_size=cfg["vocab_size"],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         source=f"{where} ({family})",
     )
@@ -431,7 +545,8 @@ class EngineConfig(BaseModel):
     """The serving engine's memory and batching settings (vLLM's names where they exist)."""
 
     model_config = ConfigDict(extra="forbid")
-    block_size: int = Field(default=128, gt=0)
+    profile: str | None = Field(default=None, description="engine profile name or path; None: the device's default")
+    block_size: int | None = Field(default=None, gt=0, description="None: the engine profile's recommended")
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int = Field(default=8192, gt=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -466,14 +581,26 @@ def batching_mode(engine: EngineConfig) -> str:
     return engine.batching
 
 
-def check_block_size(hw: HardwareSpec, block_size: int) -> None:
+def check_block_size(engine: EngineProfile, block_size: int) -> None:
     if block_size <= 0:
         raise NpusimError(f"block_size must be > 0, got {block_size}")
-    rule = hw.kv_block_sizes
+    rule = engine.kv_block_sizes
     if not rule.accepts(block_size):
         raise NpusimError(
-            f"block_size {block_size} is not accepted by {hw.name}'s paged-attention kernels; "
+            f"block_size {block_size} is not accepted by {engine.name}'s attention kernels; "
             f"allowed: {rule.describe()} (recommended {rule.recommended})")
+
+
+def resolve_engine(hw: HardwareSpec, cfg: EngineConfig) -> tuple[EngineProfile, EngineConfig]:
+    """The engine profile a configuration runs (its own, or the device's default) and the
+    configuration with the profile's defaults filled in; a page size the engine's attention
+    kernels do not take is refused."""
+    profile = load_engine_profile(cfg.profile if cfg.profile is not None else hw.default_engine)
+    if cfg.block_size is None:
+        cfg = cfg.model_copy(update={"block_size": profile.kv_block_sizes.recommended})
+    else:
+        check_block_size(profile, cfg.block_size)
+    return profile, cfg
 
 
 def ceil_div(a: int, b: int) -> int:

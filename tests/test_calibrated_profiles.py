@@ -33,7 +33,7 @@ def test_roofline_reproduces_device_bound_gemms(name):
     for g in measurements(name)["gemm"]:
         if g["m"] < 1024 or g["dtype"] != "bf16":
             continue  # smaller GEMMs in eager mode are bound by the ~10 us launch, not the device
-        predicted = cm._gemm("x", g["m"], g["k"], g["n"], 2.0).time_s
+        predicted = cm.gemm(g["m"], g["k"], g["n"], 2.0).time_s
         ratios.append(predicted / g["seconds"])
     assert len(ratios) >= 4
     for r in ratios:
@@ -45,5 +45,5 @@ def test_roofline_reproduces_the_device_copy(name):
     hw = load_hardware(name)
     copy = measurements(name)["copy"]
     cm = CostModel(hw, load_model("llama-3.1-8b"))
-    predicted = cm._vector("copy", 0.0, copy["bytes_moved"]).time_s  # read + write
+    predicted = cm.vector(0.0, copy["bytes_moved"]).time_s  # read + write
     assert predicted == pytest.approx(copy["seconds"], rel=0.03)

@@ -13,7 +13,10 @@ def test_step_json_contract():
     rc, out, err = run_cli("step", "--hw", "ascend-910", "--model", "llama-2-13b", "--json")
     assert rc == 0, err
     data = json.loads(out)
-    assert {"step_ms", "host_overhead_ms", "ops", "memory"} <= set(data)
+    assert {"step_ms", "device_ms", "host_ms", "iteration_ms", "kernels", "engine", "ops", "memory"} <= set(data)
+    assert data["step_ms"] == data["device_ms"] == pytest.approx(sum(o["time_ms"] for o in data["ops"]))
+    assert data["kernels"] == sum(o["kernels"] for o in data["ops"])
+    assert data["iteration_ms"] == pytest.approx(data["device_ms"] + data["host_ms"])
     assert data["step_ms"] == pytest.approx(sum(o["time_ms"] for o in data["ops"]))
     for op in data["ops"]:
         assert {"name", "flops", "bytes", "time_ms", "bound"} <= set(op)
@@ -25,7 +28,7 @@ def test_step_prefill_and_table():
     rc, out, _ = run_cli("step", "--hw", "h100-sxm", "--model", "llama-3.1-8b", "--phase", "prefill",
                          "--prompt", "2048", "--block-size", "16")
     assert rc == 0
-    assert "gate_up_proj" in out and "device step" in out
+    assert "gate_up_proj" in out and "iteration:" in out
     rc, out, _ = run_cli("step", "--hw", "h100-sxm", "--model", "llama-3.1-8b", "--phase", "prefill",
                          "--prompt", "2048", "--json")
     assert json.loads(out)["block_size"] == 16  # the device's recommended size

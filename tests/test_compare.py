@@ -77,16 +77,23 @@ def test_two_time_sliced_instances_agree_like_one_instance(grid):
         assert abs(r["residual"]) <= RESIDUAL, where
 
 
-def test_host_bound_time_slicing_lets_each_instance_run_at_its_own_pace():
+def test_host_bound_time_slicing_lets_each_instance_run_at_its_own_pace(tmp_path):
     # With 40 ms of host work per iteration the device lock sits idle part of each round: each
     # instance runs at its own pace, so K instances deliver K times one instance's throughput.
-    slow_host = load_hardware("ascend-910b2").model_copy(update={"host_overhead_ms": 40.0})
-    one = analytical_point(slow_host, MODEL, batch=8, context=1000)
+    import yaml
+
+    from npusim.specs import ENGINE_PROFILE_DIR
+    data = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm-ascend-graph.yaml").read_text())
+    data["host_per_iteration_ms"]["value"] = 40.0
+    slow_host = tmp_path / "slow-host.yaml"
+    slow_host.write_text(yaml.safe_dump(data))
+    hw = load_hardware("ascend-910b2")
+    one = analytical_point(hw, MODEL, batch=8, context=1000, engine=str(slow_host))
     for k in (2, 3):
-        p = analytical_point(slow_host, MODEL, batch=8, context=1000, instances=k)
+        p = analytical_point(hw, MODEL, batch=8, context=1000, instances=k, engine=str(slow_host))
         assert p.host_ms >= (k - 1) * p.device_step_ms
         assert p.tokens_per_s == pytest.approx(k * one.tokens_per_s)
-        sim = simulate_steady_decode(slow_host, MODEL, batch=8, context=1000, instances=k)
+        sim = simulate_steady_decode(hw, MODEL, batch=8, context=1000, instances=k, engine=str(slow_host))
         assert sim["tokens_per_s"] == pytest.approx(p.tokens_per_s, rel=RESIDUAL)
 
 

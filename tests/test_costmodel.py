@@ -89,8 +89,8 @@ def test_large_prefill_is_compute_bound_and_decode_memory_bound():
 def test_badly_tiled_gemm_is_less_efficient():
     cm = CostModel(load_hardware("ascend-910b2"), load_model("llama-3.1-8b"))
     # 4097 tokens need a 257th 16-row pass of the cube: more time per token than 4096
-    t4096 = cm._gemm("x", 4096, 4096, 14336, 2).time_s / 4096
-    t4097 = cm._gemm("x", 4097, 4096, 14336, 2).time_s / 4097
+    t4096 = cm.gemm(4096, 4096, 14336, 2).time_s / 4096
+    t4097 = cm.gemm(4097, 4096, 14336, 2).time_s / 4097
     assert t4097 > t4096
 
 

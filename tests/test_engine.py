@@ -48,7 +48,10 @@ def test_one_request_alone_takes_the_sum_of_its_iterations():
     sc = scenario(n=1, prompt=P, output=O, engine=dict(block_size=128))
     r = run_scenario(sc)
     cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
-    host = cm.host_overhead_s
+    # the device's engine replays graphs: an iteration is its host work, one graph launch and the
+    # device time of its kernels
+    assert cm.engine.execution == "graph"
+    host = cm.host_overhead_s + cm.host_per_sequence_s + cm.graph_launch_s
     expected = cm.step_time(prefill_chunks=[(P, 0)]) + host
     ttft = expected
     for k in range(1, O):  # decode k writes token P+k-1 and attends to P+k tokens
@@ -62,8 +65,9 @@ def test_chunked_prefill_splits_long_prompts():
     sc = scenario(n=1, prompt=5000, output=2, engine=dict(max_num_batched_tokens=2048))
     r = run_scenario(sc)
     cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
+    host = cm.host_overhead_s + cm.host_per_sequence_s + cm.graph_launch_s  # a graph engine's iteration
     chunks = cm.step_time(prefill_chunks=[(2048, 0)]) + cm.step_time(prefill_chunks=[(2048, 2048)]) \
-        + cm.step_time(prefill_chunks=[(904, 4096)]) + 3 * cm.host_overhead_s
+        + cm.step_time(prefill_chunks=[(904, 4096)]) + 3 * host
     assert r["mean_ttft_ms"] == pytest.approx(chunks * 1e3, rel=1e-9)
 
 
@@ -247,7 +251,7 @@ def test_trace_replay_takes_the_first_rows(tmp_path):
 
 @pytest.mark.parametrize("engine, workload", [
     ({}, dict(rate=6.0)),
-    ({"block_size": 16}, dict(rate=12.0, burstiness_cv=3.0)),
+    ({"block_size": 16, "profile": "mindie"}, dict(rate=12.0, burstiness_cv=3.0)),
     ({"paging": False, "batching": "continuous", "max_model_len": 4096}, dict(rate=6.0)),
     ({"num_blocks": 300}, dict(rate=math.inf)),
     ({"num_blocks": 120, "preemption_mode": "swap"}, dict(rate=math.inf)),
@@ -305,8 +309,8 @@ def test_a_decode_preempted_after_taking_its_next_page_gives_the_page_back(monke
     trims = []
     real = PagedKVCache.trim
     monkeypatch.setattr(PagedKVCache, "trim", lambda self, rid, n: (trims.append(n), real(self, rid, n)))
-    sc = Scenario(engine=EngineConfig(block_size=16, num_blocks=120, max_num_batched_tokens=256,
-                                      max_num_seqs=8, preemption_mode="swap"),
+    sc = Scenario(engine=EngineConfig(profile="mindie", block_size=16, num_blocks=120,
+                                      max_num_batched_tokens=256, max_num_seqs=8, preemption_mode="swap"),
                   workload=WorkloadSpec(num_requests=60, rate=20.0, input_len=LengthDist(kind="sharegpt"),
                                         output_len=LengthDist(kind="sharegpt")))
     run = simulate_scenario(sc, check_invariants=True)

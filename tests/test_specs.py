@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from npusim.errors import NpusimError
-from npusim.specs import (MODEL_ZOO, NUMBER_FIELDS, HW_PROFILE_DIR, EngineConfig, check_block_size,
-                          known_hardware, load_hardware, load_model)
+from npusim.specs import (ENGINE_NUMBER_FIELDS, LAYER_OPS, MODEL_ZOO, NUMBER_FIELDS, HW_PROFILE_DIR,
+                          STEP_OPS, EngineConfig, check_block_size, known_engines, known_hardware,
+                          load_engine_profile, load_hardware, load_model, resolve_engine)
 
 REQUIRED_PROFILES = {"ascend-910", "ascend-910b1", "ascend-910b2", "ascend-910b3", "ascend-910b4",
                      "ascend-310p3", "h100-sxm", "h200", "a100-sxm-80g"}
@@ -26,9 +27,23 @@ def test_profile_loads_with_a_source_for_every_number(name):
         assert len(prov.source) >= 3, field
         value = getattr(hw, field)
         assert math.isfinite(value) and value >= 0, field
-    assert hw.kv_block_sizes.source
-    assert hw.kv_block_sizes.accepts(hw.kv_block_sizes.recommended)
+    assert load_engine_profile(hw.default_engine).name == hw.default_engine
     assert hw.idle_w < hw.tdp_w
+
+
+@pytest.mark.parametrize("name", known_engines())
+def test_engine_profile_loads_with_a_source_for_every_number(name):
+    e = load_engine_profile(name)
+    assert set(e.kernels) == set(LAYER_OPS) | set(STEP_OPS)
+    assert set(e.provenance) == set(ENGINE_NUMBER_FIELDS) | {f"kernels.{o}" for o in e.kernels}
+    for prov in e.provenance.values():
+        assert len(prov.source) >= 3
+    assert e.kv_block_sizes.accepts(e.kv_block_sizes.recommended)
+    # a graph replays captured kernels: nothing is dispatched one by one
+    if e.execution == "graph":
+        assert e.dispatch_per_kernel_us == 0
+    if e.execution == "eager":
+        assert e.dispatch_per_kernel_us > 0 and e.graph_launch_us == 0
 
 
 def test_ascend_cube_peak_matches_core_count_and_clock():
@@ -144,17 +159,50 @@ def test_hf_config_errors(tmp_path):
         load_model("gpt-5")
 
 
-def test_block_size_rules():
-    asc = load_hardware("ascend-910b2")
+def test_block_size_rules_belong_to_the_engine():
+    asc = load_engine_profile("vllm-ascend-graph")  # vllm-ascend's attention takes 128 only
     check_block_size(asc, 128)
-    check_block_size(asc, 512)
-    for bad in (100, 0, 1024):
+    for bad in (16, 100, 0, 256):
         with pytest.raises(NpusimError, match="block_size"):
             check_block_size(asc, bad)
-    gpu = load_hardware("h100-sxm")
+    mindie = load_engine_profile("mindie")  # multiples of 16 up to 128
+    check_block_size(mindie, 16)
+    with pytest.raises(NpusimError, match="not accepted by mindie"):
+        check_block_size(mindie, 136)
+    gpu = load_engine_profile("vllm")
     check_block_size(gpu, 16)
-    with pytest.raises(NpusimError, match="allowed: 8, 16, 32, 64, 128"):
+    with pytest.raises(NpusimError, match="allowed: 16, 32, 64, 128"):
         check_block_size(gpu, 256)
+
+
+def test_a_named_engine_gives_its_defaults_and_a_device_names_its_engine():
+    h200, asc = load_hardware("h200"), load_hardware("ascend-910b2")
+    profile, cfg = resolve_engine(h200, EngineConfig())
+    assert profile.name == h200.default_engine == "vllm" and cfg.block_size == 16
+    profile, cfg = resolve_engine(asc, EngineConfig())
+    assert profile.name == "vllm-ascend-graph" and cfg.block_size == 128
+    profile, cfg = resolve_engine(asc, EngineConfig(profile="mindie", block_size=32))
+    assert profile.name == "mindie" and cfg.block_size == 32
+    with pytest.raises(NpusimError, match="unknown engine 'nope'"):
+        resolve_engine(asc, EngineConfig(profile="nope"))
+
+
+def test_engine_profile_without_a_source_or_with_an_unknown_op_is_refused(tmp_path):
+    from npusim.specs import ENGINE_PROFILE_DIR
+    data = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
+    no_source = dict(data, kernels={**data["kernels"], "rope": {"value": 1, "kind": "assumed"}})
+    p = tmp_path / "a.yaml"
+    p.write_text(yaml.safe_dump(no_source))
+    with pytest.raises(NpusimError, match="kernels.rope"):
+        load_engine_profile(str(p))
+    unknown = dict(data, kernels={**data["kernels"], "flux": {"value": 1, "kind": "assumed", "source": "x y z"}})
+    p.write_text(yaml.safe_dump(unknown))
+    with pytest.raises(NpusimError, match="unknown op.*flux"):
+        load_engine_profile(str(p))
+    missing = dict(data, kernels={k: v for k, v in data["kernels"].items() if k != "silu_mul"})
+    p.write_text(yaml.safe_dump(missing))
+    with pytest.raises(NpusimError, match="no count given for silu_mul"):
+        load_engine_profile(str(p))
 
 
 def test_partition_shares_cores_and_bandwidth():
