@@ -517,6 +517,18 @@ def bench_kernel_chain(torch, dev: DeviceInfo, op: str, shape: tuple[int, int], 
             for _ in range(kernels):
                 x.add_(1.0)
         desc, flops, nbytes = "x.add_(1)", float(rows * cols), 2.0 * rows * cols * DTYPE_SIZE[dtype]
+    elif op == "rms_norm":
+        state = {"x": torch.randn(rows, cols, device=dev.device, dtype=td)}
+        w = torch.ones(cols, device=dev.device, dtype=td)
+        F = torch.nn.functional
+
+        def chain() -> None:
+            x = state["x"]
+            for _ in range(kernels):
+                x = F.rms_norm(x, (cols,), w, 1e-6)  # each reads the one before (one kernel each)
+        desc = "x = F.rms_norm(x)"
+        flops = 4.0 * rows * cols
+        nbytes = 2.0 * rows * cols * DTYPE_SIZE[dtype]
     elif op == "mm":
         a = torch.randn(rows, cols, device=dev.device, dtype=td) / cols
         b = torch.empty_like(a)
@@ -704,6 +716,11 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                 if kv_bytes <= plan["attn_max_kv_bytes"]:
                     yield batch, ctx_len, kv_bytes, _copies(plan, kv_bytes)
 
+    # SDPA's backend: the first of flash, efficient, default that runs, or the one asked for
+    # (then named in the impl, e.g. gather_sdpa_default: torch's own choice, cuDNN on Hopper)
+    chosen = plan.get("sdpa_backend")
+    prefer = (chosen,) if chosen else ("flash", "efficient", "default")
+    suffix = f"_{chosen}" if chosen and chosen != "flash" else ""
     for hq, hkv, d in plan["attn_heads"]:
         def base(batch, ctx_len, kv_bytes, copies):
             return {"heads": hq, "kv_heads": hkv, "head_dim": d, "batch": batch, "context": ctx_len,
@@ -714,12 +731,12 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                 say("decode attention: time budget spent, rest skipped")
                 return rows
             say(f"decode attention sdpa_dense Hq={hq} Hkv={hkv} D={d} B={batch} ctx={ctx_len}")
-            row = {**base(batch, ctx_len, kv_bytes, copies), "impl": "sdpa_dense", "block_size": None}
+            row = {**base(batch, ctx_len, kv_bytes, copies), "impl": "sdpa_dense" + suffix, "block_size": None}
             try:
                 qs = [torch.randn(batch, hq, 1, d, device=dev.device, dtype=td) for _ in range(copies)]
                 ks = [torch.randn(batch, hkv, ctx_len, d, device=dev.device, dtype=td) for _ in range(copies)]
                 vs = [torch.randn_like(k) for k in ks]
-                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b))
+                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b), prefer)
                 calls = [lambda i=i: sdpa(torch, qs[i], ks[i], vs[i], backend) for i in range(copies)]
                 row.update(backend=backend, **time_calls(torch, dev, calls, plan))
                 qs = ks = vs = None  # free the device memory before the next case
@@ -747,14 +764,16 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                           random_block_tables(torch, batch, nb, total_blocks, copies, seed=batch + ctx_len)]
                 slots = [block_slots(torch, t, bs) for t in tables]
                 for impl in plan["attn_impls"]:
-                    row = {**base(batch, ctx_len, kv_bytes, copies), "impl": impl, "block_size": bs,
+                    row = {**base(batch, ctx_len, kv_bytes, copies),
+                           "impl": impl + (suffix if impl == "gather_sdpa" else ""), "block_size": bs,
                            "pool_slots": num_slots}
                     try:
                         if impl == "gather_sdpa":
                             if 2 * kv_bytes > plan["attn_max_gather_bytes"]:
                                 continue
                             backend = pick_sdpa_backend(
-                                torch, lambda b: paged_decode_gather(torch, qs[0], k_pool, v_pool, slots[0], b))
+                                torch, lambda b: paged_decode_gather(torch, qs[0], k_pool, v_pool, slots[0], b),
+                                prefer)
                             row["backend"] = backend
                             calls = [lambda i=i: paged_decode_gather(torch, qs[i], k_pool, v_pool, slots[i], backend)
                                      for i in range(copies)]
@@ -940,7 +959,7 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
 def run_calibration(device: str = "auto", quick: bool = False,
                     progress: Callable[[str], None] | None = None,
                     sections: list[str] | tuple[str, ...] | None = None,
-                    budget_s: float | None = None) -> dict:
+                    budget_s: float | None = None, overrides: dict | None = None) -> dict:
     """Microbenchmarks on one device; a JSON-ready dict with device, date and raw samples.
 
     Sections (all by default): "basic" (the keys gemm, copy, elementwise, latency that `fit`
@@ -960,6 +979,7 @@ def run_calibration(device: str = "auto", quick: bool = False,
     dtype = pick_dtype(torch, dev)
     details = device_details(torch, dev)
     sweep = _sweep_plan(quick, on_cpu, details.get("L2_cache_size"))
+    sweep.update(overrides or {})  # e.g. other chains, another SDPA backend
     sweep_dtype = dtype
     _raise_recompile_limits(torch)
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -1327,6 +1347,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the sections not started after this many seconds")
+    p.add_argument("--sdpa-backend", default=None,
+                   help="decode attention: time SDPA under this backend (flash | efficient | cudnn | "
+                        "default, torch's own choice) instead of the first of flash, efficient, default "
+                        "that runs; rows record impl NAME_BACKEND")
+    p.add_argument("--chains", default=None,
+                   help="kernel chains to time instead of the default ones: OP:ROWSxCOLS,... with OP "
+                        "add, mm or rms_norm")
+    p.add_argument("--attn-impls", default=None, help="decode attention impls: gather_sdpa,flex_paged")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -1335,8 +1363,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        overrides: dict[str, Any] = {}
+        if args.sdpa_backend:
+            overrides["sdpa_backend"] = args.sdpa_backend
+        if args.chains:
+            chains = []
+            for item in args.chains.split(","):
+                op, _, shape = item.partition(":")
+                r, _, c = shape.partition("x")
+                chains.append((op.strip(), (int(r), int(c))))
+            overrides["chains"] = chains
+        if args.attn_impls:
+            overrides["attn_impls"] = [i.strip() for i in args.attn_impls.split(",") if i.strip()]
         meas = run_calibration(args.device, args.quick, progress=progress, sections=sections,
-                               budget_s=args.budget_s)
+                               budget_s=args.budget_s, overrides=overrides)
         print(format_measurements(meas))
         if args.out:
             print(f"measurements: {save_measurements(meas, args.out)}")

@@ -649,6 +649,56 @@ def calibrate_fit(
     console.print(f"profile written: {path} (use it with --hw {path})")
 
 
+@calibrate_app.command("engine")
+def calibrate_engine_cmd(
+    trace: str = typer.Option(..., "--trace", help="a torch.profiler chrome trace (.json, .json.gz) or Ascend kernel_details.csv of one decode step"),
+    model: str = MODEL_OPT,
+    batch: int = typer.Option(..., "--batch", min=1, help="decode sequences in the traced step"),
+    context: int = typer.Option(..., "--context", min=1, help="tokens of context per sequence in the traced step"),
+    base: str = typer.Option(..., "--base", help="engine profile the rest comes from: execution mode, host terms, page sizes"),
+    name: str = typer.Option(..., "--name", help="the new engine profile's name"),
+    out: str = typer.Option(..., "--out", help="where to write the engine profile (.yaml)"),
+    hw: Optional[str] = typer.Option(None, "--hw", help="the device traced: prints npusim's step on it with the new profile"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """An engine profile from a kernel trace of one decode step: kernels per op per layer and each op's least kernel time."""
+    from npusim.engine_calibration import calibrate_engine, write_engine_profile
+    from npusim.specs import engine_profile_from_mapping
+
+    if not out.endswith((".yaml", ".yml")):
+        raise NpusimError(f"--out must name a .yaml file, got {out}")
+    m = load_model(model)
+    mapping, report = calibrate_engine(trace, m, load_engine_profile(base), name=name, batch=batch,
+                                       context=context)
+    profile = engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
+    path = write_engine_profile(mapping, out)
+    predicted = None
+    if hw is not None:
+        h = load_hardware(hw)
+        cm = CostModel(h, m, engine=profile)
+        ctx = batch * (context + 1)
+        slots = batch * ceil_div(context + 1, 16) * 16
+        device = cm.step_time(batch, ctx, slots)
+        host, held = cm.host_times(batch, device, cm.kernels_per_iteration(True, False))
+        predicted = {"device_ms": device * 1e3, "iteration_ms": (host + held) * 1e3}
+    if as_json:
+        _print_json({**report, "out": str(path), "kernels_by_op": profile.kernels,
+                     "kernel_floor_us": profile.kernel_floor_us, "predicted": predicted})
+        return
+    t = Table(title=f"{profile.name}: {report['kernels']} kernels in {report['file']} "
+                    f"({report['layers']} layers, {report['kernels_per_layer']} kernels per layer)")
+    for col in ("op", "kernels", "least kernel us"):
+        t.add_column(col, justify="left" if col == "op" else "right")
+    for op, n in profile.kernels.items():
+        floor = profile.kernel_floor_us.get(op)
+        t.add_row(op, str(n), "-" if floor is None else f"{floor:.2f}")
+    console.print(t)
+    if predicted:
+        console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
+                      f"{predicted['iteration_ms']:.3f} ms (block 16)")
+    console.print(f"wrote {path}")
+
+
 @calibrate_app.command("import")
 def calibrate_import(
     hw: str = HW_OPT,

@@ -15,6 +15,7 @@ from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
                           load_engine_profile, resolve_engine)
+from npusim.calibration import load_tables
 
 ACT_BYTES = 2.0  # activations in bf16/fp16
 LOGIT_BYTES = 4.0  # logits are upcast to fp32 for sampling
@@ -93,6 +94,23 @@ class CostModel:
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
         self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
+        # measured kernel times of this device, when its profile was calibrated
+        self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
+        # the least time of one kernel of each op in this engine's implementation
+        floors = self.engine.kernel_floor_us
+        self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS}
+        norm = self.engine.norm_kernel
+        if norm is not None and self.tables is not None:
+            # this engine's norm kernel was timed on this device: its least time at this width
+            self._norm_floor = {op: self.tables.chains.time(norm, 8, w) for op, w in
+                                (("rmsnorm_attn", model.hidden_size), ("rmsnorm_mlp", model.hidden_size),
+                                 ("final_norm", model.hidden_size), ("qk_norm", model.head_dim))}
+            if None in self._norm_floor.values():
+                raise NpusimError(f"engine {self.engine.name}: norm kernel {norm!r} is not among "
+                                  f"{hw.name}'s timed kernel chains")
+            self.floor.update(self._norm_floor)
+        self._peak = hw.matmul_tflops("fp16" if weight_dtype == "fp16" else "bf16") * 1e12
+        self._peak_bw = hw.memory_bandwidth_gbs * 1e9
         self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
         self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
         e = self.engine
@@ -116,7 +134,16 @@ class CostModel:
         group = m.num_heads // m.num_kv_heads
         # GQA packs the query heads of one KV head as the rows of a small GEMM.
         self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
-        self._decode_attn_latency = self.kernels["attention_decode"] * self.latency
+        self._decode_kernels = self.kernels["attention_decode"]
+        self._decode_floor = self.floor["attention_decode"]
+        impl = self.engine.decode_attention_impl
+        self._decode_table = None
+        if impl is not None and self.tables is not None:
+            if impl not in self.tables.decode_attention.impls():
+                raise NpusimError(f"engine {self.engine.name}: decode attention {impl!r} is not in "
+                                  f"{hw.name}'s calibration ({', '.join(sorted(self.tables.decode_attention.impls()))})")
+            self._decode_table = self.tables.decode_attention
+        self._decode_cache: dict[tuple[int, int], float] = {}
 
     def _has(self, op: str) -> bool:
         if op == "qkv_bias":
@@ -126,39 +153,64 @@ class CostModel:
         return True
 
     # -- primitive pricing -----------------------------------------------------------------------
-    def _price(self, flops: float, nbytes: float, rate: float, kernels: int) -> tuple[float, str]:
-        """Roofline of the op's work plus the least time of each of its kernels (fused ops, with
-        no kernel of their own, add only their work)."""
+    def _price(self, flops: float, nbytes: float, rate: float, kernels: int,
+               floor: float | None = None) -> tuple[float, str]:
+        """One of the op's kernels does its work (the roofline, or less than that kernel's least
+        time); each other kernel costs its least time. A fused op (no kernel of its own) costs
+        only its work, in its neighbour's kernel."""
         tc = flops / rate
         tm = nbytes / self.bw
         t = max(tc, tm)
-        lat = kernels * self.latency
         bound = "compute" if tc >= tm else "memory"
-        if lat > t:
-            bound = "latency"
-        return t + lat, bound
+        if not kernels:
+            return t, bound
+        floor = self.latency if floor is None else floor
+        if floor > t:
+            t, bound = floor, "latency"
+        return t + (kernels - 1) * floor, bound
+
+    def _gemm_roofline(self, m: int, n: int, k: int, weight_bytes: float = ACT_BYTES) -> float:
+        """The datasheet roofline of a GEMM: only a ratio between shapes, for the measured table."""
+        return max(2.0 * m * n * k / self._peak,
+                   (n * k * weight_bytes + (m * k + m * n) * ACT_BYTES) / self._peak_bw)
 
     def gemm(self, m: int, k: int, n: int, weight_bytes_per_elem: float = ACT_BYTES, kernels: int = 1,
              name: str = "gemm") -> Op:
-        """One (m x k) @ (k x n) GEMM whose weight has `weight_bytes_per_elem`, in `kernels` kernels."""
+        """One (m x k) @ (k x n) GEMM whose weight has `weight_bytes_per_elem`, in `kernels` kernels:
+        the measured time of the device when it was calibrated, else the roofline with tile padding.
+        Kernels beyond the GEMM (a split-K reduction, a slice) cost their least time each."""
         hw = self.hw
-        eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
-               * _pad_efficiency(k, hw.matmul_tile_k))
         flops = 2.0 * m * n * k
         nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels)
+        floor = self.floor.get(name, self.latency)
+        if self.tables is not None and kernels:
+            t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
+            if weight_bytes_per_elem != ACT_BYTES:  # measured in bf16: carried to the weight's bytes
+                t *= self._gemm_roofline(m, n, k, weight_bytes_per_elem) / self._gemm_roofline(m, n, k)
+            bound = "compute" if flops / self._peak >= nbytes / self._peak_bw else "memory"
+            return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
+        eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
+               * _pad_efficiency(k, hw.matmul_tile_k))
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, floor)
         return Op(name, flops, nbytes, t, bound, kernels)
 
     def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
         return self.gemm(m, k, n, weight_bytes_per_elem, self.kernels[name], name)
 
-    def vector(self, flops: float, nbytes: float, kernels: int = 1, name: str = "vector") -> Op:
-        """Elementwise or reduction work on the vector units, in `kernels` kernels."""
-        t, bound = self._price(flops, nbytes, self.vec_rate, kernels)
+    def vector(self, flops: float, nbytes: float, kernels: int = 1, name: str = "vector",
+               passes: int = 1) -> Op:
+        """Elementwise or reduction work on the vector units, in `kernels` kernels that each move
+        the op's `nbytes` (`passes` times in all)."""
+        nbytes *= passes
+        t, bound = self._price(flops, nbytes, self.vec_rate, kernels, self.floor.get(name, self.latency))
         return Op(name, flops, nbytes, t, bound, kernels)
 
     def _vector(self, name: str, flops: float, nbytes: float) -> Op:
-        return self.vector(flops, nbytes, self.kernels[name], name)
+        # An unfused op's kernels each read and write its tensors (a rotary embedding of five
+        # elementwise kernels moves them five times); the KV write's kernels split k from v.
+        k = self.kernels[name]
+        passes = 1 if name == "kv_cache_write" else max(1, k)
+        return self.vector(flops, nbytes, k, name, passes)
 
     @property
     def _linear_weight_bytes(self) -> float:
@@ -218,7 +270,9 @@ class CostModel:
         flops = self._attn_flops_per_ctx * context_tokens
         nbytes = kv_slots * self._kv_read_bytes_per_slot + 2.0 * num_decodes * m.q_dim * ACT_BYTES
         kernels = self.kernels["attention_decode"]
-        t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels)
+        t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels, self.floor["attention_decode"])
+        if self._decode_table is not None:
+            t = self.decode_attention_time(num_decodes, context_tokens, kv_slots)
         return Op("attention_decode", flops, nbytes, t, bound, kernels)
 
     def attention_prefill_op(self, chunks: Sequence[tuple[int, int]]) -> Op:
@@ -234,9 +288,15 @@ class CostModel:
             new += c
         flops = self._attn_flops_per_ctx * pairs
         nbytes = kv_tokens * self.kv_bytes_per_token_layer + 2.0 * new * m.q_dim * ACT_BYTES
-        eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
         kernels = self.kernels["attention_prefill"]
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels)
+        if self.tables is not None and self.tables.has_prefill:
+            # each chunk at the rate flash attention reached over as many query-key pairs
+            t = sum(self.tables.prefill_attention.time(m.num_heads, m.num_kv_heads, m.head_dim,
+                                                        self._attn_flops_per_ctx * (c * p + c * (c + 1) / 2.0))
+                    for c, p in chunks)
+            return Op("attention_prefill", flops, nbytes, t, "compute", kernels)
+        eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, self.floor["attention_prefill"])
         return Op("attention_prefill", flops, nbytes, t, bound, kernels)
 
     def ops(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
@@ -338,10 +398,25 @@ class CostModel:
 
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""
+        if self._decode_table is not None:
+            key = (num_decodes, kv_slots)
+            t = self._decode_cache.get(key)
+            if t is None:
+                m = self.model
+                # the measured kernel at this batch, each sequence reading its mean pages
+                t = self._decode_table.time(self.engine.decode_attention_impl, m.num_heads, m.num_kv_heads,
+                                            m.head_dim, None, num_decodes, kv_slots / num_decodes)
+                self._decode_cache[key] = t
+            return t
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
         tm = (kv_slots * self._kv_read_bytes_per_slot
               + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
-        return (tc if tc > tm else tm) + self._decode_attn_latency
+        t = tc if tc > tm else tm
+        k = self._decode_kernels
+        if not k:
+            return t
+        f = self._decode_floor
+        return (t if t > f else f) + (k - 1) * f
 
 
 # --------------------------------------------------------------------------- memory

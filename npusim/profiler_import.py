@@ -495,7 +495,7 @@ KERNEL_CATEGORIES: list[tuple[str, re.Pattern]] = [(c, re.compile(p)) for c, p i
 _TRITON = re.compile(r"^triton_(poi|red|per|tem)_fused_(\w*?)(_\d+)?$")
 _TRITON_RULES: list[tuple[str, Any]] = [
     ("gemm", lambda w: w & {"mm", "bmm", "addmm"}),
-    ("norm", lambda w: "rsqrt" in w and w & {"mean", "var"}),  # rms_norm: pow, mean, rsqrt, mul
+    ("norm", lambda w: ("rsqrt" in w and w & {"mean", "var"}) or {"rms", "norm"} <= w),  # rms_norm: pow, mean, rsqrt, mul; or aten's _fused_rms_norm
     ("rope", lambda w: w & {"cos", "sin", "rotary"}),
     ("activation", lambda w: w & {"silu", "gelu", "sigmoid", "relu", "tanh"}),
     ("sampling", lambda w: w & {"softmax", "argmax", "sort", "topk"}),

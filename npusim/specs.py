@@ -159,6 +159,9 @@ class HardwareSpec(BaseModel):
     matmul_tile_n: int = Field(gt=0)
     matmul_tile_k: int = Field(gt=0)
     default_engine: str = Field(min_length=1, description="engine profile used when none is named")
+    # measured kernel times (`npusim calibrate run`) the cost model interpolates; relative paths
+    # are relative to the profile's folder. None: the datasheet roofline with its efficiencies.
+    calibration_files: list[str] = Field(default_factory=list)
     provenance: dict[str, Provenance]
 
     @model_validator(mode="after")
@@ -194,6 +197,7 @@ class HardwareSpec(BaseModel):
         bw = min(self.memory_bandwidth_gbs * f, cores * self.per_core_bandwidth_gbs)
         return self.model_copy(update={
             "name": f"{self.name}[{cores}c]",
+            "calibration_files": [],  # measured on the whole device: a partition has its roofline
             "ai_cores": cores,
             "vector_cores": max(1, round(self.vector_cores * f)),
             "matmul_tflops_fp16": self.matmul_tflops_fp16 * f,
@@ -257,7 +261,16 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
         raise NpusimError(
             f"unknown hardware {str(name_or_path)!r}; known: {', '.join(known_hardware())} "
             f"(or give a path to a .yaml profile)")
-    return hardware_from_mapping(load_mapping(path), str(path))
+    hw = hardware_from_mapping(load_mapping(path), str(path))
+    files = []
+    for name in hw.calibration_files:
+        cal = Path(name)
+        if not cal.is_absolute():
+            cal = path.parent / cal
+        if not cal.exists():
+            raise NpusimError(f"{path}: calibration_files: {name} not found")
+        files.append(str(cal))
+    return hw.model_copy(update={"calibration_files": files}) if files else hw
 
 
 # --------------------------------------------------------------------------- engine profiles
@@ -288,6 +301,16 @@ class EngineProfile(BaseModel):
     kv_block_sizes: BlockSizeRule
     kernels: dict[str, int]  # op -> kernels it launches (per layer for LAYER_OPS, per step for STEP_OPS)
     decode_kv_passes: float = Field(ge=1, description="times decode attention moves each KV byte: 1 in place, 3 for a gather copy")
+    # the measured decode attention kernel of the calibration file this engine runs ("sdpa_dense",
+    # "gather_sdpa", "flex_paged"); None: the roofline with decode_kv_passes
+    decode_attention_impl: str | None = None
+    # least device time of one kernel of an op in this implementation on the device it was traced
+    # on (a strided elementwise kernel costs more than the device's least kernel); default: the
+    # hardware's kernel_latency_us
+    kernel_floor_us: dict[str, float] = Field(default_factory=dict)
+    # the kernel chain of the device's calibration that times this engine's RMSNorm kernels (its
+    # least time grows with the row width): "rms_norm" for PyTorch's F.rms_norm; None: not timed
+    norm_kernel: str | None = None
     # host terms, seconds as named
     host_per_iteration_ms: float = Field(ge=0, description="scheduler and input preparation per iteration")
     host_per_sequence_us: float = Field(ge=0, description="sampling, detokenisation, output processing per sequence")
@@ -307,8 +330,13 @@ class EngineProfile(BaseModel):
         bad = [f"{o} = {n}" for o, n in self.kernels.items() if n < 0]
         if bad:
             raise ValueError(f"kernels must be >= 0, got {', '.join(bad)}")
+        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS))
+        if unknown:
+            raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
         need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance]
         need += [f"kernels.{o}" for o in self.kernels if f"kernels.{o}" not in self.provenance]
+        need += [f"kernel_floor_us.{o}" for o in self.kernel_floor_us
+                 if f"kernel_floor_us.{o}" not in self.provenance]
         if need:
             raise ValueError(f"no source given for {', '.join(need)}")
         return self
@@ -338,12 +366,12 @@ def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfi
     for key, val in data.items():
         if key in ENGINE_NUMBER_FIELDS:
             flat[key], provenance[key] = _split_number(val, key, where)
-        elif key == "kernels":
+        elif key in ("kernels", "kernel_floor_us"):
             if not isinstance(val, dict):
-                raise NpusimError(f"{where}: kernels must be a mapping of op -> {{value, kind, source}}")
-            flat["kernels"] = {}
+                raise NpusimError(f"{where}: {key} must be a mapping of op -> {{value, kind, source}}")
+            flat[key] = {}
             for op, item in val.items():
-                flat["kernels"][op], provenance[f"kernels.{op}"] = _split_number(item, f"kernels.{op}", where)
+                flat[key][op], provenance[f"{key}.{op}"] = _split_number(item, f"{key}.{op}", where)
         else:
             flat[key] = val
     flat["provenance"] = provenance

@@ -173,8 +173,9 @@ def test_matmul_efficiency_from_kernels(records, hw):
     assert gate_up[0]["tflops"] == pytest.approx(300.0, abs=0.01)
     qkv = next(g for g in gemms if g["n"] == 6144)  # stored transposed: (1024,4096);(6144,4096)
     assert (qkv["m"], qkv["k"]) == (1024, 4096) and qkv["tflops"] == pytest.approx(260.0, abs=0.01)
-    # predicted = CostModel._gemm: flops at 0.85 of the cube peak plus the 5 us kernel latency
-    assert gate_up[0]["predicted_us"] == pytest.approx(GATE_UP_FLOPS / (PEAK_910B2 * 1e12 * 0.85) * 1e6 + 5.0)
+    # predicted = CostModel.gemm: flops at 0.85 of the cube peak (the 5 us least kernel time is
+    # far below it)
+    assert gate_up[0]["predicted_us"] == pytest.approx(GATE_UP_FLOPS / (PEAK_910B2 * 1e12 * 0.85) * 1e6)
     assert gate_up[0]["ratio"] == pytest.approx(801.727 / gate_up[0]["predicted_us"])
     decode = next(g for g in gemms if g["m"] == 16)
     assert decode["bound"] == "memory" and not decode["compute_bound"]

@@ -35,7 +35,8 @@ def test_profile_loads_with_a_source_for_every_number(name):
 def test_engine_profile_loads_with_a_source_for_every_number(name):
     e = load_engine_profile(name)
     assert set(e.kernels) == set(LAYER_OPS) | set(STEP_OPS)
-    assert set(e.provenance) == set(ENGINE_NUMBER_FIELDS) | {f"kernels.{o}" for o in e.kernels}
+    assert set(e.provenance) == (set(ENGINE_NUMBER_FIELDS) | {f"kernels.{o}" for o in e.kernels}
+                                 | {f"kernel_floor_us.{o}" for o in e.kernel_floor_us})
     for prov in e.provenance.values():
         assert len(prov.source) >= 3
     assert e.kv_block_sizes.accepts(e.kv_block_sizes.recommended)

@@ -1,0 +1,114 @@
+"""npusim's step predictions against measured steps of a real decoder, by device, engine, phase, model.
+
+The measurements: npusim's reference decoder (hw_profiles/measurements/reference_decoder.py) on the
+lent H200, plain PyTorch with a paged KV cache read by gather + SDPA, decode in a CUDA graph
+("graph") or launched eagerly ("eager"), five models, decode over batch x context, batch-1
+prefill, and mixed iterations (decodes plus one chunk): h200-2026-12-02-decoder-per-process.json
+(graph and eager, one fresh process per model) and h200-2026-12-02-decoder.json (the rest).
+
+What was fitted, and on what (everything else is a prediction):
+- the device: the h200 profile's tables are microbenchmarks of single kernels (GEMMs over M,
+  decode and prefill attention, dependent-kernel chains): h200-2026-12-02-calibrate.json;
+- the engines torch-graph and torch-eager: kernels per op per layer and each op's least kernel time,
+  from ONE trace, llama-3.1-8b decode at batch 8, context 2048 (`npusim calibrate engine`);
+- torch-eager's host dispatch per kernel: from ONE measured eager step, llama-3.1-8b decode at
+  batch 1, context 512 (host-bound: its time over its kernels), see FIT_EAGER below.
+Rows used in fitting are marked and left out of the error statistics.
+
+Run: .venv/bin/python benchmarks/validate_steps.py [--rows]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from npusim.costmodel import CostModel
+from npusim.specs import ceil_div, load_engine_profile, load_hardware, load_model
+
+MEAS = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"
+FILES = ("h200-2026-12-02-decoder-per-process.json", "h200-2026-12-02-decoder.json")
+ENGINES = {"graph": "torch-graph", "eager": "torch-eager"}
+FIT_TRACE = ("llama-3.1-8b", "decode", 8, 2048)
+FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 1, 512)
+
+
+def rows() -> list[dict]:
+    """Measured rows, each (model, style, phase, shape) once: the per-process file first."""
+    seen, out = set(), []
+    for name in FILES:
+        data = json.loads((MEAS / name).read_text())
+        for r in data["rows"]:
+            if "median_ms" not in r or r["style"] not in ENGINES or r.get("attn") not in ("gather", "sdpa"):
+                continue
+            key = (r["model"], r["style"], r["phase"], r["batch"], r["context"], r["prompt"], r["chunk"],
+                   r["cached"], r["block_size"])
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
+def predict(cm: CostModel, r: dict) -> float:
+    """npusim's iteration time (ms) for a measured row."""
+    bs = r["block_size"]
+    B, ctx = r["batch"], r["context"]
+    kw: dict = {}
+    if r["phase"] in ("decode", "mixed") and B:
+        kw.update(num_decodes=B, decode_context_tokens=B * ctx, decode_kv_slots=B * ceil_div(ctx, bs) * bs)
+    if r["phase"] == "prefill":
+        kw["prefill_chunks"] = [(r["prompt"], 0)]
+    elif r["phase"] == "mixed":
+        kw["prefill_chunks"] = [(r["chunk"], r["cached"])]
+    kw["num_sampled"] = r["sampled"]
+    device = cm.step_time(**kw)
+    host, held = cm.host_times(r["sampled"], device,
+                               cm.kernels_per_iteration(bool(kw.get("num_decodes")), bool(kw.get("prefill_chunks"))))
+    return (host + held) * 1e3
+
+
+def main() -> None:
+    hw = load_hardware("h200")
+    engines = {s: load_engine_profile(e) for s, e in ENGINES.items()}
+    models = {}
+    results = []
+    for r in rows():
+        m = models.setdefault(r["model"], load_model(r["model"]))
+        cm = CostModel(hw, m, engine=engines[r["style"]])
+        pred = predict(cm, r)
+        fitted = ((r["model"], r["phase"], r["batch"], r["context"]) == FIT_TRACE
+                  or (r["model"], r["style"], r["phase"], r["batch"], r["context"]) == FIT_EAGER)
+        results.append(dict(r, predicted_ms=pred, error=pred / r["median_ms"] - 1, fitted=fitted))
+    if "--rows" in sys.argv:
+        for x in results:
+            shape = (f"B={x['batch']} ctx={x['context']}" if x["phase"] == "decode" else
+                     f"P={x['prompt']}" if x["phase"] == "prefill" else
+                     f"B={x['batch']} ctx={x['context']} c={x['chunk']} p={x['cached']}")
+            print(f"{x['model']:<13} {x['style']:<6} {x['phase']:<8} {shape:<28} bs={x['block_size']:<4} "
+                  f"measured {x['median_ms']:8.3f}  npusim {x['predicted_ms']:8.3f}  {x['error']:+7.1%}"
+                  + ("  (fitted)" if x["fitted"] else ""))
+        print()
+    groups: dict[tuple, list[float]] = {}
+    for x in results:
+        if x["fitted"]:
+            continue
+        phase = x["phase"]
+        if phase == "prefill" and x["prompt"] < 2048:
+            phase = "prefill < 2k"
+        groups.setdefault(("h200", ENGINES[x["style"]], phase, x["model"]), []).append(x["error"])
+        groups.setdefault(("h200", ENGINES[x["style"]], phase, "all"), []).append(x["error"])
+    print(f"{'device':<6} {'engine':<12} {'phase':<13} {'model':<13} {'rows':>4} {'median |err|':>13} "
+          f"{'max |err|':>10} {'median err':>11}")
+    for key in sorted(groups, key=lambda k: (k[1], k[2], k[3] == "all", k[3])):
+        errs = groups[key]
+        print(f"{key[0]:<6} {key[1]:<12} {key[2]:<13} {key[3]:<13} {len(errs):>4} "
+              f"{statistics.median(abs(e) for e in errs):>13.1%} {max(abs(e) for e in errs):>10.1%} "
+              f"{statistics.median(errs):>+11.1%}")
+    print(f"\n{sum(x['fitted'] for x in results)} rows were used in fitting and are not in the table; "
+          f"{len(results)} rows in all.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Shape-aware device costs from a calibration file (`npusim calibrate run` on the device).
+
+A hardware profile may name the measurements that calibrated it (`calibration_files`); the cost
+model then prices GEMMs, decode attention and prefill attention from those measured times instead
+of the datasheet roofline, interpolating between measured shapes:
+
+* a GEMM by its M (tokens) on the measured (N, K) nearest in log space, its time carried to the
+  queried (N, K) in proportion to their rooflines: the measured efficiency at that M, with the
+  small-M weight-streaming ramp and the large-M compute plateau both in it;
+* decode attention by batch and context (log-log, bilinear) for the kernel the engine uses, on the
+  nearest measured head layout, in proportion to the KV bytes read;
+* prefill attention by the rate flash attention reached at that many query-key pairs.
+
+Nothing here is fitted to a result npusim is asked to predict: the tables are microbenchmarks of
+single kernels, and every time comes back from one of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+from npusim.errors import NpusimError
+
+
+def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear interpolation of log y over log x; beyond the ends, y scales as x (the
+    cost of more of the same work)."""
+    if x <= xs[0]:
+        return ys[0] * x / xs[0]
+    if x >= xs[-1]:
+        return ys[-1] * x / xs[-1]
+    i = bisect.bisect_right(xs, x) - 1
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+
+
+class GemmTable:
+    """Measured GEMM times over M for each measured (N, K)."""
+
+    def __init__(self, rows: list[dict]):
+        by_nk: dict[tuple[int, int], dict[int, float]] = {}
+        for r in rows:
+            by_nk.setdefault((r["n"], r["k"]), {})[r["m"]] = r["seconds"]
+        self.curves = {nk: (sorted(c), [c[m] for m in sorted(c)]) for nk, c in by_nk.items()}
+
+    def nearest(self, n: int, k: int) -> tuple[int, int]:
+        if (n, k) in self.curves:
+            return n, k
+        return min(self.curves, key=lambda nk: (math.log(nk[0] / n)) ** 2 + (math.log(nk[1] / k)) ** 2)
+
+    def time(self, m: int, n: int, k: int, roofline) -> float:
+        """Seconds of an (m x k) @ (k x n) GEMM; `roofline(m, n, k)` carries a measured shape's
+        time to an unmeasured one."""
+        nk = self.nearest(n, k)
+        ms, ts = self.curves[nk]
+        t = _interp_loglog(ms, ts, m)
+        if nk != (n, k):
+            t *= roofline(m, n, k) / roofline(m, *nk)
+        return t
+
+
+class DecodeAttentionTable:
+    """Measured decode attention (one query per sequence) by kernel, head layout and page size."""
+
+    def __init__(self, rows: list[dict]):
+        groups: dict[tuple, dict[tuple[int, int], float]] = {}
+        for r in rows:
+            key = (r["impl"], r["heads"], r["kv_heads"], r["head_dim"], r.get("block_size"))
+            groups.setdefault(key, {})[(r["batch"], r["context"])] = r["seconds"]
+        self.groups = groups
+
+    def impls(self) -> set[str]:
+        return {g[0] for g in self.groups}
+
+    def time(self, impl: str, heads: int, kv_heads: int, head_dim: int, block_size: int | None,
+             batch: int, context: float) -> float | None:
+        keys = [g for g in self.groups if g[0] == impl]
+        if not keys:
+            return None
+        # the same layout if measured, else the nearest, carried by the KV bytes (kv heads x dim)
+        def distance(g):
+            return (math.log(g[2] * g[3] / (kv_heads * head_dim)) ** 2 + math.log(g[1] / heads) ** 2
+                    + (0 if g[4] in (None, block_size) else 0.01 + abs(math.log((g[4] or 1) / (block_size or 1)))))
+        key = min(keys, key=distance)
+        grid = self.groups[key]
+        bs = sorted({b for b, _ in grid})
+        cs = sorted({c for _, c in grid})
+        t = _bilinear_loglog(bs, cs, grid, batch, context)
+        return t * (kv_heads * head_dim) / (key[2] * key[3])
+
+
+def _bilinear_loglog(xs: list[int], ys: list[int], grid: dict, x: float, y: float) -> float:
+    """log t interpolated in log y along each measured x, then in log x across them; beyond the
+    measured range t scales with x and y. Grid points that were not measured are skipped."""
+    along = []
+    for xv in xs:
+        pts = sorted((yv, grid[(xv, yv)]) for yv in ys if (xv, yv) in grid)
+        if pts:
+            along.append((xv, _interp_loglog([p[0] for p in pts], [p[1] for p in pts], y)))
+    return _interp_loglog([a[0] for a in along], [a[1] for a in along], x)
+
+
+class PrefillAttentionTable:
+    """The rate causal flash attention reached, by head layout, over the query-key pairs it did."""
+
+    def __init__(self, rows: list[dict]):
+        groups: dict[tuple[int, int, int], dict[float, float]] = {}
+        for r in rows:
+            groups.setdefault((r["heads"], r["kv_heads"], r["head_dim"]), {})[r["flops"]] = r["flops"] / r["seconds"]
+        self.curves = {g: (sorted(c), [c[f] for f in sorted(c)]) for g, c in groups.items()}
+
+    def time(self, heads: int, kv_heads: int, head_dim: int, flops: float) -> float:
+        key = min(self.curves, key=lambda g: (math.log(g[2] / head_dim)) ** 2 + (math.log(g[0] / heads)) ** 2
+                  + (math.log(g[1] / kv_heads)) ** 2)
+        fs, rates = self.curves[key]
+        if flops <= fs[0]:
+            rate = rates[0] * flops / fs[0]  # below the smallest measured: the kernel's floor
+        elif flops >= fs[-1]:
+            rate = rates[-1]  # past the largest: its plateau
+        else:
+            rate = _interp_loglog(fs, rates, flops)
+        return flops / rate
+
+
+class ChainTable:
+    """Least time of one small dependent kernel of an op (a chain replayed from a graph), by the
+    tensor's rows and columns: a normalisation, for one, takes longer the wider its rows are."""
+
+    def __init__(self, rows: list[dict]):
+        self.curves: dict[str, dict[int, tuple[list[int], list[float]]]] = {}
+        by_op: dict[str, dict[int, dict[int, float]]] = {}
+        for r in rows:
+            g = r.get("graph") or {}
+            if "us_per_kernel" in g:
+                rr, cc = r["shape"]
+                by_op.setdefault(r["op"], {}).setdefault(rr, {})[cc] = g["us_per_kernel"] * 1e-6
+        for op, by_rows in by_op.items():
+            self.curves[op] = {rr: (sorted(c), [c[k] for k in sorted(c)]) for rr, c in by_rows.items()}
+
+    def time(self, op: str, rows: int, cols: int) -> float | None:
+        curves = self.curves.get(op)
+        if not curves:
+            return None
+        rr = min(curves, key=lambda x: abs(math.log(x / max(rows, 1))))
+        cs, ts = curves[rr]
+        if cols <= cs[0]:
+            return ts[0]  # a narrower tensor cannot make the kernel cheaper than its least time
+        if len(cs) == 1:
+            return ts[0]
+        return _interp_loglog(cs, ts, cols)
+
+
+class DeviceTables:
+    """Every table of a device's calibration files (later files add rows to earlier ones)."""
+
+    def __init__(self, data: dict, where: str):
+        self.where = where
+        try:
+            # rows that carry an error instead of a time (a kernel that did not run) are left out
+            def timed(key):
+                return [r for r in data.get(key, []) if "seconds" in r and r.get("dtype", "bf16") == "bf16"]
+            self.gemm = GemmTable(timed("gemm_sweep"))
+            self.decode_attention = DecodeAttentionTable(timed("decode_attention"))
+            self.prefill_attention = PrefillAttentionTable(timed("prefill_attention"))
+            self.chains = ChainTable(data.get("kernel_chain", []))
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            raise NpusimError(f"{where}: malformed calibration table ({e!r})") from None
+        if not self.gemm.curves:
+            raise NpusimError(f"{where}: no bf16 gemm_sweep rows: not a calibration file of `npusim calibrate run`")
+        self.has_prefill = bool(self.prefill_attention.curves)
+
+
+SECTIONS = ("gemm_sweep", "decode_attention", "prefill_attention", "kernel_chain")
+
+
+@lru_cache(maxsize=16)
+def load_tables(paths: tuple[str, ...]) -> DeviceTables:
+    """The tables of one or more calibration files of one device, their rows merged."""
+    merged: dict[str, list] = {k: [] for k in SECTIONS}
+    for path in paths:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise NpusimError(f"{p}: cannot read calibration file ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise NpusimError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise NpusimError(f"{p}: not a calibration file of `npusim calibrate run`")
+        for k in SECTIONS:
+            merged[k] += data.get(k, [])
+    return DeviceTables(merged, ", ".join(paths))

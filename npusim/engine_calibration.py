@@ -1,0 +1,214 @@
+"""An engine profile from a kernel trace of one forward step of the user's own engine.
+
+`npusim calibrate engine --trace FILE ...` reads the device kernels of one decode step (a
+torch.profiler chrome trace, CUDA or torch_npu, or an Ascend kernel_details.csv), walks them
+layer by layer and assigns each kernel to one of npusim's ops by where it falls in the layer:
+
+    norm | QKV GEMM | q/k norms, RoPE, KV write | attention | O GEMM | residual, norm |
+    gate/up GEMM | activation | down GEMM | residual
+
+(the layer's four GEMM calls are its landmarks; a GEMM's split-K reduction belongs to it). It
+counts each op's kernels per layer (the median over the layers), takes each op's least kernel time
+from the durations of its small kernels (in a decode step their work is far below their fixed
+cost), and, for an eager trace, the host's dispatch time per kernel from the span of the step's
+host ops. Everything else (execution mode, host terms, page sizes) comes from a base profile.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from npusim.errors import NpusimError
+from npusim.profiler_import import KernelRecord, classify_kernel, load_kernels
+from npusim.specs import LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec
+
+_SMALL = ("norm", "rope", "elementwise", "activation", "kv_write", "copy", "other", "sampling")
+
+
+def _calls(records: list[KernelRecord]) -> list[tuple[str, list[KernelRecord]]]:
+    """Kernels grouped by the op call that launched them (one GEMM and its reduction), in order,
+    each with its category."""
+    out: list[tuple[str, list[KernelRecord]]] = []
+    for r in records:
+        cat = classify_kernel(r.name, r.op_type)
+        # a split-K GEMM's reduction belongs to its GEMM (graph replays carry no op ids to say so)
+        if cat == "gemm" and out and out[-1][0] == "gemm" and "reduce" in r.name.lower():
+            out[-1][1].append(r)
+            continue
+        if out and r.op_id is not None and out[-1][1][-1].op_id == r.op_id:
+            out[-1][1].append(r)
+            if cat == "gemm":
+                out[-1] = ("gemm", out[-1][1])
+            continue
+        out.append((cat, [r]))
+    return out
+
+
+def _layers(calls: list[tuple[str, list[KernelRecord]]], num_layers: int) -> tuple[list, list, list]:
+    """(prologue calls, one list of calls per layer, epilogue calls). A layer runs from the call
+    after the previous layer's down GEMM (its last GEMM) through its own down GEMM's residual."""
+    gemm_at = [i for i, (cat, _) in enumerate(calls) if cat == "gemm"]
+    per_layer = 4
+    if len(gemm_at) < num_layers * per_layer + 1:
+        raise NpusimError(f"the trace has {len(gemm_at)} GEMM calls; a step of {num_layers} layers needs "
+                          f"{per_layer} per layer and the LM head (is it one whole forward step?)")
+    layer_gemms = [gemm_at[i * per_layer:(i + 1) * per_layer] for i in range(num_layers)]
+    lm_head = gemm_at[num_layers * per_layer]
+    # a layer starts just after the previous layer's residual: split between a down GEMM and the
+    # next norm, where the first norm (or, for layer 0, the first call after the embedding) sits
+    starts = []
+    for li, g in enumerate(layer_gemms):
+        lo = layer_gemms[li - 1][3] + 1 if li else 0
+        first_norm = next((i for i in range(lo, g[0]) if calls[i][0] == "norm"), g[0])
+        starts.append(first_norm)
+    prologue = calls[:starts[0]]
+    layers = [calls[starts[i]:(starts[i + 1] if i + 1 < num_layers else None)] for i in range(num_layers)]
+    # the last layer ends with its residual: the final norm and the head are the epilogue
+    last = layers[-1]
+    cut = next((i for i in range(len(last)) if calls.index(last[i]) > layer_gemms[-1][3]
+                and last[i][0] == "norm"), None)
+    epilogue_start = starts[-1] + cut if cut is not None else lm_head
+    layers[-1] = calls[starts[-1]:epilogue_start]
+    return prologue, layers, calls[epilogue_start:]
+
+
+def _assign_layer(layer: list[tuple[str, list[KernelRecord]]], qk_norm: bool) -> dict[str, list[KernelRecord]]:
+    """npusim op -> the layer's kernels it launched."""
+    ops: dict[str, list[KernelRecord]] = {o: [] for o in LAYER_OPS}
+    gemms = [i for i, (cat, _) in enumerate(layer) if cat == "gemm"]
+    qkv, o, gate_up, down = gemms[:4]
+    attn = [i for i, (cat, _) in enumerate(layer) if cat == "attention" and qkv < i < o]
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    for name, i in zip(names, (qkv, o, gate_up, down)):
+        ops[name] += layer[i][1]
+    first_attn = attn[0] if attn else o
+    norms_seen = 0
+    for i, (cat, kernels) in enumerate(layer):
+        if i in (qkv, o, gate_up, down):
+            continue
+        if i < qkv:
+            ops["rmsnorm_attn"] += kernels
+        elif i < first_attn:
+            if cat == "norm" and qk_norm and norms_seen < 2:
+                ops["qk_norm"] += kernels
+                norms_seen += 1
+            elif cat == "kv_write":
+                ops["kv_cache_write"] += kernels
+            elif cat == "copy" and any(k.duration_us > 0 for k in kernels) and _gathers_kv(layer, i, first_attn):
+                ops["attention_decode"] += kernels
+            else:
+                ops["rope"] += kernels
+        elif i < o:
+            ops["attention_decode"] += kernels
+        elif i < gate_up:
+            ops["rmsnorm_mlp" if cat == "norm" else "residual_attn"] += kernels
+        elif i < down:
+            ops["silu_mul"] += kernels
+        else:
+            ops["residual_mlp"] += kernels
+    return ops
+
+
+def _gathers_kv(layer, i: int, first_attn: int) -> bool:
+    """A copy between the KV write and the attention kernel gathers the cache for attention."""
+    return all(cat in ("copy",) for cat, _ in layer[i:first_attn])
+
+
+def _host_span_us(path: Path) -> float | None:
+    """Wall time from the first to the end of the last host op of a chrome trace (None for CSVs)."""
+    if path.suffix not in (".json", ".gz"):
+        return None
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    events = data.get("traceEvents", data) if isinstance(data, dict) else data
+    ops = [e for e in events if isinstance(e, dict) and e.get("cat") == "cpu_op" and e.get("ph") == "X"]
+    if not ops:
+        return None
+    return max(float(e["ts"]) + float(e["dur"]) for e in ops) - min(float(e["ts"]) for e in ops)
+
+
+def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *, name: str,
+                     batch: int, context: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine profile mapping ready to write as YAML, a report of what was found)."""
+    records, files = load_kernels(trace)
+    path = files[0]
+    calls = _calls(records)
+    prologue, layers, epilogue = _layers(calls, model.num_layers)
+    assigned = [_assign_layer(layer, model.qk_norm) for layer in layers]
+    where = f"{path.name}, decode batch {batch} context {context}, {model.name} ({model.num_layers} layers)"
+    # The device's idle time between consecutive kernels: in a device-bound trace (a graph replay)
+    # a fraction of a microsecond that every kernel pays; npusim's least kernel times include it,
+    # as the microbenchmarks' back-to-back times do. A host-bound (eager) trace's gaps are the
+    # host's dispatch, not the device's: they are left out.
+    span = max(r.start_us + r.duration_us for r in records) - min(r.start_us for r in records)
+    gap = (span - sum(r.duration_us for r in records)) / len(records)
+    device_bound = gap < 5.0
+    add_gap = gap if device_bound else 0.0
+    kernels: dict[str, dict] = {}
+    floors: dict[str, dict] = {}
+    for op in LAYER_OPS:
+        counts = [len(a[op]) for a in assigned]
+        n = int(statistics.median(counts))
+        if op == "attention_prefill" or (op == "qkv_bias" and not model.qkv_bias) or (op == "qk_norm" and not model.qk_norm):
+            kernels[op] = dict(base_value=base.kernels[op])
+            continue
+        kernels[op] = {"value": n, "kind": "calibrated",
+                       "source": f"{where}: median kernels per layer of the trace"}
+        small = [k.duration_us for a in assigned for k in a[op]
+                 if classify_kernel(k.name, k.op_type) in _SMALL]
+        if small and op not in ("attention_decode",):
+            gap_text = f" + the mean gap between kernels, {add_gap:.2f} us" if add_gap else ""
+            floors[op] = {"value": round(statistics.median(small) + add_gap, 3), "kind": "calibrated",
+                          "source": f"{where}: median duration of the op's {len(small)} small kernels{gap_text}"}
+    step = {"embedding": [k for _, ks in prologue for k in ks], "final_norm": [], "lm_head": [], "sampling": []}
+    seen_head = False
+    for cat, ks in epilogue:
+        if cat == "gemm" and not seen_head:
+            step["lm_head"] += ks
+            seen_head = True
+        elif not seen_head:
+            step["final_norm"] += ks
+        else:
+            step["sampling"] += ks
+    for op in STEP_OPS:
+        kernels[op] = {"value": len(step[op]), "kind": "calibrated", "source": f"{where}: kernels of the step outside the layers"}
+    mapping = {k: v for k, v in base.model_dump().items() if k not in ("provenance", "kernels", "kernel_floor_us")}
+    prov = base.provenance
+    for f in ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us", "dispatch_per_kernel_us",
+              "graph_launch_us"):
+        mapping[f] = {"value": getattr(base, f), "kind": prov[f].kind, "source": prov[f].source}
+    total = sum(len(ks) for _, ks in calls)
+    # The host span of a profiled step is reported, not used: the profiler's own bookkeeping
+    # slows the host several-fold, so it says little about dispatch outside the profiler.
+    host = _host_span_us(path)
+    mapping["name"] = name
+    mapping["description"] = f"{base.description}; kernels calibrated from {path.name}"
+    mapping["kernels"] = {op: (v if "value" in v else {"value": v["base_value"], "kind": prov[f"kernels.{op}"].kind,
+                                                         "source": prov[f"kernels.{op}"].source})
+                          for op, v in kernels.items()}
+    mapping["kernel_floor_us"] = floors
+    report = {"file": str(path), "kernels": total, "layers": model.num_layers,
+              "mean_gap_us": gap, "device_bound": device_bound,
+              "kernels_per_layer": sum(kernels[o]["value"] for o in LAYER_OPS
+                                       if o != "attention_prefill" and (o != "qk_norm" or model.qk_norm)
+                                       and (o != "qkv_bias" or model.qkv_bias)),
+              "host_span_us": host}
+    return mapping, report
+
+
+def write_engine_profile(mapping: dict, path: str | Path) -> Path:
+    import yaml
+
+    p = Path(path)
+    text = ("# Written by npusim calibrate engine. Every number: value, kind, source.\n"
+            + yaml.safe_dump(mapping, sort_keys=False, width=110))
+    try:
+        p.write_text(text)
+    except OSError as e:
+        raise NpusimError(f"cannot write {p}: {e.strerror}") from None
+    return p
