@@ -8,8 +8,6 @@ import sys
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from npusim.costmodel import CostModel, memory_plan
 from npusim.errors import NpusimError
@@ -31,7 +29,25 @@ engine_app = typer.Typer(no_args_is_help=True, help="Engine profiles: how an imp
 app.add_typer(engine_app, name="engine")
 
 # wide enough that model and profile names are never cut when output is piped
-console = Console(width=max(140, Console().width))
+class _LazyConsole:
+    """rich is imported by the commands that draw tables, not by every command (`simulate --json`
+    starts faster without it)."""
+
+    _console = None
+
+    def __getattr__(self, name):
+        if _LazyConsole._console is None:
+            from rich.console import Console
+            _LazyConsole._console = Console(width=max(140, Console().width))
+        return getattr(_LazyConsole._console, name)
+
+
+console = _LazyConsole()
+
+
+def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table
+    from rich.table import Table as RichTable
+    return RichTable(*args, **kwargs)
 
 HW_OPT = typer.Option(..., "--hw", help="hardware profile name (see `npusim hw list`) or path to a .yaml")
 MODEL_OPT = typer.Option(..., "--model", help="model name (see `npusim model list`) or path to a config.json")
@@ -234,6 +250,7 @@ def format_summary(r: dict) -> str:
         head(" npusim: setup "),
         line("Device / model:", f"{r['hw']} / {r['model']}"),
         line("Instances / sharing:", f"{sc['instances']} / {sc['sharing']}"),
+        line("Engine:", f"{r['engine_profile']} ({r['execution']})"),
         line("KV cache:", mode),
         line("Memory per instance:", r["memory"]["verdict"]),
         head(" npusim: KV cache "),
@@ -307,6 +324,7 @@ def simulate(
     bar = None
     if show_progress:
         from rich.progress import Progress
+        from rich.console import Console
         bar = Progress(console=Console(stderr=True), transient=True)
         bar.start()
         task = bar.add_task("simulating", total=None)

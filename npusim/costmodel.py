@@ -120,6 +120,7 @@ class CostModel:
         self.host_per_sequence_s = e.host_per_sequence_us * 1e-6
         self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
         self.graph_launch_s = e.graph_launch_us * 1e-6
+        self._graph = e.execution == "graph"
         # which ops this model has, and the kernels an iteration launches outside attention
         self.layer_ops = tuple(o for o in LAYER_OPS if self._has(o))
         dense = [o for o in self.layer_ops if not o.startswith("attention")]
@@ -389,8 +390,12 @@ class CostModel:
         if decodes or chunks:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
                                     chunks, batch.num_sampled)
-            kernels = self.kernels_per_iteration(bool(decodes), bool(chunks))
-            host, device = self.host_times(decodes + len(chunks), device, kernels)
+            if self._graph:  # the common case, inlined: host_times(...) says the same
+                host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
+                device += self.graph_launch_s
+            else:
+                kernels = self.kernels_per_iteration(bool(decodes), bool(chunks))
+                host, device = self.host_times(decodes + len(chunks), device, kernels)
         else:
             host = self.host_overhead_s
         swap = batch.swap_bytes / self.host_link_bytes_per_s if batch.swap_bytes else 0.0

@@ -30,6 +30,7 @@ class LatencyHistogram:
 
     __slots__ = ("counts", "n", "total")
     _LOG_STEP = math.log(1.001)
+    _INV_LOG_STEP = 1.0 / math.log(1.001)
     _ZERO = -(10**9)
 
     def __init__(self):
@@ -40,8 +41,9 @@ class LatencyHistogram:
     def add(self, x: float, count: int = 1) -> None:
         # floor, not int(): int() rounds toward zero, which put every value below 1 s (most
         # latencies) one bin too high
-        key = math.floor(math.log(x) / self._LOG_STEP) if x > 0 else self._ZERO
-        self.counts[key] = self.counts.get(key, 0) + count
+        key = math.floor(math.log(x) * self._INV_LOG_STEP) if x > 0 else self._ZERO
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + count
         self.n += count
         self.total += x * count
 
@@ -225,7 +227,8 @@ class Instance:
         rec.last_in_system = in_system
         rec.last_t = now
         pool = self.pool
-        rec.timeline.record(now, *pool.sample(sched.untold()))
+        allocated, filled, used, free, cached = pool.sample(sched.untold())
+        rec.timeline.record(now, allocated, filled, used, free, cached)
         if self.want_block_map:
             used = pool.used()
             if used > self._peak_used:

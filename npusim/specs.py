@@ -61,6 +61,11 @@ def describe_validation_error(exc: ValidationError, where: str = "") -> str:
     return f"{where}: {text}" if where else text
 
 
+# libyaml's loader when PyYAML has it: ten times faster than the pure-Python one (profiles load at
+# every command's start)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON file holding one mapping; malformed files name the file and line."""
     try:
@@ -71,7 +76,7 @@ def load_mapping(path: Path) -> dict[str, Any]:
         if path.suffix == ".json":
             data = json.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_YAML_LOADER)
     except json.JSONDecodeError as e:
         raise NpusimError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -252,6 +257,18 @@ def _resolve(name_or_path: str | Path, directory: Path, what: str) -> Path | Non
     return None
 
 
+def _cached(load):
+    """Memoise a profile loader by file and modification time: profiles are read, never changed."""
+    cache: dict[tuple[str, float], Any] = {}
+
+    def wrapper(path: Path):
+        key = (str(path.resolve()), path.stat().st_mtime)
+        if key not in cache:
+            cache[key] = load(path)
+        return cache[key]
+    return wrapper
+
+
 def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """A profile by name (``ascend-910b2``) or by path to a YAML/JSON file."""
     if isinstance(name_or_path, HardwareSpec):
@@ -261,6 +278,11 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
         raise NpusimError(
             f"unknown hardware {str(name_or_path)!r}; known: {', '.join(known_hardware())} "
             f"(or give a path to a .yaml profile)")
+    return _load_hardware_file(path)
+
+
+@_cached
+def _load_hardware_file(path: Path) -> HardwareSpec:
     hw = hardware_from_mapping(load_mapping(path), str(path))
     files = []
     for name in hw.calibration_files:
@@ -391,6 +413,11 @@ def load_engine_profile(name_or_path: str | Path) -> EngineProfile:
         raise NpusimError(
             f"unknown engine {str(name_or_path)!r}; known: {', '.join(known_engines())} "
             f"(or give a path to a .yaml profile)")
+    return _load_engine_file(path)
+
+
+@_cached
+def _load_engine_file(path: Path) -> EngineProfile:
     return engine_profile_from_mapping(load_mapping(path), str(path))
 
 

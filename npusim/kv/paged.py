@@ -7,7 +7,7 @@ partly filled last block copies it first (copy-on-write).
 
 Every physical block is in exactly one of three states:
   used    refcount > 0, referenced by at least one block table;
-  free    refcount 0, in the free deque;
+  free    refcount 0, on the free stack;
   cached  refcount 0 but holding a registered prefix hash, in the LRU dict; it can be revived by a
           prefix-cache hit, or evicted (hash dropped) when a fresh block is needed.
 so that used + free + cached == num_blocks at all times.
@@ -17,7 +17,7 @@ Only counts are simulated: no tensors are allocated and no data is copied.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -61,7 +61,10 @@ class PagedKVCache:
         self.enable_prefix_caching = enable_prefix_caching
         self.num_host_blocks = num_host_blocks
 
-        self._free: deque[int] = deque(range(num_blocks))
+        # Free blocks hold nothing worth keeping (cached prefixes are in their own LRU), so the
+        # order they are reused in does not matter: a stack, taken from and given back at its end
+        # in bulk.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._ref: list[int] = [0] * num_blocks
         # LRU of refcount-0 blocks that still hold a prefix hash; oldest first, evicted first.
         self._cached: OrderedDict[int, None] = OrderedDict()
@@ -75,6 +78,9 @@ class PagedKVCache:
         # Token slots held in used blocks, each physical block counted once. Kept incrementally so
         # that reading it costs nothing per simulator iteration.
         self._filled = 0
+        # Whether a block can be referenced twice (prefix caching, or a fork happened): until then
+        # a release frees its whole table without looking at refcounts.
+        self._shared = enable_prefix_caching
 
         self.cow_copies = 0
         self.swaps_out = 0
@@ -222,7 +228,7 @@ class PagedKVCache:
                 and self._free):
             # Next fastest: the last block is this request's alone (no copy-on-write) and one fresh
             # block takes the rest: a decode crossing into a new page.
-            b = self._free.popleft()
+            b = self._free.pop()
             self._ref[b] = 1
             table.append(b)
             self._filled += num_tokens
@@ -249,7 +255,7 @@ class PagedKVCache:
         need = -(-new // bs) - len(table) + cow
         if need == 1 and not cow and self._free:
             # The common case, a decode crossing into a new page: one block off the free list.
-            b = self._free.popleft()
+            b = self._free.pop()
             ref[b] = 1
             table.append(b)
             self._filled += num_tokens
@@ -306,6 +312,7 @@ class PagedKVCache:
         parent = self._get(parent_id)
         if child_id in self:
             raise ValueError(f"request {child_id!r} is already allocated")
+        self._shared = True
         ref = self._ref
         for b in parent.table:
             ref[b] += 1
@@ -455,8 +462,8 @@ class PagedKVCache:
         """n blocks with refcount 1; the caller has checked that enough are available."""
         free = self._free
         if n <= len(free):
-            pop = free.popleft
-            blocks = [pop() for _ in range(n)]
+            blocks = free[len(free) - n:]
+            del free[len(free) - n:]
         else:
             blocks = [self._take_block() for _ in range(n)]
         ref = self._ref
@@ -466,7 +473,7 @@ class PagedKVCache:
 
     def _take_block(self) -> int:
         if self._free:
-            return self._free.popleft()
+            return self._free.pop()
         # Evicting the least recently freed prefix block loses the least likely reuse.
         b, _ = self._cached.popitem(last=False)
         del self._hash_to_block[self._block_hash[b]]
@@ -477,6 +484,13 @@ class PagedKVCache:
     def _release(self, req: _Request) -> None:
         ref = self._ref
         table = req.table
+        if not self._shared:
+            # No block was ever shared (no prefix cache, no fork): every refcount is 1.
+            for b in table:
+                ref[b] = 0
+            self._filled -= req.num_tokens
+            self._free.extend(reversed(table))
+            return
         released = []
         # Release tail first: the LRU then evicts a prefix's tail before its head, and the head
         # (e.g. a system prompt) is the part other requests are most likely to share.

@@ -136,7 +136,7 @@ class ContinuousScheduler:
                 continue
             work.append((r, n))
             budget -= n
-        if self.stats.preemptions == preempted:
+        if self.stats.preemptions == preempted and (self.waiting or self.swapped):
             running = self.running
             # Swapped requests come back before new ones are admitted.
             while self.swapped and len(running) < cfg.max_num_seqs and budget > 0:
