@@ -84,8 +84,9 @@ class DecodeAttentionTable:
             return None
         # the same layout if measured, else the nearest, carried by the KV bytes (kv heads x dim)
         def distance(g):
+            page = 0.0 if g[4] is None or block_size is None else abs(math.log(g[4] / block_size))
             return (math.log(g[2] * g[3] / (kv_heads * head_dim)) ** 2 + math.log(g[1] / heads) ** 2
-                    + (0 if g[4] in (None, block_size) else 0.01 + abs(math.log((g[4] or 1) / (block_size or 1)))))
+                    + page)
         key = min(keys, key=distance)
         grid = self.groups[key]
         bs = sorted({b for b, _ in grid})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -87,7 +88,7 @@ def step(
     profile, eng = resolve_engine(h, _engine(profile=engine, block_size=block_size,
                                              weight_dtype=weight_dtype, kv_dtype=kv_dtype))
     bs = eng.block_size
-    cm = CostModel(h, m, weight_dtype, kv_dtype, profile)
+    cm = CostModel(h, m, weight_dtype, kv_dtype, profile, bs)
     if phase == "decode":
         slots_per_seq = ceil_div(context, bs) * bs
         args = dict(num_decodes=batch, decode_context_tokens=batch * context,
@@ -660,6 +661,13 @@ def calibrate_fit(
     h = load_hardware(hw)
     meas = load_measurements(measurements)
     mapping = fit_profile(h, meas, name)
+    if meas.get("gemm_sweep"):
+        # the cost model interpolates the measured tables themselves (path relative to the profile)
+        from pathlib import Path
+        rel = os.path.relpath(Path(measurements).resolve(), Path(out).resolve().parent)
+        mapping["calibration_files"] = [rel]
+    else:
+        mapping.pop("calibration_files", None)  # the base device's tables were not this machine's
     path = write_profile(mapping, out)
     _print_fitted(h, mapping)
     for note in fit_notes(h, meas):

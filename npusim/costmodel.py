@@ -80,10 +80,13 @@ class CostModel:
     host does; the hardware says how fast each kernel runs."""
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
-                 kv_dtype: str = "bf16", engine: EngineProfile | str | None = None):
+                 kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
+                 block_size: int | None = None):
         self.hw = hw
         self.model = model
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
+        # the KV page size, for a measured paged-attention kernel that pays per page
+        self.block_size = block_size or self.engine.kv_block_sizes.recommended
         self.kernels = self.engine.kernels
         self.weight_dtype = weight_dtype
         self.kv_dtype = kv_dtype
@@ -410,7 +413,7 @@ class CostModel:
                 m = self.model
                 # the measured kernel at this batch, each sequence reading its mean pages
                 t = self._decode_table.time(self.engine.decode_attention_impl, m.num_heads, m.num_kv_heads,
-                                            m.head_dim, None, num_decodes, kv_slots / num_decodes)
+                                            m.head_dim, self.block_size, num_decodes, kv_slots / num_decodes)
                 self._decode_cache[key] = t
             return t
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
@@ -545,7 +548,7 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

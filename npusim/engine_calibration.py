@@ -26,6 +26,7 @@ from npusim.errors import NpusimError
 from npusim.profiler_import import KernelRecord, classify_kernel, load_kernels
 from npusim.specs import LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec
 
+MAX_SAMPLING_KERNELS = 64  # more after the LM head is not sampling: another step, or a backward pass
 _SMALL = ("norm", "rope", "elementwise", "activation", "kv_write", "copy", "other", "sampling")
 
 
@@ -175,6 +176,9 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
             step["final_norm"] += ks
         else:
             step["sampling"] += ks
+    if len(step["sampling"]) > MAX_SAMPLING_KERNELS:
+        raise NpusimError(f"{path}: not one forward step: {len(step['sampling'])} kernels follow the LM head "
+                          f"(a backward pass, or a second step?); trace one decode step")
     for op in STEP_OPS:
         kernels[op] = {"value": len(step[op]), "kind": "calibrated", "source": f"{where}: kernels of the step outside the layers"}
     mapping = {k: v for k, v in base.model_dump().items() if k not in ("provenance", "kernels", "kernel_floor_us")}

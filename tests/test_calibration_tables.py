@@ -229,3 +229,28 @@ def test_graph_decode_steps_not_used_for_fitting_are_predicted_within_target():
     errors.sort(key=abs)
     assert abs(errors[len(errors) // 2]) <= 0.03
     assert abs(errors[-1]) <= 0.10
+
+
+def test_fit_points_the_new_profile_at_the_measured_tables(tmp_path):
+    meas = HW_PROFILE_DIR / "measurements" / "h200-2026-12-02-calibrate.json"
+    out = tmp_path / "my-h200.yaml"
+    rc, _, err = run_cli("calibrate", "fit", "--hw", "h200", "--measurements", str(meas), "--out", str(out),
+                         "--name", "my-h200")
+    assert rc == 0, err
+    hw = load_hardware(str(out))
+    assert [Path(f).resolve() for f in hw.calibration_files] == [meas.resolve()]
+    cm = CostModel(hw, load_model("llama-3.1-8b"), engine="vllm")
+    assert cm.tables is not None and cm.tables.gemm.curves
+
+
+def test_a_training_trace_is_not_taken_for_a_decode_step(tmp_path):
+    path, _ = _trace(tmp_path)
+    data = json.load(gzip.open(path, "rt"))
+    t = data["traceEvents"][-1]["ts"] + 10
+    data["traceEvents"] += [_event("nvjet_sm90_backward_TNT", t + i, 1.0) for i in range(100)]
+    with gzip.open(path, "wt") as f:
+        json.dump(data, f)
+    from npusim.engine_calibration import calibrate_engine
+    model = load_model("llama-3.1-8b").model_copy(update={"num_layers": 2})
+    with pytest.raises(NpusimError, match="not one forward step: 10[0-9] kernels follow the LM head"):
+        calibrate_engine(path, model, load_engine_profile("vllm"), name="x", batch=8, context=2048)
