@@ -58,7 +58,13 @@ class GemmTable:
         time to an unmeasured one."""
         nk = self.nearest(n, k)
         ms, ts = self.curves[nk]
-        t = _interp_loglog(ms, ts, m)
+        if m < ms[0] or m > ms[-1]:
+            # beyond the measured Ms: the nearest measured time, carried by the roofline (flat
+            # while the weight read dominates, growing with M once the flops do)
+            edge, t_edge = (ms[0], ts[0]) if m < ms[0] else (ms[-1], ts[-1])
+            t = t_edge * roofline(m, *nk) / roofline(edge, *nk)
+        else:
+            t = _interp_loglog(ms, ts, m)
         if nk != (n, k):
             t *= roofline(m, n, k) / roofline(m, *nk)
         return t

@@ -38,6 +38,13 @@ def test_gemm_table_returns_measured_times_and_interpolates_between_them():
     assert table.time(8192, 4096, 4096, roofline) == pytest.approx(400e-6)
 
 
+def test_gemm_table_below_its_smallest_m_stays_on_the_weight_read():
+    table = GemmTable([{"m": m, "n": 4096, "k": 4096, "seconds": t} for m, t in ((64, 12e-6), (4096, 200e-6))])
+    # M = 1 and M = 64 both stream the 32 MiB weight: the same time, not 64 times less
+    assert table.time(1, 4096, 4096, roofline) == pytest.approx(12e-6 * roofline(1, 4096, 4096) / roofline(64, 4096, 4096))
+    assert table.time(1, 4096, 4096, roofline) > 0.9 * 12e-6
+
+
 def test_gemm_table_carries_a_measured_shape_to_an_unmeasured_one_by_the_roofline():
     table = GemmTable([{"m": m, "n": 4096, "k": 4096, "seconds": 1e-6 * m} for m in (1, 1024, 4096)])
     # a GEMM with twice the N at large M does twice the flops: twice the measured time
