@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
@@ -157,6 +157,30 @@ def _parse_rate(text: str | None) -> float | None:
     return rate
 
 
+GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+
+
+def _parse_goodput(items: list[str]) -> dict[str, float]:
+    """`--goodput ttft:500 tpot:50` (as vllm bench serve) -> {"ttft_ms": 500.0, "tpot_ms": 50.0}."""
+    out: dict[str, float] = {}
+    for item in (part for text in items for part in text.replace(",", " ").split()):
+        key, sep, value = item.partition(":")
+        if not sep or key not in GOODPUT_KEYS:
+            raise NpusimError(f"--goodput takes {' '.join(k + ':MS' for k in GOODPUT_KEYS)}, got {item!r}")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise NpusimError(f"--goodput {key}: milliseconds must be a number, got {value!r}") from None
+        if not (ms > 0 and math.isfinite(ms)):
+            raise NpusimError(f"--goodput {key}: milliseconds must be > 0, got {value}")
+        if f"{key}_ms" in out:
+            raise NpusimError(f"--goodput gives {key} twice")
+        out[f"{key}_ms"] = ms
+    if not out:
+        raise NpusimError("--goodput needs at least one of ttft:MS tpot:MS e2el:MS")
+    return out
+
+
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
     """The scenario file (or the default scenario) with the given command-line flags applied."""
     from npusim.scenario import Scenario, load_scenario
@@ -186,6 +210,8 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
             eng["preemption_mode"] = value
         elif key == "engine":
             eng["profile"] = value
+        elif key == "goodput":
+            data["goodput"] = _parse_goodput(value)
         elif key == "requests":
             wl["num_requests"] = value
         elif key == "input_len":
@@ -236,6 +262,8 @@ def format_summary(r: dict) -> str:
         line("Request throughput (req/s):", r["request_throughput"]),
         line("Output token throughput (tok/s):", r["output_throughput"]),
         line("Total Token throughput (tok/s):", r["total_token_throughput"]),
+        *([line("Request goodput (req/s):", r["request_goodput"])] if r["request_goodput"] is not None else []),
+        line("Max concurrent requests:", r["max_concurrent_requests"], "{}"),
         head("Time to First Token"),
         line("Mean TTFT (ms):", r["mean_ttft_ms"]), line("Median TTFT (ms):", r["median_ttft_ms"]),
         line("P99 TTFT (ms):", r["p99_ttft_ms"]),
@@ -307,6 +335,7 @@ def simulate(
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),
     report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
@@ -319,6 +348,9 @@ def simulate(
     flags = dict(locals())
     for k in ("scenario", "as_json", "report"):
         flags.pop(k)
+    if scenario and scenario.split(":", 1)[0] in GOODPUT_KEYS:
+        raise NpusimError(f"--goodput takes one SLO per flag: --goodput ttft:MS --goodput tpot:MS "
+                          f"(or one quoted list), got {scenario!r} as the scenario file")
     sc = build_scenario(scenario, flags)
     show_progress = sys.stderr.isatty() and not as_json
     progress_cb = None

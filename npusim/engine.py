@@ -28,7 +28,7 @@ class LatencyHistogram:
     """Latencies in log-spaced bins (0.1 % wide): exact count and mean, quantiles to 0.1 %, and
     memory that does not grow with the number of samples."""
 
-    __slots__ = ("counts", "n", "total")
+    __slots__ = ("counts", "n", "total", "total_sq")
     _LOG_STEP = math.log(1.001)
     _INV_LOG_STEP = 1.0 / math.log(1.001)
     _ZERO = -(10**9)
@@ -37,6 +37,7 @@ class LatencyHistogram:
         self.counts: dict[int, int] = {}
         self.n = 0
         self.total = 0.0
+        self.total_sq = 0.0
 
     def add(self, x: float, count: int = 1) -> None:
         # floor, not int(): int() rounds toward zero, which put every value below 1 s (most
@@ -46,9 +47,17 @@ class LatencyHistogram:
         counts[key] = counts.get(key, 0) + count
         self.n += count
         self.total += x * count
+        self.total_sq += x * x * count
 
     def mean(self) -> float:
         return self.total / self.n if self.n else math.nan
+
+    def std(self) -> float:
+        """Population standard deviation (numpy's default, as vllm bench serve reports)."""
+        if not self.n:
+            return math.nan
+        m = self.total / self.n
+        return math.sqrt(max(0.0, self.total_sq / self.n - m * m))
 
     def _value(self, key: int) -> float:
         return 0.0 if key == self._ZERO else math.exp((key + 0.5) * self._LOG_STEP)
@@ -152,6 +161,8 @@ class RunRecord:
     first_done: float = math.inf  # when the first request finished
     last_arrival_done: float = 0.0  # the latest arrival among finished requests
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    good: int = 0  # requests that met every SLO given (goodput)
+    max_in_flight: int = 0  # most requests sent and not yet finished at once
 
 
 class Instance:
@@ -253,11 +264,14 @@ class Simulation:
     def __init__(self, setups: list[InstanceSetup], engine: EngineConfig, max_model_len: int,
                  sharing: str, contiguous_policy: str = "max", max_concurrency: int | None = None,
                  want_block_map: bool = False, progress: Callable[[int], None] | None = None,
-                 check_invariants: bool = False):
+                 check_invariants: bool = False,
+                 slo: tuple[float | None, float | None, float | None] | None = None):
         self.env = simpy.Environment()
         self.want_block_map = want_block_map
         self.progress = progress
         self.check_invariants = check_invariants  # the schedulers' self-checks around every iteration
+        self.slo = slo  # (ttft, tpot, e2el) seconds a request must meet to count as goodput
+        self._in_flight = 0
         k = len(setups)
         lock = simpy.Resource(self.env, capacity=1) if (sharing == "time-slice" and k > 1) else None
         share = 1.0 if sharing == "time-slice" else 1.0 / k
@@ -271,6 +285,7 @@ class Simulation:
     def reject(self, r: Request, reason: str) -> None:
         self.record.rejected.append((r.id, reason))
         self._done += 1
+        self._in_flight -= 1
         if r.on_done:
             r.on_done()
 
@@ -289,17 +304,28 @@ class Simulation:
         rec.duration = max(rec.duration, now)
         rec.first_done = min(rec.first_done, now)
         rec.last_arrival_done = max(rec.last_arrival_done, r.arrival)
-        rec.ttft.add(r.t_first - r.submit)
-        rec.e2el.add(now - r.submit)
+        ttft, e2el = r.t_first - r.submit, now - r.submit
+        rec.ttft.add(ttft)
+        rec.e2el.add(e2el)
+        # vllm bench serve: TPOT = (e2el - ttft) / (output - 1), and 0 for one-token outputs
+        tpot = (now - r.t_first) / (r.output_len - 1) if r.output_len > 1 else 0.0
         if r.output_len > 1:
-            rec.tpot.add((now - r.t_first) / (r.output_len - 1))
+            rec.tpot.add(tpot)
+        slo = self.slo
+        if slo is not None and ((slo[0] is None or ttft <= slo[0]) and (slo[1] is None or tpot <= slo[1])
+                                and (slo[2] is None or e2el <= slo[2])):
+            rec.good += 1
         self._done += 1
+        self._in_flight -= 1
         if r.on_done:
             r.on_done()
         if self.progress:
             self.progress(self._done)
 
     def _dispatch(self, r: Request) -> None:
+        self._in_flight += 1
+        if self._in_flight > self.record.max_in_flight:
+            self.record.max_in_flight = self._in_flight
         inst = self.instances[self._rr % len(self.instances)]
         self._rr += 1
         problem = inst.sched.capacity_problem(r)

@@ -19,6 +19,16 @@ from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batc
 from npusim.workload import LengthDist, WorkloadSpec, make_requests
 
 
+class GoodputSLO(BaseModel):
+    """Service-level objectives a request must meet to count towards goodput (as `vllm bench serve
+    --goodput ttft:MS tpot:MS e2el:MS`); only the ones given apply."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2el_ms: float | None = Field(default=None, gt=0)
+
+
 class Scenario(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hw: str = "ascend-910b2"
@@ -30,6 +40,7 @@ class Scenario(BaseModel):
     instances: int = Field(default=1, gt=0)
     sharing: Literal["time-slice", "vnpu"] = "time-slice"
     contiguous_policy: Literal["max", "oracle"] = "max"
+    goodput: GoodputSLO | None = None
     seed: int = 0
 
 
@@ -94,8 +105,12 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     if progress is not None:
         step = max(1, total // 200)
         tick = lambda done: progress(done, total) if done % step == 0 or done == total else None  # noqa: E731
+    slo = None
+    if sc.goodput is not None:
+        g = sc.goodput
+        slo = tuple(None if v is None else v / 1e3 for v in (g.ttft_ms, g.tpot_ms, g.e2el_ms))
     sim = Simulation(setups, eng, max_len, sc.sharing, sc.contiguous_policy,
-                     sc.workload.max_concurrency, want_block_map, tick, check_invariants)
+                     sc.workload.max_concurrency, want_block_map, tick, check_invariants, slo)
     record = sim.run(specs)
     record.hw, record.model, record.max_model_len = hw, model, max_len
     return record
@@ -212,7 +227,10 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
         "total_token_throughput": per(n_in + n_out),
         **_ms_stats(record.ttft, "ttft"),
         **_ms_stats(record.tpot, "tpot"),
+        "request_goodput": per(record.good) if sc.goodput is not None else None,
+        "max_concurrent_requests": record.max_in_flight,
         "mean_itl_ms": itl.mean() * 1e3 if itl.n else None,
+        "std_itl_ms": itl.std() * 1e3 if itl.n else None,
         "median_itl_ms": itl.quantile(0.5) * 1e3 if itl.n else None,
         "p99_itl_ms": itl.quantile(0.99) * 1e3 if itl.n else None,
         **_ms_stats(record.e2el, "e2el"),

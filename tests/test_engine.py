@@ -341,3 +341,46 @@ def test_request_latencies_past_the_exact_limit_keep_quantiles_to_a_tenth_of_a_p
         assert binned[key] != exact[key]  # it is the binned path
     assert binned["mean_x_ms"] == pytest.approx(statistics.fmean(values) * 1e3, rel=1e-12)
     assert binned["std_x_ms"] == pytest.approx(statistics.pstdev(values) * 1e3, rel=1e-9)
+
+
+def test_goodput_counts_requests_meeting_every_slo_as_vllm_bench_serve():
+    base = scenario(n=40, prompt=256, output=32, rate=10.0)
+    from npusim.scenario import GoodputSLO
+    loose = run_scenario(base.model_copy(update={"goodput": GoodputSLO(ttft_ms=1e6, tpot_ms=1e6)}))
+    assert loose["request_goodput"] == pytest.approx(loose["request_throughput"])
+    tight = run_scenario(base.model_copy(update={"goodput": GoodputSLO(ttft_ms=1e-3)}))
+    assert tight["request_goodput"] == 0.0
+    assert run_scenario(base)["request_goodput"] is None  # no SLO, no goodput
+    # TPOT of a one-token output is 0, so it meets any TPOT objective
+    one = run_scenario(scenario(n=10, prompt=256, output=1, rate=10.0, goodput={"tpot_ms": 1e-6}))
+    assert one["request_goodput"] == pytest.approx(one["request_throughput"])
+
+
+def test_goodput_flag_takes_vllm_bench_serve_syntax_or_says_how():
+    rc, out, err = run_cli("simulate", "--requests", "20", "--goodput", "ttft:5000", "--goodput", "tpot:500", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["scenario"]["goodput"] == {"ttft_ms": 5000.0, "tpot_ms": 500.0, "e2el_ms": None}
+    assert d["request_goodput"] == pytest.approx(d["request_throughput"])
+    for args, needle in ((["--goodput", "ttft:5", "tpot:5"], "one SLO per flag"),
+                         (["--goodput", "ttft:0"], "must be > 0"), (["--goodput", "itl:5"], "takes ttft:MS"),
+                         (["--goodput", "ttft:5 ttft:6"], "gives ttft twice")):
+        assert_one_line_error("simulate", ["--requests", "5", *args], needle)
+
+
+def test_max_concurrent_requests_and_itl_spread():
+    burst = run_scenario(scenario(n=30, prompt=128, output=8))  # all at once
+    assert burst["max_concurrent_requests"] == 30
+    capped = run_scenario(scenario(n=30, prompt=128, output=8, workload={"max_concurrency": 4}))
+    assert capped["max_concurrent_requests"] == 4
+    # one request alone: its inter-token latencies are its decode iterations, exactly
+    P, O = 4000, 300  # long enough that attention, not its least kernel time, sets the step
+    sc = scenario(n=1, prompt=P, output=O)
+    r = run_scenario(sc)
+    cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
+    host = cm.host_overhead_s + cm.host_per_sequence_s + cm.graph_launch_s
+    steps = [cm.step_time(1, P + k, -(-(P + k) // 128) * 128) + host for k in range(1, O)]
+    import statistics
+    assert r["mean_itl_ms"] == pytest.approx(statistics.fmean(steps) * 1e3, rel=1e-9)
+    assert statistics.pstdev(steps) > 0
+    assert r["std_itl_ms"] == pytest.approx(statistics.pstdev(steps) * 1e3, rel=1e-3, abs=1e-6)
