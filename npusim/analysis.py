@@ -156,7 +156,7 @@ def _capacity(hw: HardwareSpec, model: ModelSpec, setup, *, batch: int, context:
     plan = setup.plan
     # the token being generated needs its slot too
     per_seq = ceil_div(context + 1, block_size)
-    # Admission keeps the engine's watermark (1 % of blocks) free, as vLLM does.
+    # Admission keeps the engine's watermark free (vLLM V0: 1 % of the blocks; V1: none).
     usable = setup.usable_blocks
     max_batch = usable // per_seq
     k = instances
@@ -176,9 +176,11 @@ def _capacity(hw: HardwareSpec, model: ModelSpec, setup, *, batch: int, context:
                       f"{gib(plan.usable_bytes):.1f} GiB{share} ({gib(plan.device_bytes):g} GiB x "
                       f"{utilization:g})")
     elif batch > max_batch:
+        kept = plan.num_blocks - usable
+        held = (f"; {kept} of {plan.num_blocks} kept free at admission ({setup.engine.watermark:.0%} "
+                f"watermark)" if kept else "")
         reason = (f"batch {batch} at context {context} needs {batch * per_seq} blocks of {block_size} "
-                  f"tokens, only {usable} fit{each} (max batch {max_batch}; 1 % of "
-                  f"{plan.num_blocks} kept free at admission)")
+                  f"tokens, only {usable} fit{each} (max batch {max_batch}{held})")
     return dict(weights_gib=gib(plan.weight_bytes), num_blocks=plan.num_blocks if plan.fits else 0,
                 blocks_per_seq=per_seq, max_batch=max_batch, feasible=not reason, reason=reason)
 

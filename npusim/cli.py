@@ -204,8 +204,8 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
             eng["paging"] = False
         elif key == "no_chunked_prefill" and value:
             eng["enable_chunked_prefill"] = False
-        elif key == "prefix_caching" and value:
-            eng["enable_prefix_caching"] = True
+        elif key == "prefix_caching":
+            eng["enable_prefix_caching"] = value
         elif key == "preemption":
             eng["preemption_mode"] = value
         elif key == "engine":
@@ -330,7 +330,7 @@ def simulate(
     batching: Optional[str] = typer.Option(None, "--batching", help="auto | continuous | static (auto: static without paging)"),
     no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),
     preemption: Optional[str] = typer.Option(None, "--preemption", help="recompute | swap"),
-    prefix_caching: bool = typer.Option(False, "--prefix-caching"),
+    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching", help="default: the engine's (vLLM V1: on)"),
     shared_prefix_len: Optional[int] = typer.Option(None, "--shared-prefix-len", min=0, help="tokens of a system prompt all requests share"),
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),

@@ -479,7 +479,7 @@ def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None 
     """KV blocks left for one instance owning `memory_fraction` of the device's memory:
     (memory × utilisation − weights − activation peak − runtime reserve) // block bytes."""
     e = engine or EngineConfig()
-    if e.block_size is None:
+    if None in (e.block_size, e.max_num_seqs, e.max_num_batched_tokens, e.gpu_memory_utilization):
         _, e = resolve_engine(hw, e)
     device = hw.memory_bytes * memory_fraction
     usable = device * e.gpu_memory_utilization

@@ -181,7 +181,12 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
                           f"(a backward pass, or a second step?); trace one decode step")
     for op in STEP_OPS:
         kernels[op] = {"value": len(step[op]), "kind": "calibrated", "source": f"{where}: kernels of the step outside the layers"}
-    mapping = {k: v for k, v in base.model_dump().items() if k not in ("provenance", "kernels", "kernel_floor_us")}
+    mapping = {k: v for k, v in base.model_dump().items()
+               if k not in ("provenance", "kernels", "kernel_floor_us", "scheduler_defaults")}
+    mapping["scheduler_defaults"] = {
+        k: {"value": v, "kind": base.provenance[f"scheduler_defaults.{k}"].kind,
+            "source": base.provenance[f"scheduler_defaults.{k}"].source}
+        for k, v in base.scheduler_defaults.items()}
     prov = base.provenance
     for f in ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us", "dispatch_per_kernel_us",
               "graph_launch_us"):

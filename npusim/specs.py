@@ -333,6 +333,11 @@ class EngineProfile(BaseModel):
     # the kernel chain of the device's calibration that times this engine's RMSNorm kernels (its
     # least time grows with the row width): "rms_norm" for PyTorch's F.rms_norm; None: not timed
     norm_kernel: str | None = None
+    # the engine's own scheduler and memory defaults (SCHEDULER_DEFAULTS), each with its source;
+    # devices of at least large_memory_gib (but those named in large_memory_exclude) get the
+    # large_memory_* values, as vLLM does
+    scheduler_defaults: dict[str, float]
+    large_memory_exclude: list[str] = Field(default_factory=list)
     # host terms, seconds as named
     host_per_iteration_ms: float = Field(ge=0, description="scheduler and input preparation per iteration")
     host_per_sequence_us: float = Field(ge=0, description="sampling, detokenisation, output processing per sequence")
@@ -355,10 +360,22 @@ class EngineProfile(BaseModel):
         unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS))
         if unknown:
             raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
+        d = self.scheduler_defaults
+        unknown = sorted(set(d) - set(SCHEDULER_DEFAULTS) - set(LARGE_MEMORY_DEFAULTS))
+        missing = [k for k in SCHEDULER_DEFAULTS if k not in d]
+        if unknown or missing:
+            raise ValueError(f"scheduler_defaults: " + (f"unknown {', '.join(unknown)}" if unknown else
+                                                         f"no value for {', '.join(missing)}"))
+        if "large_memory_gib" in d and not all(k in d for k in LARGE_MEMORY_DEFAULTS):
+            raise ValueError(f"scheduler_defaults: large_memory_gib needs {', '.join(LARGE_MEMORY_DEFAULTS)}")
+        if d["max_num_batched_tokens"] < d["max_num_seqs"]:
+            raise ValueError("scheduler_defaults: max_num_batched_tokens must be >= max_num_seqs")
         need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance]
         need += [f"kernels.{o}" for o in self.kernels if f"kernels.{o}" not in self.provenance]
         need += [f"kernel_floor_us.{o}" for o in self.kernel_floor_us
                  if f"kernel_floor_us.{o}" not in self.provenance]
+        need += [f"scheduler_defaults.{k}" for k in self.scheduler_defaults
+                 if f"scheduler_defaults.{k}" not in self.provenance]
         if need:
             raise ValueError(f"no source given for {', '.join(need)}")
         return self
@@ -366,6 +383,11 @@ class EngineProfile(BaseModel):
     def kernels_per_layer(self, ops: tuple[str, ...] = LAYER_OPS) -> int:
         return sum(self.kernels[o] for o in ops)
 
+
+# what an engine decides for the user who does not (its defaults), and for large-memory devices
+SCHEDULER_DEFAULTS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "watermark",
+                      "enable_prefix_caching")
+LARGE_MEMORY_DEFAULTS = ("large_memory_gib", "large_memory_max_num_seqs", "large_memory_max_num_batched_tokens")
 
 ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
                         "dispatch_per_kernel_us", "graph_launch_us")
@@ -388,7 +410,7 @@ def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfi
     for key, val in data.items():
         if key in ENGINE_NUMBER_FIELDS:
             flat[key], provenance[key] = _split_number(val, key, where)
-        elif key in ("kernels", "kernel_floor_us"):
+        elif key in ("kernels", "kernel_floor_us", "scheduler_defaults"):
             if not isinstance(val, dict):
                 raise NpusimError(f"{where}: {key} must be a mapping of op -> {{value, kind, source}}")
             flat[key] = {}
@@ -602,16 +624,17 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profile: str | None = Field(default=None, description="engine profile name or path; None: the device's default")
     block_size: int | None = Field(default=None, gt=0, description="None: the engine profile's recommended")
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # None: the engine profile's default (a real engine's, for the device it runs on)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     num_blocks: int | None = Field(default=None, gt=0, description="measured block count; overrides the formula")
     max_model_len: int | None = Field(default=None, gt=0)
     enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool | None = None
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     swap_space_gib: float = Field(default=4.0, ge=0)
-    watermark: float = Field(default=0.01, ge=0, lt=1)
+    watermark: float | None = Field(default=None, ge=0, lt=1)
     paging: bool = True
     # "auto": continuous batching with paging, static batching without (the article's baseline);
     # "continuous" without paging is Orca-style iteration-level scheduling on contiguous reservations.
@@ -622,7 +645,8 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         # As vLLM: every running sequence must be able to decode in one iteration.
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if (self.max_num_batched_tokens is not None and self.max_num_seqs is not None
+                and self.max_num_batched_tokens < self.max_num_seqs):
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({self.max_num_seqs})")
         return self
@@ -651,11 +675,23 @@ def resolve_engine(hw: HardwareSpec, cfg: EngineConfig) -> tuple[EngineProfile, 
     configuration with the profile's defaults filled in; a page size the engine's attention
     kernels do not take is refused."""
     profile = load_engine_profile(cfg.profile if cfg.profile is not None else hw.default_engine)
-    if cfg.block_size is None:
-        cfg = cfg.model_copy(update={"block_size": profile.kv_block_sizes.recommended})
-    else:
+    if cfg.block_size is not None:
         check_block_size(profile, cfg.block_size)
-    return profile, cfg
+    d = profile.scheduler_defaults
+    seqs, tokens = d["max_num_seqs"], d["max_num_batched_tokens"]
+    large = d.get("large_memory_gib")
+    if large is not None and hw.memory_gib >= large and not any(x in hw.name for x in profile.large_memory_exclude):
+        seqs, tokens = d["large_memory_max_num_seqs"], d["large_memory_max_num_batched_tokens"]
+    given = cfg.model_dump()
+    filled = {
+        "block_size": profile.kv_block_sizes.recommended, "max_num_seqs": int(seqs),
+        "max_num_batched_tokens": int(tokens), "gpu_memory_utilization": d["gpu_memory_utilization"],
+        "watermark": d["watermark"], "enable_prefix_caching": bool(d["enable_prefix_caching"]),
+    }
+    for key, value in filled.items():
+        if given[key] is None:
+            given[key] = value
+    return profile, _validate(EngineConfig, given, "engine")
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -121,7 +121,7 @@ def test_swap_preemption_moves_pages_to_host():
 
 
 def test_prefix_caching_hits_and_cuts_ttft():
-    base = scenario(n=80, prompt=2048, output=16, rate=4.0,
+    base = scenario(n=80, prompt=2048, output=16, rate=4.0, engine=dict(enable_prefix_caching=False),
                     workload=dict(shared_prefix_len=1536, shared_prefix_groups=2))
     off = run_scenario(base)
     on = run_scenario(base.model_copy(update={"engine": EngineConfig(enable_prefix_caching=True)}))

@@ -36,7 +36,8 @@ def test_engine_profile_loads_with_a_source_for_every_number(name):
     e = load_engine_profile(name)
     assert set(e.kernels) == set(LAYER_OPS) | set(STEP_OPS)
     assert set(e.provenance) == (set(ENGINE_NUMBER_FIELDS) | {f"kernels.{o}" for o in e.kernels}
-                                 | {f"kernel_floor_us.{o}" for o in e.kernel_floor_us})
+                                 | {f"kernel_floor_us.{o}" for o in e.kernel_floor_us}
+                                 | {f"scheduler_defaults.{k}" for k in e.scheduler_defaults})
     for prov in e.provenance.values():
         assert len(prov.source) >= 3
     assert e.kv_block_sizes.accepts(e.kv_block_sizes.recommended)
@@ -222,3 +223,18 @@ def test_engine_config_validation():
         EngineConfig(block_size=0)
     with pytest.raises(Exception):
         EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_an_engine_gives_its_real_scheduler_defaults_by_device_and_flags_override_them():
+    h200, a100, asc = load_hardware("h200"), load_hardware("a100-sxm-80g"), load_hardware("ascend-910b2")
+    _, cfg = resolve_engine(h200, EngineConfig())  # vLLM V1's API server on a >= 70 GiB device
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == (1024, 8192)
+    assert cfg.enable_prefix_caching is True and cfg.watermark == 0.0 and cfg.gpu_memory_utilization == 0.9
+    _, cfg = resolve_engine(a100, EngineConfig())  # 80 GiB, but vLLM keeps A100s on the small values
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == (256, 2048)
+    _, cfg = resolve_engine(asc, EngineConfig())  # vllm-ascend: vLLM's rule on a 64 GiB NPU
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.block_size) == (256, 2048, 128)
+    _, cfg = resolve_engine(asc, EngineConfig(max_num_seqs=64, enable_prefix_caching=False, watermark=0.02))
+    assert (cfg.max_num_seqs, cfg.enable_prefix_caching, cfg.watermark) == (64, False, 0.02)
+    with pytest.raises(NpusimError, match=r"max_num_batched_tokens \(2048\) must be >= max_num_seqs \(4096\)"):
+        resolve_engine(asc, EngineConfig(max_num_seqs=4096))
