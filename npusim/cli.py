@@ -757,6 +757,75 @@ def calibrate_engine_cmd(
     console.print(f"wrote {path}")
 
 
+@calibrate_app.command("serve")
+def calibrate_serve(
+    bench: List[str] = typer.Option(..., "--bench", help="a vllm bench serve --save-result --save-detailed JSON (repeat for more)"),
+    hw: str = HW_OPT,
+    model: str = MODEL_OPT,
+    engine: Optional[str] = typer.Option(None, "--engine", help="the engine profile whose host terms are fitted (default: the device's)"),
+    out: str = typer.Option(..., "--out", help="where to write the calibrated engine profile (.yaml)"),
+    name: Optional[str] = typer.Option(None, "--name", help="the new profile's name (default: ENGINE-calibrated)"),
+    block_size: Optional[int] = typer.Option(None, "--block-size"),
+    num_blocks: Optional[int] = typer.Option(None, "--num-blocks", min=1),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Fit an engine profile's host terms to serving benchmarks of that engine (vllm bench serve results)."""
+    import tempfile
+    from pathlib import Path
+
+    from npusim.engine_calibration import write_engine_profile
+    from npusim.serve_calibration import METRICS, PARAMS, calibrated_mapping, fit_host_terms, predict, read_bench
+    from npusim.specs import engine_profile_from_mapping
+
+    if not out.endswith((".yaml", ".yml")):
+        raise NpusimError(f"--out must name a .yaml file, got {out}")
+    h = load_hardware(hw)
+    load_model(model)
+    base = load_engine_profile(engine or h.default_engine)
+    cfg = _engine(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                  max_model_len=max_model_len)
+    benches = [read_bench(b) for b in bench]
+    kw = dict(hw=hw, model=model, base=base, engine=cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fit = fit_host_terms(benches, workdir=work, **kw)
+        values = dict(zip(fit["names"], fit["values"]))
+        rows = []
+        for i, b in enumerate(benches):
+            if len(benches) > 1:  # leave this file out of the fit, then predict it
+                held = fit_host_terms(benches[:i] + benches[i + 1:], workdir=work, **kw)
+                used = dict(zip(held["names"], held["values"]))
+            else:
+                used = values
+            pred = predict(b, workdir=work, values=used, **kw)
+            rows.append({"file": b["path"], "held_out": len(benches) > 1,
+                         **{f"{k}_error": pred[k] / b[k] - 1 for k in METRICS}})
+    mapping = calibrated_mapping(base, fit["names"], fit["values"], [b["path"] for b in benches],
+                                 name or f"{base.name}-calibrated")
+    engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
+    path = write_engine_profile(mapping, out)
+    if as_json:
+        _print_json({"fitted": values, "bounds": dict(zip(fit["names"], fit["bounds"])),
+                     "residuals": fit["residuals"], "errors": rows, "out": str(path)})
+        return
+    console.print(f"{base.name}: host terms fitted to {len(benches)} benchmark(s):")
+    for n, v in values.items():
+        lo, hi = PARAMS[n]
+        console.print(f"  {n} = {v:.4g}  (bounds {lo:g}..{hi:g})")
+    t = Table(title="errors, each file predicted by a fit to the others" if len(benches) > 1 else "errors of the fit")
+    for col in ("file", *METRICS):
+        t.add_column(col, justify="left" if col == "file" else "right")
+    for r in rows:
+        t.add_row(Path(r["file"]).name, *(f"{r[f'{k}_error']:+.1%}" for k in METRICS))
+    console.print(t)
+    console.print(f"wrote {path}")
+
+
 @calibrate_app.command("import")
 def calibrate_import(
     hw: str = HW_OPT,

@@ -364,7 +364,7 @@ class EngineProfile(BaseModel):
         unknown = sorted(set(d) - set(SCHEDULER_DEFAULTS) - set(LARGE_MEMORY_DEFAULTS))
         missing = [k for k in SCHEDULER_DEFAULTS if k not in d]
         if unknown or missing:
-            raise ValueError(f"scheduler_defaults: " + (f"unknown {', '.join(unknown)}" if unknown else
+            raise ValueError("scheduler_defaults: " + (f"unknown {', '.join(unknown)}" if unknown else
                                                          f"no value for {', '.join(missing)}"))
         if "large_memory_gib" in d and not all(k in d for k in LARGE_MEMORY_DEFAULTS):
             raise ValueError(f"scheduler_defaults: large_memory_gib needs {', '.join(LARGE_MEMORY_DEFAULTS)}")

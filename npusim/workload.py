@@ -86,6 +86,11 @@ class WorkloadSpec(BaseModel):
     burstiness_cv: float = Field(default=1.0, gt=0, description="CV of inter-arrival gaps; 1 = Poisson")
     max_concurrency: int | None = Field(default=None, gt=0)
     trace: str | None = None
+    # per-request lengths (and optionally send times), as a `vllm bench serve --save-detailed`
+    # result lists them: replayed one for one
+    input_lens: list[int] | None = None
+    output_lens: list[int] | None = None
+    start_times: list[float] | None = None
     shared_prefix_len: int = Field(default=0, ge=0, description="tokens of a shared system prompt")
     shared_prefix_groups: int = Field(default=1, gt=0)
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
@@ -185,8 +190,33 @@ class RequestStream:
             yield RequestSpec(i, t, p, o, g, n)
 
 
+def _listed_requests(spec: WorkloadSpec, seed: int) -> RequestStream:
+    """Requests of given lengths: at their start times if listed, else by the arrival process."""
+    ins, outs = spec.input_lens, spec.output_lens
+    if outs is None or len(outs) != len(ins):
+        raise NpusimError(f"workload: input_lens ({len(ins)}) and output_lens "
+                          f"({'none' if outs is None else len(outs)}) must list the same requests")
+    if any(n < 1 for n in ins) or any(n < 1 for n in outs):
+        raise NpusimError("workload: input_lens and output_lens must be >= 1")
+    if spec.start_times is not None:
+        if len(spec.start_times) != len(ins):
+            raise NpusimError(f"workload: start_times ({len(spec.start_times)}) must list the "
+                              f"{len(ins)} requests")
+        t0 = min(spec.start_times)
+        arrivals = [t - t0 for t in spec.start_times]
+        order = sorted(range(len(ins)), key=arrivals.__getitem__)
+        return RequestStream([arrivals[i] for i in order], [ins[i] for i in order], [outs[i] for i in order])
+    import numpy as np
+
+    rate = math.inf if spec.rate is None else spec.rate
+    arrivals = arrival_times(len(ins), rate, spec.burstiness_cv, np.random.default_rng(seed))
+    return RequestStream(arrivals, ins, outs)
+
+
 def make_requests(spec: WorkloadSpec, seed: int) -> RequestStream:
     """The request stream of a workload. The same spec and seed give the same stream."""
+    if spec.input_lens is not None:
+        return _listed_requests(spec, seed)
     if spec.trace and spec.rate is None and not spec.shared_prefix_len:
         rows = read_trace(spec.trace, spec.num_requests)  # the trace as it is: nothing to draw
         t0 = rows[0][0]

@@ -1,0 +1,154 @@
+"""An engine profile's host terms fitted to serving benchmarks the user already ran.
+
+`npusim calibrate serve --bench FILE.json ...` reads `vllm bench serve --save-result
+--save-detailed` results, replays each one's workload in the simulator (its requests' prompt and
+output lengths; their send times where the file has them, else its request rate, burstiness and
+concurrency limit), and fits the engine profile's host terms by least squares on the relative
+errors of `duration`, `mean_ttft_ms`, `mean_tpot_ms` and `mean_itl_ms`: the per-iteration host
+time, the per-sequence host time, and for an eager engine the dispatch time per kernel. A
+leave-one-file-out table says how well each file is predicted by a fit to the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from npusim.errors import NpusimError
+from npusim.specs import EngineConfig, EngineProfile
+
+METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")
+# the host terms fitted, with the bounds a physical host time stays in
+PARAMS = {"host_per_iteration_ms": (0.0, 50.0), "host_per_sequence_us": (0.0, 2000.0),
+          "dispatch_per_kernel_us": (0.0, 200.0)}
+
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    """One `vllm bench serve --save-result --save-detailed` result, checked."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise NpusimError(f"{p}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise NpusimError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise NpusimError(f"{p}: not a vllm bench serve result (expected a JSON object)")
+    for key in ("input_lens", "output_lens", *METRICS):
+        if key not in data:
+            hint = " (save it with --save-detailed)" if key.endswith("_lens") else ""
+            raise NpusimError(f"{p}: no {key!r}{hint}")
+    ins, outs = data["input_lens"], data["output_lens"]
+    if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs) or not ins:
+        raise NpusimError(f"{p}: input_lens and output_lens must be lists of the same, non-zero length")
+    if any(not isinstance(n, int) or n < 1 for n in ins + outs):
+        raise NpusimError(f"{p}: input_lens and output_lens must hold token counts >= 1")
+    for key in METRICS:
+        v = data[key]
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise NpusimError(f"{p}: {key} must be a positive number, got {v!r}")
+    if data.get("completed", len(ins)) != len(ins):
+        raise NpusimError(f"{p}: completed {data['completed']} but {len(ins)} requests listed: "
+                          f"failed requests cannot be replayed")
+    return {"path": str(p), **data}
+
+
+def bench_workload(bench: dict) -> dict[str, Any]:
+    """The WorkloadSpec fields that replay a benchmark's requests."""
+    rate = bench.get("request_rate", "inf")
+    rate = math.inf if rate in ("inf", None) or (isinstance(rate, float) and math.isinf(rate)) else float(rate)
+    burst = float(bench.get("burstiness", 1.0) or 1.0)
+    wl: dict[str, Any] = {"input_lens": bench["input_lens"], "output_lens": bench["output_lens"],
+                          "num_requests": len(bench["input_lens"]),
+                          "rate": rate, "burstiness_cv": 1.0 / math.sqrt(burst),  # gamma shape -> CV
+                          "max_concurrency": bench.get("max_concurrency")}
+    if bench.get("start_times"):
+        wl["start_times"] = bench["start_times"]
+    return wl
+
+
+def _simulate(bench: dict, hw: str, model: str, engine: EngineConfig, profile_path: str, seed: int) -> dict:
+    from npusim.scenario import Scenario, run_scenario
+    from npusim.workload import WorkloadSpec
+
+    sc = Scenario(hw=hw, model=model, engine=engine.model_copy(update={"profile": profile_path}),
+                  workload=WorkloadSpec(**bench_workload(bench)), seed=seed)
+    return run_scenario(sc)
+
+
+def _profile_with(base_mapping: dict, values: dict[str, float], where: Path) -> str:
+    import yaml
+
+    m = json.loads(json.dumps(base_mapping))
+    for k, v in values.items():
+        m[k] = {"value": float(v), "kind": "calibrated", "source": "being fitted"}
+    where.write_text(yaml.safe_dump(m, sort_keys=False))
+    return str(where)
+
+
+def profile_mapping(profile: EngineProfile) -> dict:
+    """An engine profile as the YAML mapping it loads from (numbers with kind and source)."""
+    prov = profile.provenance
+    d = profile.model_dump()
+    out = {k: v for k, v in d.items() if k not in ("provenance", "kernels", "kernel_floor_us", "scheduler_defaults")}
+    for f in ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us", "dispatch_per_kernel_us",
+              "graph_launch_us"):
+        out[f] = {"value": d[f], "kind": prov[f].kind, "source": prov[f].source}
+    for group in ("kernels", "kernel_floor_us", "scheduler_defaults"):
+        out[group] = {k: {"value": v, "kind": prov[f"{group}.{k}"].kind, "source": prov[f"{group}.{k}"].source}
+                      for k, v in d[group].items()}
+    return out
+
+
+def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProfile, engine: EngineConfig,
+                   workdir: Path, seed: int = 0) -> dict[str, Any]:
+    """Least squares over the host terms; returns the fitted values, the residuals and their bounds."""
+    from scipy.optimize import least_squares
+
+    names = ["host_per_iteration_ms", "host_per_sequence_us"]
+    if base.execution != "graph":
+        names.append("dispatch_per_kernel_us")
+    mapping = profile_mapping(base)
+    # start from the base profile's values, or a typical magnitude where it says 0 (a zero start
+    # gives finite differences nothing to move)
+    typical = {"host_per_iteration_ms": 1.0, "host_per_sequence_us": 50.0, "dispatch_per_kernel_us": 10.0}
+    x0 = [getattr(base, n) or typical[n] for n in names]
+    lo = [PARAMS[n][0] for n in names]
+    hi = [PARAMS[n][1] for n in names]
+    path = workdir / "fitting.yaml"
+
+    def residuals(x):
+        prof = _profile_with(mapping, dict(zip(names, x)), path)
+        out = []
+        for b in benches:
+            r = _simulate(b, hw, model, engine, prof, seed)
+            for key in METRICS:
+                pred = r[key]
+                out.append((pred / b[key] - 1.0) if pred else 1.0)
+        return out
+
+    fit = least_squares(residuals, x0, bounds=(lo, hi), diff_step=0.1, x_scale=x0, xtol=1e-4, ftol=1e-4,
+                        max_nfev=60)
+    return {"names": names, "values": [float(v) for v in fit.x], "residuals": [float(v) for v in fit.fun],
+            "bounds": list(zip(lo, hi)), "cost": float(fit.cost)}
+
+
+def predict(bench: dict, *, hw: str, model: str, base: EngineProfile, engine: EngineConfig, values: dict,
+            workdir: Path, seed: int = 0) -> dict[str, float]:
+    prof = _profile_with(profile_mapping(base), values, workdir / "predict.yaml")
+    r = _simulate(bench, hw, model, engine, prof, seed)
+    return {k: r[k] for k in METRICS}
+
+
+def calibrated_mapping(base: EngineProfile, names: list[str], values: list[float], files: list[str],
+                       name: str) -> dict:
+    m = profile_mapping(base)
+    m["name"] = name
+    m["description"] = f"{base.description}; host terms fitted to vllm bench serve results"
+    shown = ", ".join(Path(f).name for f in files)
+    for n, v in zip(names, values):
+        m[n] = {"value": round(v, 4), "kind": "calibrated",
+                "source": f"npusim calibrate serve: least squares on duration, mean TTFT, TPOT and ITL of {shown}"}
+    return m

@@ -1,0 +1,75 @@
+"""`npusim calibrate serve`: host terms fitted to vllm bench serve results, checked by a round trip
+through benchmarks made with known host terms, and bad files refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, run_cli
+from npusim.scenario import Scenario, run_scenario
+from npusim.specs import ENGINE_PROFILE_DIR, load_engine_profile
+from npusim.workload import WorkloadSpec
+
+KEYS = ("duration", "completed", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")
+
+
+def _bench_files(tmp_path, host_ms, seq_us):
+    """Benchmarks 'measured' on an engine whose host terms we know, in vllm bench serve's layout."""
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
+    d["host_per_iteration_ms"]["value"] = host_ms
+    d["host_per_sequence_us"]["value"] = seq_us
+    truth = tmp_path / "truth.yaml"
+    truth.write_text(yaml.safe_dump(d))
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (rate, n) in enumerate(((3.0, 30), (10.0, 30), (float("inf"), 24))):
+        ins, outs = rng.integers(64, 1200, n).tolist(), rng.integers(8, 160, n).tolist()
+        sc = Scenario(hw="h200", model="llama-3.2-1b", engine={"profile": str(truth)},
+                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=n))
+        r = run_scenario(sc)
+        out = {k: r[k] for k in KEYS}
+        out.update(input_lens=ins, output_lens=outs, request_rate="inf" if rate == float("inf") else rate,
+                   burstiness=1.0, max_concurrency=None)
+        f = tmp_path / f"bench{i}.json"
+        f.write_text(json.dumps(out))
+        files.append(f)
+    return files
+
+
+def test_the_fit_recovers_the_host_terms_the_benchmarks_were_made_with(tmp_path):
+    files = _bench_files(tmp_path, host_ms=3.0, seq_us=150.0)
+    out = tmp_path / "fitted.yaml"
+    args = ["calibrate", "serve", "--hw", "h200", "--model", "llama-3.2-1b", "--engine", "vllm",
+            "--out", str(out), "--json"]
+    for f in files:
+        args += ["--bench", str(f)]
+    rc, text, err = run_cli(*args)
+    assert rc == 0, err
+    d = json.loads(text)
+    assert d["fitted"]["host_per_iteration_ms"] == pytest.approx(3.0, rel=0.05)
+    assert d["fitted"]["host_per_sequence_us"] == pytest.approx(150.0, rel=0.15)
+    for row in d["errors"]:  # each file predicted from a fit to the other
+        assert row["held_out"]
+        assert abs(row["duration_error"]) < 0.10
+    profile = load_engine_profile(str(out))
+    assert profile.provenance["host_per_iteration_ms"].kind == "calibrated"
+    assert "bench0.json" in profile.provenance["host_per_iteration_ms"].source
+    assert profile.kernels == load_engine_profile("vllm").kernels  # only the host terms change
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d.pop("input_lens"), "no 'input_lens' (save it with --save-detailed)"),
+    (lambda d: d.update(output_lens=d["output_lens"][:-1]), "same, non-zero length"),
+    (lambda d: d.update(mean_ttft_ms=-1), "mean_ttft_ms must be a positive number"),
+    (lambda d: d.update(completed=3), "failed requests cannot be replayed"),
+])
+def test_bad_benchmark_files_are_refused_in_one_line(tmp_path, edit, needle):
+    good = {"duration": 10.0, "completed": 4, "mean_ttft_ms": 50.0, "mean_tpot_ms": 10.0, "mean_itl_ms": 10.0,
+            "input_lens": [100, 200, 300, 400], "output_lens": [10, 20, 30, 40], "request_rate": 1.0}
+    edit(good)
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(good))
+    assert_one_line_error("calibrate", ["serve", "--bench", str(f), "--hw", "h200", "--model", "llama-3.2-1b",
+                                        "--out", str(tmp_path / "o.yaml")], needle)
