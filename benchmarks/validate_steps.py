@@ -64,8 +64,7 @@ def predict(cm: CostModel, r: dict) -> float:
         kw["prefill_chunks"] = [(r["chunk"], r["cached"])]
     kw["num_sampled"] = r["sampled"]
     device = cm.step_time(**kw)
-    host, held = cm.host_times(r["sampled"], device,
-                               cm.kernels_per_iteration(bool(kw.get("num_decodes")), bool(kw.get("prefill_chunks"))))
+    host, held = cm.host_times(r["sampled"], device, bool(kw.get("num_decodes")), bool(kw.get("prefill_chunks")))
     return (host + held) * 1e3
 
 

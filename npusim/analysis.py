@@ -262,7 +262,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     if include_host:
         # the engine's host work before the device has work, and how long the device is held
         # (its kernels, or their eager launches when those take longer)
-        host_s, held_s = cm.host_times(batch, device_s, cm.kernels_per_iteration(True, False))
+        host_s, held_s = cm.host_times(batch, device_s)
     else:
         host_s, held_s = 0.0, device_s
     t = host_s + held_s

@@ -27,10 +27,11 @@ from npusim.errors import NpusimError
 
 
 def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
-    """Piecewise-linear interpolation of log y over log x; beyond the ends, y scales as x (the
-    cost of more of the same work)."""
+    """Piecewise-linear interpolation of log y over log x; below the smallest x, the smallest
+    measured y (a kernel does not get cheaper than its least time); beyond the largest, y scales
+    as x (the cost of more of the same work)."""
     if x <= xs[0]:
-        return ys[0] * x / xs[0]
+        return ys[0]
     if x >= xs[-1]:
         return ys[-1] * x / xs[-1]
     i = bisect.bisect_right(xs, x) - 1
@@ -89,10 +90,10 @@ class DecodeAttentionTable:
         if not keys:
             return None
         # the same layout if measured, else the nearest, carried by the KV bytes (kv heads x dim)
-        def distance(g):
-            page = 0.0 if g[4] is None or block_size is None else abs(math.log(g[4] / block_size))
-            return (math.log(g[2] * g[3] / (kv_heads * head_dim)) ** 2 + math.log(g[1] / heads) ** 2
-                    + page)
+        def distance(g):  # the head layout first, then the page size (both squared log ratios)
+            page = 0.0 if g[4] is None or block_size is None else math.log(g[4] / block_size) ** 2
+            return (math.log(g[2] * g[3] / (kv_heads * head_dim)) ** 2 + math.log(g[1] / heads) ** 2,
+                    page)
         key = min(keys, key=distance)
         grid = self.groups[key]
         bs = sorted({b for b, _ in grid})
@@ -126,8 +127,8 @@ class PrefillAttentionTable:
                   + (math.log(g[1] / kv_heads)) ** 2)
         fs, rates = self.curves[key]
         if flops <= fs[0]:
-            rate = rates[0] * flops / fs[0]  # below the smallest measured: the kernel's floor
-        elif flops >= fs[-1]:
+            return fs[0] / rates[0]  # below the smallest measured: the kernel's least time
+        if flops >= fs[-1]:
             rate = rates[-1]  # past the largest: its plateau
         else:
             rate = _interp_loglog(fs, rates, flops)

@@ -100,7 +100,7 @@ def step(
     ops = cm.ops(**args)
     step_s = sum(o.time_s for o in ops)
     kernels = sum(o.kernels for o in ops)
-    host_s, held_s = cm.host_times(batch, step_s, kernels)
+    host_s, held_s = cm.host_times(batch, step_s, phase == "decode", phase == "prefill")
     iteration_s = host_s + held_s
     plan = memory_plan(h, m, eng)
     need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
@@ -737,7 +737,7 @@ def calibrate_engine_cmd(
         ctx = batch * (context + 1)
         slots = batch * ceil_div(context + 1, 16) * 16
         device = cm.step_time(batch, ctx, slots)
-        host, held = cm.host_times(batch, device, cm.kernels_per_iteration(True, False))
+        host, held = cm.host_times(batch, device)
         predicted = {"device_ms": device * 1e3, "iteration_ms": (host + held) * 1e3}
     if as_json:
         _print_json({**report, "out": str(path), "kernels_by_op": profile.kernels,

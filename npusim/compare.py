@@ -184,7 +184,7 @@ def _rounding_factor(hw: HardwareSpec, model: ModelSpec, p: AnalyticalPoint, sim
                    p.engine)
     b = p.batch
     device_s = cm.step_time(b, b * (p.context + 1), b * sim["mean_kv_slots_per_seq"])
-    host_s, held_s = cm.host_times(b, device_s, cm.kernels_per_iteration(True, False))
+    host_s, held_s = cm.host_times(b, device_s)
     if p.sharing == "time-slice" and p.instances > 1:
         return p.tpot_ms / (max(p.instances * held_s, held_s + host_s) * 1e3)
     return p.iteration_ms / ((held_s + host_s) * 1e3)

@@ -362,7 +362,8 @@ class CostModel:
             n += self.model.num_layers * self.kernels["attention_prefill"]
         return n
 
-    def host_times(self, num_sequences: int, device_s: float, kernels: int) -> tuple[float, float]:
+    def host_times(self, num_sequences: int, device_s: float, has_decode: bool = True,
+                   has_prefill: bool = False) -> tuple[float, float]:
         """(host seconds that the device waits for, seconds the device is held) of one iteration
         of `num_sequences` sequences whose kernels take `device_s` on the device.
 
@@ -376,33 +377,36 @@ class CostModel:
         if mode == "graph":
             held = self.graph_launch_s + device_s
         elif mode == "eager":
-            held = max(device_s, kernels * self.dispatch_s)
+            held = max(device_s, self.kernels_per_iteration(has_decode, has_prefill) * self.dispatch_s)
         else:  # piecewise: one graph per layer between attention calls, attention launched eagerly
             L = self.model.num_layers
-            eager_kernels = L * (self.kernels["attention_decode"] + self.kernels["attention_prefill"])
+            eager_kernels = L * ((self.kernels["attention_decode"] if has_decode else 0)
+                                 + (self.kernels["attention_prefill"] if has_prefill else 0))
             held = max(device_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
         return host, held
 
-    def price(self, batch: Batch) -> tuple[float, float, float]:
-        """(host, device, swap) seconds of one iteration: host work the device waits for, the time
-        the device is held (its kernels, or their eager launches when those take longer), and KV
-        pages copied over the host link before it runs. A batch with no tokens (everything in it
-        was preempted) costs host and swap time only."""
+    def price(self, batch: Batch) -> tuple[float, float, float, bool]:
+        """(host, device, swap, host_bound) of one iteration: seconds of host work the device waits
+        for, seconds the device is held (its kernels, or their eager launches when those take
+        longer), seconds of KV pages copied over the host link before it runs, and whether the
+        host's share (its work and any launches the kernels wait for) exceeds the kernels' own
+        time. A batch with no tokens (everything in it was preempted) costs host and swap time."""
         device = 0.0
         decodes, chunks = batch.num_decodes, batch.prefill_chunks
         if decodes or chunks:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
                                     chunks, batch.num_sampled)
+            kernels_s = device
             if self._graph:  # the common case, inlined: host_times(...) says the same
                 host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
                 device += self.graph_launch_s
             else:
-                kernels = self.kernels_per_iteration(bool(decodes), bool(chunks))
-                host, device = self.host_times(decodes + len(chunks), device, kernels)
+                host, device = self.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks))
+            host_bound = host + device - kernels_s > kernels_s
         else:
-            host = self.host_overhead_s
+            host, host_bound = self.host_overhead_s, True
         swap = batch.swap_bytes / self.host_link_bytes_per_s if batch.swap_bytes else 0.0
-        return host, device, swap
+        return host, device, swap, host_bound
 
     def decode_attention_time(self, num_decodes: int, context_tokens: int, kv_slots: int) -> float:
         """Inlined twin of attention_decode_op(...).time_s for the hot path; a test keeps them equal."""
@@ -411,9 +415,13 @@ class CostModel:
             t = self._decode_cache.get(key)
             if t is None:
                 m = self.model
-                # the measured kernel at this batch, each sequence reading its mean pages
+                # the measured kernel at this batch, each sequence reading its mean pages, never
+                # below its kernels' least time
                 t = self._decode_table.time(self.engine.decode_attention_impl, m.num_heads, m.num_kv_heads,
                                             m.head_dim, self.block_size, num_decodes, kv_slots / num_decodes)
+                t = max(t, self._decode_kernels * self._decode_floor)
+                if len(self._decode_cache) >= 65536:  # bounded: a long run sees many shapes
+                    self._decode_cache.clear()
                 self._decode_cache[key] = t
             return t
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate

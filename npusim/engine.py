@@ -125,6 +125,7 @@ class InstanceRecord:
     power_share: float  # its share of the device's power while it runs
     timeline: MemoryTimeline = field(default_factory=MemoryTimeline)
     busy_s: float = 0.0  # device time of its iterations, swaps included
+    host_bound_iterations: int = 0  # iterations whose host share exceeded their kernels' time
     swap_s: float = 0.0
     completed: int = 0
     first_token_span: tuple[float, float] = (math.inf, -math.inf)  # earliest, latest first token
@@ -210,7 +211,8 @@ class Instance:
                 continue
             if check:
                 sched.check(batch)
-            host_s, device_s, swap_s = price(batch)
+            host_s, device_s, swap_s, host_bound = price(batch)
+            rec.host_bound_iterations += host_bound
             if self.lock is None:
                 yield env.timeout(host_s + device_s + swap_s)
             else:

@@ -204,6 +204,7 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "output_throughput": per(st.output_tokens), "iterations": st.iterations,
             "mean_batch_tokens": st.batch_tokens_sum / st.iterations if st.iterations else 0.0,
             "max_batch": st.max_batch, "busy_fraction": i.busy_s / duration if duration else 0.0,
+            "host_bound_fraction": i.host_bound_iterations / st.iterations if st.iterations else 0.0,
             "mean_in_system": i.in_system_area / duration if duration else 0.0,
             "ai_cores": i.setup.hw.ai_cores, "memory_gib": i.setup.plan.device_bytes / 2**30,
             "kv_cache": k,
@@ -235,6 +236,10 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
         "p99_itl_ms": itl.quantile(0.99) * 1e3 if itl.n else None,
         **_ms_stats(record.e2el, "e2el"),
         "kv_cache": kv_cache,
+        # iterations whose host share (scheduling, input preparation, launches the kernels waited
+        # for) exceeded the kernels' own time, and the rest
+        "host_bound_iteration_fraction": (sum(i.host_bound_iterations for i in insts)
+                                          / max(1, sum(i.stats.iterations for i in insts))),
         "energy": {
             "joules": joules,
             "tokens_per_joule": n_out / joules if joules > 0 else None,

@@ -360,6 +360,9 @@ class EngineProfile(BaseModel):
         unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS))
         if unknown:
             raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
+        bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]
+        if bad:
+            raise ValueError(f"kernel_floor_us must be > 0, got {', '.join(bad)}")
         d = self.scheduler_defaults
         unknown = sorted(set(d) - set(SCHEDULER_DEFAULTS) - set(LARGE_MEMORY_DEFAULTS))
         missing = [k for k in SCHEDULER_DEFAULTS if k not in d]

@@ -356,12 +356,15 @@ class PagedKVCache:
         self.swaps_out += 1
         return n
 
-    def can_swap_in(self, req_id: Hashable) -> bool:
+    def can_swap_in(self, req_id: Hashable, then_append: int = 0) -> bool:
+        """Whether the request's blocks, and those `then_append` more tokens need, fit above the
+        watermark (a swapped-in decode writes its next token at once: vLLM V0 counts that block)."""
         req = self._swapped.get(req_id)
         if req is None:
             raise ValueError(f"request {req_id!r} is not swapped out")
         # Swap-in is a re-admission, so it keeps the same watermark (vLLM V0 does too).
-        return self._available() - self._blocks_for(req.num_tokens) >= self.watermark_blocks
+        need = self._blocks_for(req.num_tokens + then_append)
+        return self._available() - need >= self.watermark_blocks
 
     def swap_in(self, req_id: Hashable) -> int:
         """Bring a swapped-out request back into fresh device blocks; returns blocks copied."""

@@ -141,13 +141,13 @@ class ContinuousScheduler:
             # Swapped requests come back before new ones are admitted.
             while self.swapped and len(running) < cfg.max_num_seqs and budget > 0:
                 r = self.swapped[0]
-                moved = pool.swap_in(r)
+                n = min(r.num_tokens - r.num_computed, budget)
+                moved = pool.swap_in(r, n)  # with room for what it computes at once
                 if moved is None:
                     break
                 self.swapped.popleft()
                 batch.swap_bytes += moved
                 self._admit(r)
-                n = min(r.num_tokens - r.num_computed, budget)
                 if not pool.grow(r, r.num_computed, r.num_computed + n):
                     break  # its next token needs a page: it goes with the running ones next time
                 work.append((r, n))

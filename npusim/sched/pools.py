@@ -71,9 +71,10 @@ class PagedPool:
             return None
         return self.kv.swap_out(r.id) * self.block_bytes
 
-    def swap_in(self, r: Request) -> float | None:
-        """Bring r's pages back (bytes copied), or None if the device has no room above the watermark."""
-        if not self.kv.can_swap_in(r.id):
+    def swap_in(self, r: Request, then_append: int = 0) -> float | None:
+        """Bring r's pages back (bytes copied), or None if the device has no room above the
+        watermark for them and the `then_append` tokens it will write at once."""
+        if not self.kv.can_swap_in(r.id, then_append):
             return None
         return self.kv.swap_in(r.id) * self.block_bytes
 
@@ -147,7 +148,7 @@ class ContiguousPool:
     def swap_out(self, r: Request) -> float | None:
         return None  # a reservation never runs out, so it is never preempted
 
-    def swap_in(self, r: Request) -> float | None:  # pragma: no cover - nothing is swapped
+    def swap_in(self, r: Request, then_append: int = 0) -> float | None:  # pragma: no cover - nothing is swapped
         return None
 
     def sample(self, untold: int) -> tuple[int, int, int, int, int]:
