@@ -316,7 +316,7 @@ def simulate(
     rate: Optional[str] = typer.Option(None, "--rate", help="requests/s (Poisson), or inf: all at t=0"),
     burstiness: Optional[float] = typer.Option(None, "--burstiness", min=0.001, help="CV of inter-arrival gaps (gamma); 1 = Poisson"),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", min=1, help="at most C requests in flight (closed loop)"),
-    trace: Optional[str] = typer.Option(None, "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens"),
+    trace: Optional[str] = typer.Option(None, "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens (or start_time,input_len,output_len)"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens"),
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1),
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1),
@@ -504,7 +504,7 @@ def _load_rates(point, batch: int) -> list[float]:
 
 @app.command("kv-study")
 def kv_study(
-    trace: str = typer.Option(..., "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens"),
+    trace: str = typer.Option(..., "--trace", help="CSV with arrived_at,num_prefill_tokens,num_decode_tokens (or start_time,input_len,output_len)"),
     requests: Optional[int] = typer.Option(None, "--requests", min=1, help="the first N rows (default: all)"),
     hw: str = typer.Option("ascend-910b2", "--hw"),
     model: str = typer.Option("llama-3.1-8b", "--model"),

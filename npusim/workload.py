@@ -109,11 +109,23 @@ def arrival_times(n: int, rate: float, cv: float, rng: "np.random.Generator") ->
 
 
 TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+# The same three columns as a per-request export of a `vllm bench serve --save-detailed` run
+# names them (start_times, input_lens, output_lens): one row per request.
+TRACE_ALIASES = (("arrived_at", "start_time"), ("num_prefill_tokens", "input_len"),
+                 ("num_decode_tokens", "output_len"))
+
+
+def _trace_column(p: Path, header: list[str], names: tuple[str, ...]) -> int:
+    found = [n for n in names if n in header]
+    if len(found) > 1:
+        raise NpusimError(f"{p}: line 1: columns {' and '.join(found)} mean the same; keep one")
+    return header.index(found[0])
 
 
 def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, int, int]]:
-    """Rows of (arrival s, prompt tokens, output tokens) from a CSV with the Azure trace columns.
-    Bad rows raise an error naming the file and line."""
+    """Rows of (arrival s, prompt tokens, output tokens) from a CSV with the Azure trace columns
+    (or their vLLM-bench names: start_time, input_len, output_len). Bad rows raise an error
+    naming the file and line."""
     p = Path(path)
     if not p.exists():
         raise NpusimError(f"trace file not found: {p}")
@@ -125,11 +137,12 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, 
         except StopIteration:
             raise NpusimError(f"{p}: empty trace file") from None
         header = [h.strip() for h in header]
-        missing = [c for c in TRACE_COLUMNS if c not in header]
+        missing = [" or ".join(names) for names in TRACE_ALIASES if not any(n in header for n in names)]
         if missing:
             raise NpusimError(f"{p}: line 1: missing column(s) {', '.join(missing)}; "
                               f"expected {', '.join(TRACE_COLUMNS)}")
-        ia, ip, io = (header.index(c) for c in TRACE_COLUMNS)
+        ia, ip, io = (_trace_column(p, header, names) for names in TRACE_ALIASES)
+        cols = tuple(header[i] for i in (ia, ip, io))
         last = -math.inf
         for row in reader:
             line = reader.line_num
@@ -142,12 +155,12 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, 
                 prompt = int(float(row[ip]))
                 out = int(float(row[io]))
             except (ValueError, IndexError):
-                raise NpusimError(f"{p}: line {line}: expected numbers in {', '.join(TRACE_COLUMNS)}, "
+                raise NpusimError(f"{p}: line {line}: expected numbers in {', '.join(cols)}, "
                                   f"got {row!r}") from None
             if not math.isfinite(t) or t < 0:
-                raise NpusimError(f"{p}: line {line}: arrived_at must be a time >= 0, got {row[ia]!r}")
+                raise NpusimError(f"{p}: line {line}: {cols[0]} must be a time >= 0, got {row[ia]!r}")
             if t < last:
-                raise NpusimError(f"{p}: line {line}: arrived_at goes back in time ({t} < {last})")
+                raise NpusimError(f"{p}: line {line}: {cols[0]} goes back in time ({t} < {last})")
             if prompt <= 0 or out <= 0:
                 raise NpusimError(f"{p}: line {line}: token counts must be > 0, got prompt {prompt}, output {out}")
             last = t

@@ -249,6 +249,28 @@ def test_trace_replay_takes_the_first_rows(tmp_path):
     assert d["duration"] > 1.0  # the last of them arrives at t = 1 s
 
 
+def test_a_per_request_export_of_a_bench_run_replays_closed_loop(tmp_path):
+    """A `vllm bench serve --max-concurrency 3` run exported one row per request (start_time,
+    input_len, output_len): every request is sent at once, at most 3 are in flight."""
+    p = tmp_path / "bench.csv"
+    rows = ["request,start_time,input_len,output_len"]
+    rows += [f"{i},0.0,{200 + 10 * i},{20 + i}" for i in range(12)]
+    p.write_text("\n".join(rows) + "\n")
+    rc, out, err = run_cli("simulate", "--trace", str(p), "--max-concurrency", "3", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["completed"] == 12 and d["max_concurrent_requests"] == 3
+    assert d["total_input_tokens"] == sum(200 + 10 * i for i in range(12))
+    rc, out, err = run_cli("simulate", "--trace", str(p), "--json")
+    assert rc == 0, err
+    free = json.loads(out)
+    assert free["max_concurrent_requests"] == 12 and free["duration"] < d["duration"]
+    # the two names of one column at once are refused, naming both
+    p.write_text("arrived_at,start_time,input_len,output_len\n0,0,10,10\n")
+    rc, _, err = run_cli("simulate", "--trace", str(p))
+    assert rc == 2 and "arrived_at and start_time" in err and "line 1" in err
+
+
 @pytest.mark.parametrize("engine, workload", [
     ({}, dict(rate=6.0)),
     ({"block_size": 16, "profile": "mindie"}, dict(rate=12.0, burstiness_cv=3.0)),
