@@ -107,6 +107,11 @@ def step(
     mem = plan.as_dict()
     mem["blocks_needed"] = need_blocks
     mem["batch_fits"] = plan.fits and need_blocks <= plan.num_blocks
+    if not plan.fits:
+        raise NpusimError(f"{m.name} on {h.name} {plan.verdict}")
+    if need_blocks > plan.num_blocks:
+        raise NpusimError(f"this {phase} batch needs {need_blocks} KV blocks of {bs} tokens ({kv_tokens} tokens) "
+                          f"but {plan.num_blocks} fit: lower --batch or --{'context' if phase == 'decode' else 'prompt'}")
     tokens = batch if phase == "decode" else batch * prompt
     if as_json:
         _print_json({
@@ -136,9 +141,6 @@ def step(
                   f"{(iteration_s - step_s) * 1e3:.3f} ms   iteration: {iteration_s * 1e3:.3f} ms   "
                   f"throughput: {tokens / iteration_s:,.1f} tokens/s")
     console.print(f"memory: {plan.verdict}")
-    if plan.fits and need_blocks > plan.num_blocks:
-        console.print(f"[yellow]this batch needs {need_blocks} blocks ({kv_tokens} tokens) but only "
-                      f"{plan.num_blocks} fit[/]")
 
 
 # --------------------------------------------------------------------------- simulate
@@ -189,6 +191,14 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
     base = load_scenario(scenario_file) if scenario_file else Scenario()
     data = base.model_dump()
     eng, wl = data["engine"], data["workload"]
+    if flags.get("trace") is not None or wl.get("trace") is not None:
+        for key, flag in (("input_len", "--input-len"), ("output_len", "--output-len")):
+            if flags.get(key) is not None:
+                raise NpusimError(f"{flag} would be ignored: the trace gives the lengths")
+            wl.pop(key, None)  # (the trace's, not a default's)
+    if wl.get("input_lens") is not None:
+        wl.pop("input_len", None)
+        wl.pop("output_len", None)
     top = {"hw": "hw", "model": "model", "instances": "instances", "sharing": "sharing",
            "seed": "seed", "contiguous_policy": "contiguous_policy"}
     engine_keys = ("block_size", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
@@ -336,7 +346,7 @@ def simulate(
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0),
     as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),
     report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
 ) -> None:
@@ -368,6 +378,10 @@ def simulate(
     finally:
         if bar is not None:
             bar.stop()
+    if not run.completed:
+        reason = run.rejected[0][1] if run.rejected else "nothing was scheduled"
+        raise NpusimError(f"no request completed: all {len(run.rejected)} were rejected; "
+                          f"the first: {reason}")
     result = summarize(run, sc)
     result["wall_seconds"] = time.perf_counter() - t_wall
     if report:
@@ -531,7 +545,7 @@ def seed(
     gpu_memory_utilization: float = typer.Option(0.98, "--gpu-memory-utilization",
                                                  help="memory share vLLM may use (0.9 leaves no room for one request)"),
     requests: int = typer.Option(16, "--requests", min=1, help="requests per instance, all arriving at once"),
-    seed_: int = typer.Option(0, "--seed"),
+    seed_: int = typer.Option(0, "--seed", min=0),
     no_alternatives: bool = typer.Option(False, "--no-alternatives", help="skip the alternative configurations"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

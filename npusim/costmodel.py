@@ -507,6 +507,13 @@ def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None 
                    f"({g(device)} x {e.gpu_memory_utilization}) by {g(need - usable + block_bytes)} "
                    f"(room for not even one {e.block_size}-token KV block)")
         fits = False
+    elif e.num_blocks is not None and num_blocks * block_bytes > device - weights:
+        most = int((device - weights) // block_bytes)
+        verdict = (f"does not fit: num_blocks {num_blocks} x {e.block_size} tokens need "
+                   f"{g(num_blocks * block_bytes)} of KV cache, but {g(device)} of device memory less "
+                   f"{model.name}'s weights {g(weights)} hold at most {most} blocks "
+                   f"(the formula gives {formula})")
+        fits = False
     else:
         fits = True
         verdict = (f"fits: {num_blocks} KV blocks of {e.block_size} tokens = {num_blocks * e.block_size} "

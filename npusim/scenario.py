@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from npusim.costmodel import InstanceSetup, MemoryPlan, instance_setup
 from npusim.engine import InstanceRecord, LatencySummary, RunRecord, Simulation, percentile
@@ -41,7 +41,14 @@ class Scenario(BaseModel):
     sharing: Literal["time-slice", "vnpu"] = "time-slice"
     contiguous_policy: Literal["max", "oracle"] = "max"
     goodput: GoodputSLO | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Scenario":
+        if self.contiguous_policy == "oracle" and self.engine.paging:
+            raise ValueError("contiguous_policy oracle is a contiguous reservation: it needs --no-paging "
+                             "(engine.paging: false)")
+        return self
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -655,6 +655,13 @@ class EngineConfig(BaseModel):
                 and self.max_num_batched_tokens < self.max_num_seqs):
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({self.max_num_seqs})")
+        # A contiguous reservation has no pages to share or to move: these would be ignored.
+        if not self.paging and self.enable_prefix_caching:
+            raise ValueError("enable_prefix_caching needs paging (prefix caching shares KV pages); "
+                             "drop --prefix-caching or --no-paging")
+        if not self.paging and self.preemption_mode == "swap":
+            raise ValueError("preemption_mode swap needs paging (pages are what is swapped); "
+                             "drop --preemption swap or --no-paging")
         return self
 
 
@@ -692,7 +699,8 @@ def resolve_engine(hw: HardwareSpec, cfg: EngineConfig) -> tuple[EngineProfile, 
     filled = {
         "block_size": profile.kv_block_sizes.recommended, "max_num_seqs": int(seqs),
         "max_num_batched_tokens": int(tokens), "gpu_memory_utilization": d["gpu_memory_utilization"],
-        "watermark": d["watermark"], "enable_prefix_caching": bool(d["enable_prefix_caching"]),
+        "watermark": d["watermark"],
+        "enable_prefix_caching": bool(d["enable_prefix_caching"]) and cfg.paging,  # (pages to share)
     }
     for key, value in filled.items():
         if given[key] is None:

@@ -95,6 +95,16 @@ class WorkloadSpec(BaseModel):
     shared_prefix_groups: int = Field(default=1, gt=0)
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _check(self) -> "WorkloadSpec":
+        given = self.model_fields_set
+        for source, what in ((self.trace, "a trace"), (self.input_lens, "input_lens")):
+            if source is not None:
+                clash = [k for k in ("input_len", "output_len") if k in given]
+                if clash:
+                    raise ValueError(f"{' and '.join(clash)} would be ignored: {what} gives the lengths")
+        return self
+
 
 def arrival_times(n: int, rate: float, cv: float, rng: "np.random.Generator") -> "np.ndarray":
     """Arrival instants: gamma-distributed gaps with mean 1/rate and the given CV (CV 1 = Poisson)."""
@@ -115,56 +125,76 @@ TRACE_ALIASES = (("arrived_at", "start_time"), ("num_prefill_tokens", "input_len
                  ("num_decode_tokens", "output_len"))
 
 
-def _trace_column(p: Path, header: list[str], names: tuple[str, ...]) -> int:
+def _trace_column(p: Path, header: list[str], names: tuple[str, ...]) -> int | None:
     found = [n for n in names if n in header]
     if len(found) > 1:
         raise NpusimError(f"{p}: line 1: columns {' and '.join(found)} mean the same; keep one")
-    return header.index(found[0])
+    return header.index(found[0]) if found else None
 
 
-def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float, int, int]]:
+def _token_count(p: Path, line: int, column: str, text: str) -> int:
+    """A whole, positive token count ("12" or "12.0"); anything else names the file, line and column."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise NpusimError(f"{p}: line {line}: {column} must be a number, got {text!r}") from None
+    if not math.isfinite(v) or v != int(v) or v < 1:
+        raise NpusimError(f"{p}: line {line}: {column} must be a whole number of tokens >= 1, got {text!r}")
+    return int(v)
+
+
+def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float | None, int, int]]:
     """Rows of (arrival s, prompt tokens, output tokens) from a CSV with the Azure trace columns
-    (or their vLLM-bench names: start_time, input_len, output_len). Bad rows raise an error
-    naming the file and line."""
+    (or their vLLM-bench names: start_time, input_len, output_len). A file without a time column
+    gives None for every arrival (the caller must then supply an arrival process). Every problem
+    raises an error naming the file and line."""
     p = Path(path)
     if not p.exists():
         raise NpusimError(f"trace file not found: {p}")
-    rows: list[tuple[float, int, int]] = []
-    with p.open(newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise NpusimError(f"{p}: empty trace file") from None
-        header = [h.strip() for h in header]
-        missing = [" or ".join(names) for names in TRACE_ALIASES if not any(n in header for n in names)]
-        if missing:
-            raise NpusimError(f"{p}: line 1: missing column(s) {', '.join(missing)}; "
-                              f"expected {', '.join(TRACE_COLUMNS)}")
-        ia, ip, io = (_trace_column(p, header, names) for names in TRACE_ALIASES)
-        cols = tuple(header[i] for i in (ia, ip, io))
-        last = -math.inf
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if limit is not None and len(rows) >= limit:
-                break
+    if not p.is_file():
+        raise NpusimError(f"trace {p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the first column)
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise NpusimError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise NpusimError(f"{p}: empty trace file") from None
+    header = [h.strip() for h in header]
+    dup = sorted({h for h in header if h and header.count(h) > 1})
+    if dup:
+        raise NpusimError(f"{p}: line 1: column {dup[0]} appears {header.count(dup[0])} times")
+    ia, ip, io = (_trace_column(p, header, names) for names in TRACE_ALIASES)
+    missing = [" or ".join(names) for names, i in zip(TRACE_ALIASES[1:], (ip, io)) if i is None]
+    if missing:
+        raise NpusimError(f"{p}: line 1: missing column(s) {', '.join(missing)}; "
+                          f"expected {', '.join(TRACE_COLUMNS)} (arrived_at may be left out)")
+    cols = tuple(header[i] if i is not None else "" for i in (ia, ip, io))
+    rows: list[tuple[float | None, int, int]] = []
+    last = -math.inf
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if limit is not None and len(rows) >= limit:
+            break
+        if len(row) != len(header):
+            raise NpusimError(f"{p}: line {line}: {len(row)} fields, the header has {len(header)}")
+        t = None
+        if ia is not None:
             try:
                 t = float(row[ia])
-                prompt = int(float(row[ip]))
-                out = int(float(row[io]))
-            except (ValueError, IndexError):
-                raise NpusimError(f"{p}: line {line}: expected numbers in {', '.join(cols)}, "
-                                  f"got {row!r}") from None
+            except ValueError:
+                raise NpusimError(f"{p}: line {line}: {cols[0]} must be a number, got {row[ia]!r}") from None
             if not math.isfinite(t) or t < 0:
                 raise NpusimError(f"{p}: line {line}: {cols[0]} must be a time >= 0, got {row[ia]!r}")
             if t < last:
                 raise NpusimError(f"{p}: line {line}: {cols[0]} goes back in time ({t} < {last})")
-            if prompt <= 0 or out <= 0:
-                raise NpusimError(f"{p}: line {line}: token counts must be > 0, got prompt {prompt}, output {out}")
             last = t
-            rows.append((t, prompt, out))
+        rows.append((t, _token_count(p, line, cols[1], row[ip].strip()),
+                     _token_count(p, line, cols[2], row[io].strip())))
     if not rows:
         raise NpusimError(f"{p}: no requests in the trace")
     return rows
@@ -230,21 +260,25 @@ def make_requests(spec: WorkloadSpec, seed: int) -> RequestStream:
     """The request stream of a workload. The same spec and seed give the same stream."""
     if spec.input_lens is not None:
         return _listed_requests(spec, seed)
-    if spec.trace and spec.rate is None and not spec.shared_prefix_len:
-        rows = read_trace(spec.trace, spec.num_requests)  # the trace as it is: nothing to draw
-        t0 = rows[0][0]
+    if spec.trace:
+        rows = read_trace(spec.trace, spec.num_requests)
+        if rows[0][0] is None and spec.rate is None and not spec.max_concurrency:
+            raise NpusimError(f"{spec.trace}: the trace has no arrived_at column: give a rate "
+                              "(--rate) or a closed loop (--max-concurrency)")
+    if spec.trace and spec.rate is None and rows[0][0] is not None and not spec.shared_prefix_len:
+        t0 = rows[0][0]  # the trace as it is: nothing to draw
         return RequestStream([r[0] - t0 for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     import numpy as np
 
     rng = np.random.default_rng(seed)
     if spec.trace:
-        rows = read_trace(spec.trace, spec.num_requests)
         n = len(rows)
-        if spec.rate is None:
+        if spec.rate is None and rows[0][0] is not None:
             t0 = rows[0][0]
             arrivals = [r[0] - t0 for r in rows]
-        else:  # the trace's lengths with a chosen arrival process
-            arrivals = arrival_times(n, spec.rate, spec.burstiness_cv, rng)
+        else:  # the trace's lengths with a chosen arrival process (a closed loop: all at once)
+            rate = math.inf if spec.rate is None else spec.rate
+            arrivals = arrival_times(n, rate, spec.burstiness_cv, rng)
         prompts = np.array([r[1] for r in rows], dtype=np.int64)
         outputs = [r[2] for r in rows]
     else:

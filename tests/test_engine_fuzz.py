@@ -34,7 +34,7 @@ def scenarios(draw):
         num_blocks=max(1, longest * draw(st.integers(1, 6)) // 2 + draw(st.integers(1, 3))),
         enable_chunked_prefill=draw(st.booleans()),
         enable_prefix_caching=paging and draw(st.booleans()),
-        preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
+        preemption_mode=draw(st.sampled_from(["recompute", "swap"])) if paging else "recompute",
         swap_space_gib=draw(st.sampled_from([0.0, 0.002, 4.0])),
         paging=paging,
         batching=batching,
@@ -98,7 +98,7 @@ def serving_scenarios(draw):
                   max_num_seqs=draw(st.sampled_from([8, 64])), paging=paging,
                   enable_prefix_caching=paging and draw(st.booleans()),
                   enable_chunked_prefill=draw(st.booleans()),
-                  preemption_mode=draw(st.sampled_from(["recompute", "swap"])))
+                  preemption_mode=draw(st.sampled_from(["recompute", "swap"])) if paging else "recompute")
     if not paging:
         engine["max_model_len"] = 4096
         engine["batching"] = draw(st.sampled_from(["static", "continuous"]))

@@ -374,6 +374,9 @@ def test_step_with_torch_graph_on_h200_prices_every_zoo_model(phase):
             flag = ["--context", size] if phase == "decode" else ["--prompt", size]
             rc, out, err = run_cli("step", "--engine", "torch-graph", "--hw", "h200", "--model", model,
                                    "--phase", phase, "--batch", "3", *flag, "--json")
+            if load_model(model).weight_bytes("bf16") > load_hardware("h200").memory_bytes * 0.9:
+                assert rc == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1, (model, err)
+                continue
             assert rc == 0, (model, err)
             d = json.loads(out)
             assert d["engine"] == "torch-graph" and d["execution"] == "graph"
