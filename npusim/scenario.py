@@ -32,7 +32,7 @@ class GoodputSLO(BaseModel):
 class Scenario(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hw: str = "ascend-910b2"
-    model: str = "llama-3.1-8b"
+    model: str | ModelSpec = Field(default="llama-3.1-8b", description="a zoo name, a config.json path, or a spec")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     workload: WorkloadSpec = Field(default_factory=lambda: WorkloadSpec(
         num_requests=500, rate=8.0,
@@ -80,6 +80,9 @@ def resolve_max_model_len(model: ModelSpec, engine: EngineConfig, plan: MemoryPl
     capacity = plan.num_blocks * engine.block_size
     no_chunks = not engine.enable_chunked_prefill and batching_mode(engine) == "continuous"
     if engine.max_model_len is not None:
+        if engine.max_model_len > model.max_position_embeddings:
+            raise NpusimError(f"max_model_len {engine.max_model_len} exceeds {model.name}'s context of "
+                              f"{model.max_position_embeddings} tokens (max_position_embeddings), as vLLM refuses")
         if engine.max_model_len > capacity:
             raise NpusimError(f"max_model_len {engine.max_model_len} exceeds the KV pool of "
                               f"{capacity} tokens ({plan.num_blocks} blocks of {engine.block_size})")

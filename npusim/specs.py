@@ -63,7 +63,25 @@ def describe_validation_error(exc: ValidationError, where: str = "") -> str:
 
 # libyaml's loader when PyYAML has it: ten times faster than the pure-Python one (profiles load at
 # every command's start)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _YAML_LOADER(_BASE_LOADER):  # noqa: N801
+    """Refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _unique_mapping(loader, node):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_YAML_LOADER.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def load_mapping(path: Path) -> dict[str, Any]:
@@ -129,7 +147,7 @@ class BlockSizeRule(BaseModel):
 class HardwareSpec(BaseModel):
     """One device. Throughputs are dense peaks; efficiencies say how much of them kernels reach."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     vendor: str
     description: str = ""
@@ -315,7 +333,7 @@ class EngineProfile(BaseModel):
     they are launched (captured graphs, eager dispatch), which KV page sizes its attention kernels
     take, and the host time around them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     description: str = ""
     execution: Literal["graph", "eager", "piecewise"]
@@ -451,7 +469,7 @@ def _load_engine_file(path: Path) -> EngineProfile:
 class ModelSpec(BaseModel):
     """A dense decoder-only transformer with SwiGLU MLP, RMSNorm and RoPE (Llama, Mistral, Qwen)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
@@ -580,15 +598,34 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
                 "vocab_size"):
         if key not in cfg:
             raise NpusimError(f"{where}: {key} is required")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+    moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+           if cfg.get(k)]
+    if moe:
+        raise NpusimError(f"{where}: a mixture-of-experts model ({', '.join(moe)}): npusim prices dense "
+                          "models only so far")
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else 0)
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise NpusimError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                              f"{heads}: give head_dim")
+        head_dim = hidden // heads
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise NpusimError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                          f"{kv_heads}")
     data = dict(
         name=name,
         num_layers=cfg["num_hidden_layers"],
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
@@ -627,7 +664,7 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
 class EngineConfig(BaseModel):
     """The serving engine's memory and batching settings (vLLM's names where they exist)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     profile: str | None = Field(default=None, description="engine profile name or path; None: the device's default")
     block_size: int | None = Field(default=None, gt=0, description="None: the engine profile's recommended")
     # None: the engine profile's default (a real engine's, for the device it runs on)

@@ -219,7 +219,8 @@ def test_report_is_one_self_contained_html(tmp_path):
     (["--hw", "ascend-910", "--model", "llama-2-13b", "--instances", "2"], "does not fit"),
     (["--trace", "/nonexistent/trace.csv"], "trace file not found"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be <= 1"),
-    (["--max-model-len", "99999999"], "exceeds the KV pool"),
+    (["--max-model-len", "99999999"], "exceeds llama-3.1-8b's context of 131072 tokens"),
+    (["--max-model-len", "131072", "--hw", "ascend-910b4"], "exceeds the KV pool"),
 ])
 def test_simulate_bad_input_is_one_line(args, needle):
     assert_one_line_error("simulate", ["--requests", "5", *args], needle)

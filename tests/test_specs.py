@@ -158,7 +158,7 @@ def test_hf_config_errors(tmp_path):
         load_model(str(p))
     p.write_text('{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
                  '"num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 128, "vocab_size": 100}')
-    with pytest.raises(NpusimError, match="multiple of num_kv_heads"):
+    with pytest.raises(NpusimError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
         load_model(str(p))
     p.write_text('{"model_type": "llama",')
     with pytest.raises(NpusimError, match="malformed JSON at line 1"):
