@@ -268,6 +268,8 @@ def run_seed(utilization: float = 0.98, requests: int = 16, seed: int = 0,
     alts = []
     if alternatives:
         for name, model, k, paging, wd, L, O in ALTERNATIVES:
+            if model == STAND_IN:
+                model = stand_in()  # (its context, RoPE-scaled as the article's requests need)
             alts.append(simulate_row(name, model, k, paging, input_len=L, output_len=O,
                                      utilization=utilization, weight_dtype=wd, requests=requests, seed=seed,
                                      engine=engine))
