@@ -16,7 +16,7 @@ from npusim.engine import InstanceRecord, LatencySummary, RunRecord, Simulation,
 from npusim.errors import NpusimError
 from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batching_mode, load_hardware,
                           load_mapping, load_model)
-from npusim.workload import LengthDist, WorkloadSpec, make_requests
+from npusim.workload import WorkloadSpec, make_requests
 
 
 class GoodputSLO(BaseModel):
@@ -34,9 +34,7 @@ class Scenario(BaseModel):
     hw: str = "ascend-910b2"
     model: str | ModelSpec = Field(default="llama-3.1-8b", description="a zoo name, a config.json path, or a spec")
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    workload: WorkloadSpec = Field(default_factory=lambda: WorkloadSpec(
-        num_requests=500, rate=8.0,
-        input_len=LengthDist(kind="sharegpt"), output_len=LengthDist(kind="sharegpt")))
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     instances: int = Field(default=1, gt=0)
     sharing: Literal["time-slice", "vnpu"] = "time-slice"
     contiguous_policy: Literal["max", "oracle"] = "max"
@@ -55,7 +53,26 @@ def load_scenario(path: str | Path) -> Scenario:
     p = Path(path)
     if not p.exists():
         raise NpusimError(f"scenario file not found: {p}")
-    return _validate(Scenario, load_mapping(p), str(p))
+    data = load_mapping(p)
+    # Files a scenario names are relative to the scenario's own folder, not the working directory.
+    here = p.resolve().parent
+
+    def local(value):
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return value
+        return str(here / value)
+
+    def is_file_name(value):
+        return isinstance(value, str) and ("/" in value or value.endswith((".yaml", ".yml", ".json")))
+
+    for key in ("hw", "model"):
+        if is_file_name(data.get(key)):
+            data[key] = local(data[key])
+    if isinstance(data.get("workload"), dict) and data["workload"].get("trace") is not None:
+        data["workload"] = {**data["workload"], "trace": local(data["workload"]["trace"])}
+    if isinstance(data.get("engine"), dict) and is_file_name(data["engine"].get("profile")):
+        data["engine"] = {**data["engine"], "profile": local(data["engine"]["profile"])}
+    return _validate(Scenario, data, str(p))
 
 
 def setup_instances(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, instances: int,

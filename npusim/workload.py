@@ -7,7 +7,7 @@ import math
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -75,14 +75,17 @@ def sample_lengths(dist: LengthDist, n: int, rng: "np.random.Generator", role: s
 
 class WorkloadSpec(BaseModel):
     """Where requests come from. A trace gives lengths and arrival times; otherwise lengths are
-    drawn from distributions and arrivals from a process (Poisson, gamma with a CV, or all at t=0)."""
+    drawn from distributions and arrivals from a process (Poisson, gamma with a CV, or all at t=0).
+    The defaults (500 ShareGPT-like requests at 8/s) are the same however a workload is given: flags,
+    a scenario file, or Python."""
 
     model_config = ConfigDict(extra="forbid")
-    num_requests: int | None = Field(default=200, gt=0, description="None with a trace: all its rows")
-    input_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="fixed", value=1024))
-    output_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="fixed", value=256))
-    rate: float | None = Field(default=None, gt=0, description=(
-        "requests/s; inf = all at t=0; None = the trace's own times (inf without a trace)"))
+    num_requests: int | None = Field(default=500, gt=0, description="None with a trace: all its rows")
+    input_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="sharegpt"))
+    output_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="sharegpt"))
+    rate: float | None = Field(default=8.0, gt=0, description=(
+        "requests/s; inf = all at t=0; None = the trace's own times (inf without a trace); "
+        "a trace without a rate keeps its own times"))
     burstiness_cv: float = Field(default=1.0, gt=0, description="CV of inter-arrival gaps; 1 = Poisson")
     max_concurrency: int | None = Field(default=None, gt=0)
     trace: str | None = None
@@ -94,6 +97,17 @@ class WorkloadSpec(BaseModel):
     shared_prefix_len: int = Field(default=0, ge=0, description="tokens of a shared system prompt")
     shared_prefix_groups: int = Field(default=1, gt=0)
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _listed_defaults(cls, data: Any) -> Any:
+        # A trace (or a list of requests) brings its own count and times: the defaults for drawn
+        # requests do not apply unless asked for.
+        if isinstance(data, dict) and (data.get("trace") is not None or data.get("input_lens") is not None):
+            data = dict(data)
+            data.setdefault("rate", None)
+            data.setdefault("num_requests", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "WorkloadSpec":

@@ -106,3 +106,73 @@ def test_a_lengths_only_trace_runs_with_a_rate_or_a_closed_loop(traces, how):
     assert d["completed"] == 6 and d["total_input_tokens"] == sum(100 + i for i in range(6))
     if how[0] == "--max-concurrency":
         assert d["max_concurrent_requests"] == 1
+
+
+MOE = ('{"model_type": "qwen2", "hidden_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 16, '
+       '"num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000, "num_experts": 8}')
+ODD = ('{"model_type": "llama", "hidden_size": 1000, "num_hidden_layers": 4, "num_attention_heads": 16, '
+       '"num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}')
+STRING = ODD.replace('"hidden_size": 1000', '"hidden_size": "big"')
+NEG = ODD.replace('"hidden_size": 1000', '"hidden_size": 1024').replace('"num_hidden_layers": 4', '"num_hidden_layers": -4')
+
+
+@pytest.fixture()
+def specs(tmp_path):
+    from npusim.specs import HW_PROFILE_DIR
+
+    hw = (HW_PROFILE_DIR / "ascend-910b2.yaml").read_text()
+    (tmp_path / "inf_bw.yaml").write_text(hw.replace("memory_bandwidth_gbs: {value: 1600.0", "memory_bandwidth_gbs: {value: .inf"))
+    (tmp_path / "twice.yaml").write_text("hw: ascend-910b2\nseed: 1\nhw: h200\n")
+    for name, text in (("moe", MOE), ("odd", ODD), ("string", STRING), ("neg", NEG)):
+        (tmp_path / f"{name}.json").write_text(text)
+    return tmp_path
+
+
+SPEC_BAD = [
+    ("step --hw {d}/inf_bw.yaml --model llama-3.1-8b", "memory_bandwidth_gbs: input should be a finite number"),
+    ("simulate {d}/twice.yaml", "twice.yaml: malformed YAML at line 3: key 'hw' given twice (first at line 1)"),
+    ("step --hw h200 --model {d}/moe.json", "a mixture-of-experts model (num_experts)"),
+    ("step --hw h200 --model {d}/odd.json", "hidden_size 1000 is not a multiple of num_attention_heads 16"),
+    ("step --hw h200 --model {d}/string.json", "hidden_size must be a whole number > 0, got 'big'"),
+    ("step --hw h200 --model {d}/neg.json", "num_hidden_layers must be a whole number > 0, got -4"),
+    ("simulate --max-model-len 200000 --requests 2", "exceeds llama-3.1-8b's context of 131072 tokens"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", SPEC_BAD, ids=[b[0].replace("{d}/", "") for b in SPEC_BAD])
+def test_a_bad_spec_is_refused_in_one_line(specs, argv, needle):
+    cmd, *args = argv.format(d=specs).split()
+    assert_one_line_error(cmd, args, needle)
+
+
+def test_a_scenario_file_the_flags_and_python_resolve_the_same_defaults(tmp_path):
+    from npusim.scenario import Scenario, load_scenario, simulate_scenario, summarize
+    from npusim.workload import WorkloadSpec
+
+    (tmp_path / "s.yaml").write_text("workload: {num_requests: 12}\n")
+    rc, out, err = run_cli("simulate", "--requests", "12", "--json")
+    assert rc == 0, err
+    by_flags = json.loads(out)
+    rc, out, err = run_cli("simulate", str(tmp_path / "s.yaml"), "--json")
+    assert rc == 0, err
+    by_file = json.loads(out)
+    sc = Scenario(workload=WorkloadSpec(num_requests=12))
+    by_api = summarize(simulate_scenario(sc), sc)
+    for d in (by_flags, by_file, by_api):
+        d.pop("wall_seconds", None)
+    assert by_flags == by_file == json.loads(json.dumps(by_api))
+    assert load_scenario(tmp_path / "s.yaml").workload.rate == 8.0  # ShareGPT-like at 8/s, as the flags
+    assert by_flags["scenario"]["workload"]["input_len"]["kind"] == "sharegpt"
+
+
+def test_files_a_scenario_names_are_relative_to_its_folder(tmp_path, monkeypatch):
+    d = tmp_path / "study"
+    d.mkdir()
+    (d / "t.csv").write_text(HEADER + "0,100,5\n0.1,50,3\n")
+    (d / "config.json").write_text(ODD.replace('"hidden_size": 1000', '"hidden_size": 1024'))
+    (d / "s.yaml").write_text("model: config.json\nhw: h200\nworkload: {trace: t.csv}\n")
+    monkeypatch.chdir(tmp_path)  # not the scenario's folder
+    rc, out, err = run_cli("simulate", "study/s.yaml", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["completed"] == 2 and got["total_input_tokens"] == 150 and got["model"] == "study"  # (a config.json is named after its folder)
