@@ -18,15 +18,18 @@ if TYPE_CHECKING:  # the simulator is imported only by the commands that run it
 from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
                           load_engine_profile, load_hardware, load_model, resolve_engine)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain click help (rich_markup_mode=None): it wraps long option names at any width instead of
+# cutting them, and shows a flag as a flag, not as `<bool>`.
+HELP = dict(no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, **HELP,
                   help="npusim: paged KV-cache memory and throughput of LLM serving on NPUs and GPUs.")
-hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles.")
-model_app = typer.Typer(no_args_is_help=True, help="Models.")
+hw_app = typer.Typer(**HELP, help="Hardware profiles.")
+model_app = typer.Typer(**HELP, help="Models.")
 app.add_typer(hw_app, name="hw")
-calibrate_app = typer.Typer(no_args_is_help=True, help="Calibrate a hardware profile: measure this machine, or import Ascend profiler output.")
+calibrate_app = typer.Typer(**HELP, help="Calibrate a hardware profile: measure this machine, or import Ascend profiler output.")
 app.add_typer(calibrate_app, name="calibrate")
 app.add_typer(model_app, name="model")
-engine_app = typer.Typer(no_args_is_help=True, help="Engine profiles: how an implementation turns a layer into kernels, and its host.")
+engine_app = typer.Typer(**HELP, help="Engine profiles: how an implementation turns a layer into kernels, and its host.")
 app.add_typer(engine_app, name="engine")
 
 # wide enough that model and profile names are never cut when output is piped

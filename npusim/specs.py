@@ -272,6 +272,8 @@ def _resolve(name_or_path: str | Path, directory: Path, what: str) -> Path | Non
     candidate = directory / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
+    if p.is_dir():
+        raise NpusimError(f"{what} {p} is a folder: give a name or a .yaml file")
     return None
 
 

@@ -176,3 +176,24 @@ def test_files_a_scenario_names_are_relative_to_its_folder(tmp_path, monkeypatch
     assert rc == 0, err
     got = json.loads(out)
     assert got["completed"] == 2 and got["total_input_tokens"] == 150 and got["model"] == "study"  # (a config.json is named after its folder)
+
+
+@pytest.mark.parametrize("flag,what", [("--hw", "hardware profile"), ("--engine", "engine profile")])
+def test_a_folder_given_for_a_profile_is_named_as_a_folder(tmp_path, flag, what):
+    args = {"--hw": "h200", "--model": "llama-3.1-8b", flag: str(tmp_path)}
+    assert_one_line_error("step", [x for kv in args.items() for x in kv], f"{what} {tmp_path} is a folder")
+
+
+def test_help_at_80_columns_shows_every_option_name_whole(monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for command in (["simulate"], ["step"], ["analyze"], ["kv-study"], ["seed"], ["calibrate", "serve"],
+                    ["calibrate", "engine"], ["engine", "show"]):
+        rc, out, err = run_cli(*command, "--help")
+        assert rc == 0, err
+        assert "…" not in out and "<bool>" not in out, command
+        for name in re.findall(r"^ +(--[a-z][a-z-]*)", out, flags=re.M):  # the option column
+            assert not name.endswith("-"), (command, name)
+    rc, out, _ = run_cli("simulate", "--help")
+    assert "--max-num-batched-tokens" in out and "--prefix-caching / --no-prefix-caching" in out
