@@ -202,7 +202,7 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     insts = record.instances
     busy = sum(i.busy_s * i.power_share for i in insts)
     joules = hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, duration)
-    prefix_caching = sc.engine.enable_prefix_caching
+    prefix_caching = insts[0].setup.engine.enable_prefix_caching  # (resolved: the engine's default if unset)
     kv_each = [_kv_summary(i, prefix_caching) for i in insts]
     total_blocks = sum(i.setup.plan.num_blocks for i in insts)
 

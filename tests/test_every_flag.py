@@ -1,0 +1,121 @@
+"""Every `npusim simulate` flag takes effect: given a value other than its default, the JSON changes
+the way the flag says (a flag that is parsed but ignored fails here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run_cli
+
+BASE = ["--requests", "6", "--input-len", "300", "--output-len", "8", "--rate", "inf", "--json"]
+
+
+def _run(*args: str) -> dict:
+    argv = list(BASE)
+    for flag in [a for a in args if a.startswith("--")]:  # a flag given replaces the base's
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    rc, out, err = run_cli("simulate", *argv, *args)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+BASELINE = None
+
+
+def _base() -> dict:
+    global BASELINE
+    if BASELINE is None:
+        BASELINE = _run()
+    return BASELINE
+
+
+EFFECTS = {
+    "--hw": (["--hw", "h200"], lambda d, b: d["hw"] == "h200" and d["duration"] < b["duration"]),
+    "--model": (["--model", "llama-3.2-1b"], lambda d, b: d["model"] == "llama-3.2-1b" and d["duration"] < b["duration"]),
+    "--requests": (["--requests", "4"], lambda d, b: d["completed"] == 4),
+    "--input-len": (["--input-len", "100"], lambda d, b: d["total_input_tokens"] == 600),
+    "--output-len": (["--output-len", "5"], lambda d, b: d["total_output_tokens"] == 30),
+    "--rate": (["--rate", "0.5"], lambda d, b: d["duration"] > 5 * b["duration"]),
+    "--burstiness": (["--rate", "2", "--burstiness", "4"],
+                     lambda d, b: d["scenario"]["workload"]["burstiness_cv"] == 4
+                     and d["duration"] != _run("--rate", "2")["duration"]),
+    "--max-concurrency": (["--max-concurrency", "1"], lambda d, b: d["max_concurrent_requests"] == 1),
+    "--block-size": (["--engine", "mindie", "--block-size", "16"], lambda d, b: d["kv_cache"]["block_size"] == 16),
+    "--max-num-seqs": (["--max-num-seqs", "2"], lambda d, b: d["per_instance"][0]["max_batch"] == 2),
+    "--max-num-batched-tokens": (["--max-num-batched-tokens", "256"],
+                                 lambda d, b: d["per_instance"][0]["iterations"] > b["per_instance"][0]["iterations"]),
+    "--gpu-memory-utilization": (["--gpu-memory-utilization", "0.6"],
+                                 lambda d, b: d["kv_cache"]["num_blocks"] < b["kv_cache"]["num_blocks"]),
+    "--num-blocks": (["--num-blocks", "500"], lambda d, b: d["kv_cache"]["num_blocks"] == 500),
+    "--max-model-len": (["--max-model-len", "2048"], lambda d, b: d["max_model_len"] == 2048),
+    "--instances": (["--instances", "2"], lambda d, b: len(d["per_instance"]) == 2),
+    "--sharing": (["--instances", "2", "--sharing", "vnpu"],
+                  lambda d, b: d["scenario"]["sharing"] == "vnpu"
+                  and [p["ai_cores"] for p in d["per_instance"]] == [12, 12]),  # 24 cores, split
+    "--no-paging": (["--no-paging"], lambda d, b: d["batching"] == "static" and not d["scenario"]["engine"]["paging"]),
+    "--contiguous-policy": (["--no-paging", "--contiguous-policy", "oracle", "--max-model-len", "4096"],
+                            lambda d, b: d["kv_cache"]["mean_waste_fraction"]
+                            < _run("--no-paging", "--max-model-len", "4096")["kv_cache"]["mean_waste_fraction"]),
+    "--batching": (["--no-paging", "--batching", "continuous"], lambda d, b: d["batching"] == "continuous"),
+    "--no-chunked-prefill": (["--no-chunked-prefill", "--input-len", "1000"],
+                             lambda d, b: not d["scenario"]["engine"]["enable_chunked_prefill"]
+                             and d["max_model_len"] == d["scenario"]["engine"]["max_num_batched_tokens"]),
+    "--preemption": (["--preemption", "swap", "--num-blocks", "8", "--input-len", "200", "--output-len", "300"],
+                     lambda d, b: d["kv_cache"]["swaps"] > 0),
+    "--prefix-caching": (["--prefix-caching", "--shared-prefix-len", "256"],
+                         lambda d, b: d["kv_cache"]["prefix_cache_hit_rate"] > 0),
+    "--no-prefix-caching": (["--no-prefix-caching"], lambda d, b: d["kv_cache"]["prefix_cache_hit_rate"] is None),
+    "--shared-prefix-len": (["--shared-prefix-len", "256"],
+                            lambda d, b: d["kv_cache"]["prefix_cache_hit_rate"] > 0
+                            and d["mean_ttft_ms"] < b["mean_ttft_ms"]),
+    "--weight-dtype": (["--weight-dtype", "int8"], lambda d, b: d["memory"]["weights_gib"] < 0.6 * b["memory"]["weights_gib"]),
+    "--kv-dtype": (["--kv-dtype", "int8"], lambda d, b: d["kv_cache"]["num_blocks"] > 1.8 * b["kv_cache"]["num_blocks"]),
+    "--engine": (["--engine", "mindie"], lambda d, b: d["engine_profile"] == "mindie"),
+    "--goodput": (["--goodput", "ttft:1"], lambda d, b: d["request_goodput"] == 0.0 and b["request_goodput"] is None),
+    "--seed": (["--seed", "3", "--rate", "2"], lambda d, b: d["duration"] != _run("--rate", "2")["duration"]),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(EFFECTS))
+def test_the_flag_takes_effect(flag):
+    args, effect = EFFECTS[flag]
+    assert effect(_run(*args), _base()), flag
+
+
+def test_every_simulate_flag_is_checked():
+    import re
+
+    rc, out, _ = run_cli("simulate", "--help")
+    flags = set()
+    for line in out.splitlines():
+        m = re.match(r"^ +(--[a-z][a-z-]*)(?: / (--[a-z-]+))?", line)
+        if m:
+            flags.update(f for f in m.groups() if f)
+    flags -= {"--help", "--json", "--report", "--trace"}  # output options; --trace: test_engine, test_input_contract
+    assert flags == set(EFFECTS), flags ^ set(EFFECTS)
+
+
+def test_report_writes_the_file(tmp_path):
+    out = tmp_path / "r.html"
+    d = _run("--report", str(out))
+    assert d["completed"] == 6 and out.stat().st_size > 10_000 and "<html" in out.read_text()[:2000].lower()
+
+
+def test_rate_inf_sends_everything_at_once():
+    d = _base()
+    assert math.isinf(d["scenario"]["workload"]["rate"]) and d["max_concurrent_requests"] == 6
+
+
+def test_prefix_caching_left_to_the_engine_is_reported_as_the_engine_runs_it():
+    """Regression: with the engine's default (on for vLLM V1 and vllm-ascend), the hit rate was
+    reported as n/a although the cache was in use."""
+    d = _run("--shared-prefix-len", "256")
+    assert d["scenario"]["engine"]["enable_prefix_caching"] is True
+    # 300-token prompts hold 2 full 128-token blocks, both in the 256-token shared prefix: the first
+    # request computes them, the other five find them cached
+    assert d["kv_cache"]["prefix_cache_hit_rate"] == pytest.approx(5 * 2 / (6 * 2))
