@@ -23,7 +23,7 @@ from typing import Sequence
 from npusim.costmodel import CostModel, Op, instance_hardware, instance_setup
 from npusim.errors import NpusimError
 from npusim.specs import (KV_DTYPES, WEIGHT_DTYPES, EngineConfig, HardwareSpec, ModelSpec, ceil_div,
-                          dtype_bytes, gib, load_hardware, load_model, resolve_engine)
+                          _validate, dtype_bytes, gib, load_hardware, load_model, resolve_engine)
 
 SHARING_MODES = ("time-slice", "vnpu")
 CORE_SCALINGS = ("device", "fixed-bandwidth", "partition")
@@ -114,10 +114,10 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
 def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
                     utilization: float, profile: str | None = None) -> EngineConfig:
     """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
-    return EngineConfig(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
-                        max_num_batched_tokens=max(8192, batch),
-                        gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
-                        kv_dtype=kv_dtype)
+    return _validate(EngineConfig, dict(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
+                                        max_num_batched_tokens=max(8192, batch),
+                                        gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
+                                        kv_dtype=kv_dtype), "engine")
 
 
 def decode_batch(*, batch: int, context: int, block_size: int) -> dict:
@@ -288,7 +288,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
 
 def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> int:
     """The page size: the one given, if the engine's attention kernels take it, or the engine's."""
-    _, cfg = resolve_engine(hw, EngineConfig(profile=engine, block_size=block_size))
+    _, cfg = resolve_engine(hw, _validate(EngineConfig, dict(profile=engine, block_size=block_size), "engine"))
     return cfg.block_size
 
 

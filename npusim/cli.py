@@ -75,8 +75,8 @@ def step(
     model: str = MODEL_OPT,
     phase: str = typer.Option("decode", "--phase", help="decode | prefill"),
     batch: int = typer.Option(1, "--batch", min=1, help="sequences in the iteration"),
-    context: int = typer.Option(1024, "--context", min=1, help="decode: tokens of context per sequence"),
-    prompt: int = typer.Option(1024, "--prompt", min=1, help="prefill: prompt tokens per sequence"),
+    context: Optional[int] = typer.Option(None, "--context", min=1, help="decode: tokens of context per sequence (default 1024)"),
+    prompt: Optional[int] = typer.Option(None, "--prompt", min=1, help="prefill: prompt tokens per sequence (default 1024)"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the engine's recommended)"),
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
@@ -86,6 +86,11 @@ def step(
     """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
     if phase not in ("decode", "prefill"):
         raise NpusimError(f"--phase must be decode or prefill, got {phase!r}")
+    if phase == "decode" and prompt is not None:
+        raise NpusimError("--prompt would be ignored: it sizes a prefill (--phase prefill); a decode takes --context")
+    if phase == "prefill" and context is not None:
+        raise NpusimError("--context would be ignored: it sizes a decode; a prefill (--phase prefill) takes --prompt")
+    context, prompt = context or 1024, prompt or 1024
     h = load_hardware(hw)
     m = load_model(model)
     profile, eng = resolve_engine(h, _engine(profile=engine, block_size=block_size,

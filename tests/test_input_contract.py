@@ -80,6 +80,13 @@ BAD = [
     ("step --hw ascend-910b2 --model llama-3.1-8b --batch 5000 --context 8000", "lower --batch or --context"),
     ("step --hw ascend-910b2 --model llama-3.1-8b --phase prefill --batch 400 --prompt 8000", "lower --batch or --prompt"),
     ("simulate --goodput ttft", "--goodput"),
+    ("analyze --hw h200 --model llama-3.1-8b --block-size 0", "engine: block_size must be > 0, got 0"),
+    ("step --hw h200 --model llama-3.1-8b --phase prefill --context 5", "--context would be ignored"),
+    ("step --hw h200 --model llama-3.1-8b --prompt 5", "--prompt would be ignored"),
+    ("step --hw h200 --model llama-3.1-8b --phase foo", "--phase must be decode or prefill"),
+    ("analyze --hw h200 --model llama-3.1-8b --instances 0", "--instances must be >= 1"),
+    ("simulate --rate -1", "--rate must be > 0"),
+    ("simulate --goodput foo:5", "--goodput takes ttft:MS tpot:MS e2el:MS"),
 ]
 
 
