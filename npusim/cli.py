@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
@@ -191,69 +191,72 @@ def _parse_goodput(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _fixed(n: int) -> dict:
+    return {"kind": "fixed", "value": n}
+
+
+def _flag(flag: bool) -> bool | None:
+    return False if flag else None  # (a --no-... flag left off changes nothing)
+
+
+# simulate's flags -> (section of the scenario, field, how the flag's value becomes the field's);
+# None as the section: the scenario's top level. A flag left off (None) keeps the file's value.
+SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
+    "hw": (None, "hw", None), "model": (None, "model", None), "instances": (None, "instances", None),
+    "sharing": (None, "sharing", None), "seed": (None, "seed", None),
+    "contiguous_policy": (None, "contiguous_policy", None), "goodput": (None, "goodput", _parse_goodput),
+    "engine": ("engine", "profile", None), "block_size": ("engine", "block_size", None),
+    "max_num_seqs": ("engine", "max_num_seqs", None),
+    "max_num_batched_tokens": ("engine", "max_num_batched_tokens", None),
+    "gpu_memory_utilization": ("engine", "gpu_memory_utilization", None),
+    "num_blocks": ("engine", "num_blocks", None), "max_model_len": ("engine", "max_model_len", None),
+    "weight_dtype": ("engine", "weight_dtype", None), "kv_dtype": ("engine", "kv_dtype", None),
+    "batching": ("engine", "batching", None), "no_paging": ("engine", "paging", _flag),
+    "no_chunked_prefill": ("engine", "enable_chunked_prefill", _flag),
+    "prefix_caching": ("engine", "enable_prefix_caching", None),
+    "preemption": ("engine", "preemption_mode", None),
+    "requests": ("workload", "num_requests", None), "input_len": ("workload", "input_len", _fixed),
+    "output_len": ("workload", "output_len", _fixed), "rate": ("workload", "rate", _parse_rate),
+    "burstiness": ("workload", "burstiness_cv", None),
+    "max_concurrency": ("workload", "max_concurrency", None), "trace": ("workload", "trace", None),
+    "shared_prefix_len": ("workload", "shared_prefix_len", None),
+}
+CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap")}
+
+
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
-    """The scenario file (or the default scenario) with the given command-line flags applied."""
+    """The scenario file (or the default scenario) with the given command-line flags applied,
+    validated by the scenario's own rules (the same as for a file or the Python API)."""
     from npusim.scenario import Scenario, load_scenario
     from npusim.specs import _validate
 
+    unknown = set(flags) - set(SIMULATE_FIELDS)
+    if unknown:
+        raise AssertionError(f"flags without a scenario field: {sorted(unknown)}")
+    for key, allowed in CHOICES.items():
+        if flags.get(key) is not None and flags[key] not in allowed:
+            raise NpusimError(f"--{key} must be {' or '.join(allowed)}, got {flags[key]!r}")
     base = load_scenario(scenario_file) if scenario_file else Scenario()
     data = base.model_dump()
-    eng, wl = data["engine"], data["workload"]
+    wl = data["workload"]
     if flags.get("trace") is not None or wl.get("trace") is not None:
-        for key, flag in (("input_len", "--input-len"), ("output_len", "--output-len")):
+        for key in ("input_len", "output_len"):
             if flags.get(key) is not None:
-                raise NpusimError(f"{flag} would be ignored: the trace gives the lengths")
+                raise NpusimError(f"--{key.replace('_', '-')} would be ignored: the trace gives the lengths")
             wl.pop(key, None)  # (the trace's, not a default's)
+        if flags.get("trace") is not None:  # a new trace brings its own count and times
+            wl.pop("num_requests", None)
+            wl.pop("rate", None)
     if wl.get("input_lens") is not None:
         wl.pop("input_len", None)
         wl.pop("output_len", None)
-    top = {"hw": "hw", "model": "model", "instances": "instances", "sharing": "sharing",
-           "seed": "seed", "contiguous_policy": "contiguous_policy"}
-    engine_keys = ("block_size", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-                   "num_blocks", "max_model_len", "weight_dtype", "kv_dtype", "batching")
     for key, value in flags.items():
+        section, field, convert = SIMULATE_FIELDS[key]
+        if convert is not None and value is not None:
+            value = convert(value)
         if value is None:
             continue
-        if key in top:
-            data[top[key]] = value
-        elif key in engine_keys:
-            eng[key] = value
-        elif key == "no_paging" and value:
-            eng["paging"] = False
-        elif key == "no_chunked_prefill" and value:
-            eng["enable_chunked_prefill"] = False
-        elif key == "prefix_caching":
-            eng["enable_prefix_caching"] = value
-        elif key == "preemption":
-            eng["preemption_mode"] = value
-        elif key == "engine":
-            eng["profile"] = value
-        elif key == "goodput":
-            data["goodput"] = _parse_goodput(value)
-        elif key == "requests":
-            wl["num_requests"] = value
-        elif key == "input_len":
-            wl["input_len"] = {"kind": "fixed", "value": value}
-        elif key == "output_len":
-            wl["output_len"] = {"kind": "fixed", "value": value}
-        elif key == "rate":
-            wl["rate"] = _parse_rate(value)
-        elif key == "burstiness":
-            wl["burstiness_cv"] = value
-        elif key == "max_concurrency":
-            wl["max_concurrency"] = value
-        elif key == "trace":
-            wl["trace"] = value
-            if flags.get("requests") is None:
-                wl["num_requests"] = None  # every row of the trace
-            if flags.get("rate") is None:
-                wl["rate"] = None  # the trace's own arrival times
-        elif key == "shared_prefix_len":
-            wl["shared_prefix_len"] = value
-    if flags.get("sharing") is not None and flags["sharing"] not in ("time-slice", "vnpu"):
-        raise NpusimError(f"--sharing must be time-slice or vnpu, got {flags['sharing']!r}")
-    if flags.get("preemption") is not None and flags["preemption"] not in ("recompute", "swap"):
-        raise NpusimError(f"--preemption must be recompute or swap, got {flags['preemption']!r}")
+        (data if section is None else data[section])[field] = value
     return _validate(Scenario, data, scenario_file or "settings")
 
 
@@ -359,13 +362,12 @@ def simulate(
     report: Optional[str] = typer.Option(None, "--report", help="write a self-contained HTML report"),
 ) -> None:
     """Simulate serving: requests arrive, are batched, take KV pages and finish. No arguments: the default scenario."""
+    given = locals()
+    flags = {key: given[key] for key in SIMULATE_FIELDS}  # every parameter but the file and outputs
     import time
 
     from npusim.scenario import simulate_scenario, summarize
 
-    flags = dict(locals())
-    for k in ("scenario", "as_json", "report"):
-        flags.pop(k)
     if scenario and scenario.split(":", 1)[0] in GOODPUT_KEYS:
         raise NpusimError(f"--goodput takes one SLO per flag: --goodput ttft:MS --goodput tpot:MS "
                           f"(or one quoted list), got {scenario!r} as the scenario file")

@@ -119,3 +119,12 @@ def test_prefix_caching_left_to_the_engine_is_reported_as_the_engine_runs_it():
     # 300-token prompts hold 2 full 128-token blocks, both in the 256-token shared prefix: the first
     # request computes them, the other five find them cached
     assert d["kv_cache"]["prefix_cache_hit_rate"] == pytest.approx(5 * 2 / (6 * 2))
+
+
+def test_every_simulate_parameter_has_a_scenario_field_in_the_table():
+    import inspect
+
+    from npusim.cli import SIMULATE_FIELDS, simulate
+
+    params = set(inspect.signature(simulate).parameters) - {"scenario", "as_json", "report"}
+    assert params == set(SIMULATE_FIELDS)
