@@ -30,7 +30,7 @@ from npusim.specs import ceil_div, load_engine_profile, load_hardware, load_mode
 
 MEAS = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"
 FILES = ("h200-2026-12-02-decoder-per-process.json", "h200-2026-12-02-decoder.json")
-ENGINES = {"graph": "torch-graph", "eager": "torch-eager"}
+ENGINES = {"graph": "torch-graph", "eager": "torch-eager", "compile_graph": "torch-compile"}
 FIT_TRACE = ("llama-3.1-8b", "decode", 8, 2048)
 FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 1, 512)
 

@@ -633,7 +633,9 @@ def engine_show(name: str = typer.Argument(..., help="profile name or path"),
     r = e.kv_block_sizes
     t.add_row("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)
     for field, prov in e.provenance.items():
-        value = e.kernels[field.split(".", 1)[1]] if field.startswith("kernels.") else getattr(e, field)
+        head, _, key = field.partition(".")
+        value = getattr(e, head)  # a plain number, or one entry of a mapping (kernels.qkv_proj)
+        value = value[key] if key else value
         t.add_row(field, f"{value:g}", prov.kind, prov.source)
     console.print(t)
 

@@ -244,3 +244,16 @@ def test_an_engine_gives_its_real_scheduler_defaults_by_device_and_flags_overrid
     assert (cfg.max_num_seqs, cfg.enable_prefix_caching, cfg.watermark) == (64, False, 0.02)
     with pytest.raises(NpusimError, match=r"max_num_batched_tokens \(2048\) must be >= max_num_seqs \(4096\)"):
         resolve_engine(asc, EngineConfig(max_num_seqs=4096))
+
+
+@pytest.mark.parametrize("name", ["vllm", "torch-graph", "torch-compile", "mindie", "vllm-ascend-graph"])
+def test_engine_show_lists_every_sourced_number_with_its_value(name):
+    """Regression: `engine show` died on any profile with per-op or scheduler numbers."""
+    from conftest import run_cli
+    from npusim.specs import load_engine_profile
+
+    p = load_engine_profile(name)
+    rc, out, err = run_cli("engine", "show", name)
+    assert rc == 0, err
+    assert f"kernels.{'qkv_proj'}" in out and "scheduler_defaults.max_num_seqs" in out
+    assert str(p.kernels["qkv_proj"]) in out.split("kernels.qkv_proj", 1)[1].split("\n")[0]
