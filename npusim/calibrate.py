@@ -1313,10 +1313,12 @@ def write_profile(mapping: dict, path: str | Path) -> Path:
 def load_measurements(path: str | Path) -> dict:
     """A measurements JSON written by `run_calibration` (or `npusim calibrate run --out`)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
+    try:  # (this module needs only the standard library: it runs on bare device machines)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise NpusimError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise NpusimError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise NpusimError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(data, dict) or "npusim_calibration" not in data:

@@ -18,12 +18,12 @@ single kernels, and every time comes back from one of them.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
 
 from npusim.errors import NpusimError
+from npusim.specs import read_json_file
 
 
 def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
@@ -192,12 +192,7 @@ def load_tables(paths: tuple[str, ...]) -> DeviceTables:
     merged: dict[str, list] = {k: [] for k in SECTIONS}
     for path in paths:
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except OSError as e:
-            raise NpusimError(f"{p}: cannot read calibration file ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise NpusimError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        data = read_json_file(p)
         if not isinstance(data, dict):
             raise NpusimError(f"{p}: not a calibration file of `npusim calibrate run`")
         for k in SECTIONS:

@@ -162,8 +162,10 @@ def _parse_rate(text: str | None) -> float | None:
         rate = float(text)
     except ValueError:
         raise NpusimError(f"--rate must be a number of requests/s or 'inf', got {text!r}") from None
-    if not rate > 0:
+    if not rate > 0 or math.isnan(rate):
         raise NpusimError(f"--rate must be > 0 (or 'inf'), got {text}")
+    if math.isinf(rate):  # 1e309 overflows: it is not the 'inf' the user did not write
+        raise NpusimError(f"--rate {text} is beyond a float: give a number of requests/s, or 'inf' for all at once")
     return rate
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from npusim.scenario import Scenario, run_scenario
 from npusim.specs import EngineConfig
+from npusim.errors import NpusimError
 from npusim.workload import WorkloadSpec
 
 # What the vLLM authors report (REFERENCE.md §4): existing systems keep token states in only
@@ -40,6 +41,10 @@ def waste_study(trace: str, *, requests: int | None = None, hw: str = "ascend-91
                       contiguous_policy=c.get("policy", "max"),
                       workload=WorkloadSpec(trace=trace, num_requests=requests, rate=rate))
         r = run_scenario(sc)
+        if not r["completed"]:
+            raise NpusimError(f"{name}: no request of the trace completed: all {len(r['rejected'])} rejected, "
+                              f"e.g. {r['rejected'][0]['reason'] if r['rejected'] else 'none scheduled'} "
+                              "(raise --max-model-len)")
         kv = r["kv_cache"]
         rows.append({
             "allocator": name,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from npusim.errors import NpusimError
-from npusim.specs import EngineConfig, EngineProfile
+from npusim.specs import EngineConfig, EngineProfile, read_json_file
 
 METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")
 # the host terms fitted, with the bounds a physical host time stays in
@@ -28,12 +28,7 @@ PARAMS = {"host_per_iteration_ms": (0.0, 50.0), "host_per_sequence_us": (0.0, 20
 def read_bench(path: str | Path) -> dict[str, Any]:
     """One `vllm bench serve --save-result --save-detailed` result, checked."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as e:
-        raise NpusimError(f"{p}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise NpusimError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    data = read_json_file(p)
     if not isinstance(data, dict):
         raise NpusimError(f"{p}: not a vllm bench serve result (expected a JSON object)")
     for key in ("input_lens", "output_lens", *METRICS):
@@ -43,12 +38,19 @@ def read_bench(path: str | Path) -> dict[str, Any]:
     ins, outs = data["input_lens"], data["output_lens"]
     if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs) or not ins:
         raise NpusimError(f"{p}: input_lens and output_lens must be lists of the same, non-zero length")
-    if any(not isinstance(n, int) or n < 1 for n in ins + outs):
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in ins + outs):
         raise NpusimError(f"{p}: input_lens and output_lens must hold token counts >= 1")
     for key in METRICS:
         v = data[key]
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise NpusimError(f"{p}: {key} must be a positive number, got {v!r}")
+    starts = data.get("start_times")
+    if starts is not None:
+        if not isinstance(starts, list) or len(starts) != len(ins):
+            raise NpusimError(f"{p}: start_times must list one time per request ({len(ins)}), got "
+                              f"{len(starts) if isinstance(starts, list) else type(starts).__name__}")
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in starts):
+            raise NpusimError(f"{p}: start_times must be finite numbers of seconds")
     if data.get("completed", len(ins)) != len(ins):
         raise NpusimError(f"{p}: completed {data['completed']} but {len(ins)} requests listed: "
                           f"failed requests cannot be replayed")
@@ -57,9 +59,17 @@ def read_bench(path: str | Path) -> dict[str, Any]:
 
 def bench_workload(bench: dict) -> dict[str, Any]:
     """The WorkloadSpec fields that replay a benchmark's requests."""
+    where = bench.get("path", "bench")
     rate = bench.get("request_rate", "inf")
-    rate = math.inf if rate in ("inf", None) or (isinstance(rate, float) and math.isinf(rate)) else float(rate)
-    burst = float(bench.get("burstiness", 1.0) or 1.0)
+    if rate in ("inf", None) or (isinstance(rate, float) and math.isinf(rate)):
+        rate = math.inf
+    elif isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise NpusimError(f"{where}: request_rate must be a number > 0 or \"inf\", got {rate!r}")
+    burst = bench.get("burstiness", 1.0)
+    if burst is None:
+        burst = 1.0
+    if isinstance(burst, bool) or not isinstance(burst, (int, float)) or not (burst > 0 and math.isfinite(burst)):
+        raise NpusimError(f"{where}: burstiness must be a number > 0 (vllm bench serve's gamma shape), got {burst!r}")
     wl: dict[str, Any] = {"input_lens": bench["input_lens"], "output_lens": bench["output_lens"],
                           "num_requests": len(bench["input_lens"]),
                           "rate": rate, "burstiness_cv": 1.0 / math.sqrt(burst),  # gamma shape -> CV
@@ -73,9 +83,18 @@ def _simulate(bench: dict, hw: str, model: str, engine: EngineConfig, profile_pa
     from npusim.scenario import Scenario, run_scenario
     from npusim.workload import WorkloadSpec
 
+    from npusim.specs import _validate
+
+    workload = _validate(WorkloadSpec, bench_workload(bench), bench["path"])
     sc = Scenario(hw=hw, model=model, engine=engine.model_copy(update={"profile": profile_path}),
-                  workload=WorkloadSpec(**bench_workload(bench)), seed=seed)
-    return run_scenario(sc)
+                  workload=workload, seed=seed)
+    result = run_scenario(sc)
+    if result["completed"] != len(bench["input_lens"]):
+        why = result["rejected"][0]["reason"] if result["rejected"] else "not all were scheduled"
+        raise NpusimError(f"{bench['path']}: npusim completes {result['completed']} of its "
+                          f"{len(bench['input_lens'])} requests ({why}): the server described by the flags "
+                          "cannot serve this benchmark")
+    return result
 
 
 def _profile_with(base_mapping: dict, values: dict[str, float], where: Path) -> str:

@@ -84,19 +84,49 @@ def _unique_mapping(loader, node):
 _YAML_LOADER.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML or JSON file holding one mapping; malformed files name the file and line."""
+def read_text_file(path: Path) -> str:
+    """A file's UTF-8 text; unreadable or non-UTF-8 files are one error naming the file."""
     try:
-        text = path.read_text()
+        return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise NpusimError(f"{path} is a folder, not a file") from None
     except OSError as e:
         raise NpusimError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise NpusimError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice")
+        out[k] = v
+    return out
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file's content; malformed files (or a key given twice in one object) name the file."""
+    text = read_text_file(path)
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.load(text, Loader=_YAML_LOADER)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise NpusimError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:
+        raise NpusimError(f"{path}: malformed JSON: {e}") from None
+
+
+def load_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON file holding one mapping; malformed files name the file and line."""
+    if path.suffix == ".json":
+        data = read_json_file(path)
+        if not isinstance(data, dict):
+            raise NpusimError(f"{path}: expected a mapping of fields at the top level")
+        return data
+    text = read_text_file(path)
+    try:
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

@@ -30,17 +30,21 @@ class RequestSpec:
     prefix_len: int = 0
 
 
+MAX_TOKENS = 10**9  # a sanity bound on any one length (the longest contexts are ~10^7)
+MAX_REQUESTS = 10**9
+
+
 class LengthDist(BaseModel):
     """A token-length distribution: fixed, uniform [low, high], lognormal (mean, cv) clipped to
     [low, high], or a ShareGPT-like mix."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["fixed", "uniform", "lognormal", "sharegpt"] = "fixed"
-    value: int = Field(default=512, gt=0)
-    low: int = Field(default=1, gt=0)
-    high: int = Field(default=4096, gt=0)
-    mean: float = Field(default=512.0, gt=0)
-    cv: float = Field(default=1.0, gt=0)
+    value: int = Field(default=512, gt=0, le=MAX_TOKENS)
+    low: int = Field(default=1, gt=0, le=MAX_TOKENS)
+    high: int = Field(default=4096, gt=0, le=MAX_TOKENS)
+    mean: float = Field(default=512.0, gt=0, le=MAX_TOKENS, allow_inf_nan=False)
+    cv: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> "LengthDist":
@@ -80,13 +84,13 @@ class WorkloadSpec(BaseModel):
     a scenario file, or Python."""
 
     model_config = ConfigDict(extra="forbid")
-    num_requests: int | None = Field(default=500, gt=0, description="None with a trace: all its rows")
+    num_requests: int | None = Field(default=500, gt=0, le=MAX_REQUESTS, description="None with a trace: all its rows")
     input_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="sharegpt"))
     output_len: LengthDist = Field(default_factory=lambda: LengthDist(kind="sharegpt"))
     rate: float | None = Field(default=8.0, gt=0, description=(
         "requests/s; inf = all at t=0; None = the trace's own times (inf without a trace); "
         "a trace without a rate keeps its own times"))
-    burstiness_cv: float = Field(default=1.0, gt=0, description="CV of inter-arrival gaps; 1 = Poisson")
+    burstiness_cv: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="CV of inter-arrival gaps; 1 = Poisson")
     max_concurrency: int | None = Field(default=None, gt=0)
     trace: str | None = None
     # per-request lengths (and optionally send times), as a `vllm bench serve --save-detailed`
@@ -94,7 +98,7 @@ class WorkloadSpec(BaseModel):
     input_lens: list[int] | None = None
     output_lens: list[int] | None = None
     start_times: list[float] | None = None
-    shared_prefix_len: int = Field(default=0, ge=0, description="tokens of a shared system prompt")
+    shared_prefix_len: int = Field(default=0, ge=0, le=MAX_TOKENS, description="tokens of a shared system prompt")
     shared_prefix_groups: int = Field(default=1, gt=0)
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
 
@@ -154,6 +158,8 @@ def _token_count(p: Path, line: int, column: str, text: str) -> int:
         raise NpusimError(f"{p}: line {line}: {column} must be a number, got {text!r}") from None
     if not math.isfinite(v) or v != int(v) or v < 1:
         raise NpusimError(f"{p}: line {line}: {column} must be a whole number of tokens >= 1, got {text!r}")
+    if v > MAX_TOKENS:
+        raise NpusimError(f"{p}: line {line}: {column} must be at most {MAX_TOKENS:.0e} tokens, got {text!r}")
     return int(v)
 
 
