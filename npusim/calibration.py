@@ -195,6 +195,19 @@ def load_tables(paths: tuple[str, ...]) -> DeviceTables:
         data = read_json_file(p)
         if not isinstance(data, dict):
             raise NpusimError(f"{p}: not a calibration file of `npusim calibrate run`")
+        check_measured_times(p, data)
         for k in SECTIONS:
             merged[k] += data.get(k, [])
     return DeviceTables(merged, ", ".join(paths))
+
+
+def check_measured_times(p, data: dict) -> None:
+    """Every measured time in a calibration file is a finite time > 0 (one line naming the row)."""
+    for k, rows in data.items():
+        if not isinstance(rows, list):
+            continue
+        for i, r in enumerate(rows):
+            if isinstance(r, dict) and "seconds" in r:
+                t = r["seconds"]
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+                    raise NpusimError(f"{p}: {k}[{i}].seconds must be a time > 0, got {t!r}")

@@ -93,6 +93,11 @@ def step(
     context, prompt = context or 1024, prompt or 1024
     h = load_hardware(hw)
     m = load_model(model)
+    longest = context + 1 if phase == "decode" else prompt
+    if longest > m.max_position_embeddings:
+        flag = "--context" if phase == "decode" else "--prompt"
+        raise NpusimError(f"{flag} {longest - (phase == 'decode')} exceeds {m.name}'s context of "
+                          f"{m.max_position_embeddings} tokens (max_position_embeddings)")
     profile, eng = resolve_engine(h, _engine(profile=engine, block_size=block_size,
                                              weight_dtype=weight_dtype, kv_dtype=kv_dtype))
     bs = eng.block_size
@@ -253,6 +258,13 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
         wl.pop("input_len", None)
         wl.pop("output_len", None)
     for key, value in flags.items():
+        if isinstance(value, str) and not value.strip():
+            raise NpusimError(f"--{key.replace('_', '-')} is empty")
+    if scenario_file is not None and not scenario_file.strip():
+        raise NpusimError("the scenario file name is empty")
+    if flags.get("contiguous_policy") is not None and not flags.get("no_paging") and data["engine"]["paging"]:
+        raise NpusimError("--contiguous-policy applies to a contiguous reservation: it needs --no-paging")
+    for key, value in flags.items():
         section, field, convert = SIMULATE_FIELDS[key]
         if convert is not None and value is not None:
             value = convert(value)
@@ -366,6 +378,8 @@ def simulate(
     """Simulate serving: requests arrive, are batched, take KV pages and finish. No arguments: the default scenario."""
     given = locals()
     flags = {key: given[key] for key in SIMULATE_FIELDS}  # every parameter but the file and outputs
+    if report is not None and not report.strip():
+        raise NpusimError("--report is empty: give the HTML file to write")
     import time
 
     from npusim.scenario import simulate_scenario, summarize
@@ -441,6 +455,9 @@ def analyze(
         raise NpusimError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     h = load_hardware(hw)
     m = load_model(model)
+    if context + 1 > m.max_position_embeddings:
+        raise NpusimError(f"--context {context} exceeds {m.name}'s context of {m.max_position_embeddings} "
+                          "tokens (max_position_embeddings)")
     if sharing == "vnpu" and instances > h.ai_cores:
         raise NpusimError(f"--instances must be <= {h.ai_cores} (the AI cores of {h.name}) with "
                           f"--sharing vnpu, got {instances}")
@@ -454,6 +471,9 @@ def analyze(
     grid = proportionality_table(h, m, batches=[max(1, batch // 2), batch, 2 * batch], contexts=[context],
                                  cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
                                  sharing_modes=[sharing], **kw)
+    if not point.feasible and not any(g["feasible"] for g in grid):
+        raise NpusimError(f"{m.name} on {h.name} does not fit at batch {batch}, context {context} nor at any "
+                          f"point around it: {point.reason}")
     explanation = explain_proportionality(grid)
     comparison = None
     if compare:
@@ -718,8 +738,15 @@ def calibrate_fit(
     """Fit a profile's efficiencies and kernel latency to measurements; write a new profile."""
     from npusim.calibrate import fit_notes, fit_profile, load_measurements, write_profile
 
+    from npusim.calibration import check_measured_times
+
+    if name is not None and not name.strip():
+        raise NpusimError("--name must not be empty")
+    if not out.endswith((".yaml", ".yml")):
+        raise NpusimError(f"--out must name a .yaml file (profiles are YAML), got {out!r}")
     h = load_hardware(hw)
     meas = load_measurements(measurements)
+    check_measured_times(measurements, meas)  # before anything is fitted to them
     mapping = fit_profile(h, meas, name)
     if meas.get("gemm_sweep"):
         # the cost model interpolates the measured tables themselves (path relative to the profile)
@@ -753,14 +780,16 @@ def calibrate_engine_cmd(
 
     if not out.endswith((".yaml", ".yml")):
         raise NpusimError(f"--out must name a .yaml file, got {out}")
+    if not name.strip():
+        raise NpusimError("--name must not be empty")
+    h = load_hardware(hw) if hw is not None else None  # (refused before anything is written)
     m = load_model(model)
     mapping, report = calibrate_engine(trace, m, load_engine_profile(base), name=name, batch=batch,
                                        context=context)
     profile = engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
     path = write_engine_profile(mapping, out)
     predicted = None
-    if hw is not None:
-        h = load_hardware(hw)
+    if h is not None:
         cm = CostModel(h, m, engine=profile)
         ctx = batch * (context + 1)
         slots = batch * ceil_div(context + 1, 16) * 16
@@ -866,6 +895,10 @@ def calibrate_import(
     from npusim.calibrate import write_profile
     from npusim.profiler_import import calibrate_from_kernels, load_kernels, matmul_efficiency_from_kernels
 
+    if out is not None and not out.endswith((".yaml", ".yml")):
+        raise NpusimError(f"--out must name a .yaml file (profiles are YAML), got {out!r}")
+    if name is not None and not name.strip():
+        raise NpusimError("--name must not be empty")
     h = load_hardware(hw)
     records, files = load_kernels(profile)
     fit = matmul_efficiency_from_kernels(records, h)

@@ -23,10 +23,16 @@ class GoodputSLO(BaseModel):
     """Service-level objectives a request must meet to count towards goodput (as `vllm bench serve
     --goodput ttft:MS tpot:MS e2el:MS`); only the ones given apply."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     ttft_ms: float | None = Field(default=None, gt=0)
     tpot_ms: float | None = Field(default=None, gt=0)
     e2el_ms: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GoodputSLO":
+        if self.ttft_ms is None and self.tpot_ms is None and self.e2el_ms is None:
+            raise ValueError("goodput needs at least one of ttft_ms, tpot_ms, e2el_ms")
+        return self
 
 
 class Scenario(BaseModel):
@@ -43,6 +49,8 @@ class Scenario(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
+        if self.sharing == "vnpu" and self.instances == 1:
+            raise ValueError("sharing vnpu splits the device between instances: it needs instances >= 2")
         if self.contiguous_policy == "oracle" and self.engine.paging:
             raise ValueError("contiguous_policy oracle is a contiguous reservation: it needs --no-paging "
                              "(engine.paging: false)")

@@ -76,6 +76,9 @@ def bench_workload(bench: dict) -> dict[str, Any]:
                           "max_concurrency": bench.get("max_concurrency")}
     if bench.get("start_times"):
         wl["start_times"] = bench["start_times"]
+        del wl["rate"], wl["burstiness_cv"]  # (the send times say it all)
+    elif math.isinf(rate):
+        del wl["burstiness_cv"]  # (all at once: no gaps to shape)
     return wl
 
 

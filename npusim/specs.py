@@ -294,6 +294,8 @@ def known_hardware() -> list[str]:
 
 
 def _resolve(name_or_path: str | Path, directory: Path, what: str) -> Path | None:
+    if not str(name_or_path).strip():
+        raise NpusimError(f"the {what} name is empty")
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json"):
         if not p.exists():
@@ -635,6 +637,15 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+    for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise NpusimError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
+    if cfg.get("quantization_config"):
+        raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
+                          "--weight-dtype (bf16, fp16, int8, int4); give the unquantized config and that flag")
+    if cfg.get("use_sliding_window") or (family == "mistral" and cfg.get("sliding_window")):
+        raise NpusimError(f"{where}: sliding-window attention (sliding_window {cfg.get('sliding_window')}) is "
+                          "not modelled: npusim prices full attention over the whole context")
     moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
            if cfg.get(k)]
     if moe:
@@ -675,6 +686,8 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     key = str(name_or_path)
+    if not key.strip():
+        raise NpusimError("the model name is empty")
     if key.lower() in MODEL_ZOO:
         return ModelSpec(name=key.lower(), **MODEL_ZOO[key.lower()])
     p = Path(key)
@@ -728,6 +741,8 @@ class EngineConfig(BaseModel):
         if not self.paging and self.enable_prefix_caching:
             raise ValueError("enable_prefix_caching needs paging (prefix caching shares KV pages); "
                              "drop --prefix-caching or --no-paging")
+        if self.preemption_mode == "swap" and self.swap_space_gib == 0:
+            raise ValueError("preemption_mode swap needs swap_space_gib > 0 (host memory to swap to)")
         if not self.paging and self.preemption_mode == "swap":
             raise ValueError("preemption_mode swap needs paging (pages are what is swapped); "
                              "drop --preemption swap or --no-paging")

@@ -95,9 +95,9 @@ class WorkloadSpec(BaseModel):
     trace: str | None = None
     # per-request lengths (and optionally send times), as a `vllm bench serve --save-detailed`
     # result lists them: replayed one for one
-    input_lens: list[int] | None = None
-    output_lens: list[int] | None = None
-    start_times: list[float] | None = None
+    input_lens: list[int] | None = Field(default=None, min_length=1)
+    output_lens: list[int] | None = Field(default=None, min_length=1)
+    start_times: list[float] | None = Field(default=None, min_length=1)
     shared_prefix_len: int = Field(default=0, ge=0, le=MAX_TOKENS, description="tokens of a shared system prompt")
     shared_prefix_groups: int = Field(default=1, gt=0)
     shared_prefix_fraction: float = Field(default=1.0, ge=0, le=1)
@@ -116,6 +116,22 @@ class WorkloadSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "WorkloadSpec":
         given = self.model_fields_set
+        if self.input_lens is not None:
+            if self.trace is not None:
+                raise ValueError("give a trace or input_lens, not both")
+            if self.num_requests is not None and self.num_requests != len(self.input_lens):
+                raise ValueError(f"num_requests {self.num_requests} but input_lens lists {len(self.input_lens)}")
+            if self.start_times is not None and "rate" in given and self.rate is not None:
+                raise ValueError("rate would be ignored: start_times give the arrivals")
+            if self.start_times is not None and not all(math.isfinite(t) for t in self.start_times):
+                raise ValueError("start_times must be finite")
+        elif self.output_lens is not None or self.start_times is not None:
+            raise ValueError("output_lens and start_times need input_lens")
+        if self.input_lens is None and self.trace is None and self.num_requests is None:
+            raise ValueError("num_requests is required without a trace")
+        if self.burstiness_cv != 1.0 and (self.rate is None or math.isinf(self.rate)):
+            raise ValueError(f"burstiness_cv {self.burstiness_cv} would be ignored: it shapes the gaps of a "
+                             "finite rate (with a trace's own times or rate inf there are none)")
         for source, what in ((self.trace, "a trace"), (self.input_lens, "input_lens")):
             if source is not None:
                 clash = [k for k in ("input_len", "output_len") if k in given]
@@ -283,8 +299,8 @@ def make_requests(spec: WorkloadSpec, seed: int) -> RequestStream:
     if spec.trace:
         rows = read_trace(spec.trace, spec.num_requests)
         if rows[0][0] is None and spec.rate is None and not spec.max_concurrency:
-            raise NpusimError(f"{spec.trace}: the trace has no arrived_at column: give a rate "
-                              "(--rate) or a closed loop (--max-concurrency)")
+            raise NpusimError(f"{spec.trace}: the trace has no arrived_at column: give it a rate "
+                              "(--rate; simulate also takes a closed loop, --max-concurrency)")
     if spec.trace and spec.rate is None and rows[0][0] is not None and not spec.shared_prefix_len:
         t0 = rows[0][0]  # the trace as it is: nothing to draw
         return RequestStream([r[0] - t0 for r in rows], [r[1] for r in rows], [r[2] for r in rows])

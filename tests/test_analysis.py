@@ -159,12 +159,17 @@ def test_analyze_json_contract():
 
 
 def test_analyze_infeasible_point_is_null_not_invented():
+    from npusim.analysis import analytical_point
+    from npusim.specs import load_hardware, load_model
+
+    p = analytical_point(load_hardware("ascend-910"), load_model("llama-2-13b"), batch=1, context=4000,
+                         instances=2, weight_dtype="fp16", kv_dtype="fp16")
+    assert p.feasible is False and "GiB" in p.reason
+    assert p.tokens_per_s is None and p.tpot_ms is None
+    # the CLI, where nothing around the point fits either, says so in one line and exits 2
     rc, out, err = run_cli("analyze", "--hw", "ascend-910", "--model", "llama-2-13b", "--instances", "2",
-                           "--batch", "1", "--context", "5120", "--json")
-    assert rc == 0, err
-    p = json.loads(out)["point"]
-    assert p["feasible"] is False and "GiB" in p["reason"]
-    assert p["tokens_per_s"] is None and p["tpot_ms"] is None
+                           "--batch", "1", "--context", "4000", "--weight-dtype", "fp16", "--kv-dtype", "fp16")
+    assert rc == 2 and "does not fit" in err and "GiB" in err and len(err.strip().splitlines()) == 1
 
 
 def test_analyze_table_output():

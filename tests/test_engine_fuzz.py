@@ -105,8 +105,10 @@ def serving_scenarios(draw):
     workload = WorkloadSpec(num_requests=40, rate=draw(st.sampled_from([5.0, 30.0, math.inf])),
                             input_len=LengthDist(kind="sharegpt"), output_len=LengthDist(kind="sharegpt"),
                             shared_prefix_len=draw(st.sampled_from([0, 600, 3000])), shared_prefix_groups=2)
-    return Scenario(engine=EngineConfig(**engine), workload=workload, instances=draw(st.integers(1, 2)),
-                    sharing=draw(st.sampled_from(["time-slice", "vnpu"])), seed=draw(st.integers(0, 9)))
+    instances = draw(st.integers(1, 2))
+    return Scenario(engine=EngineConfig(**engine), workload=workload, instances=instances,
+                    sharing=draw(st.sampled_from(["time-slice", "vnpu"])) if instances > 1 else "time-slice",
+                    seed=draw(st.integers(0, 9)))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

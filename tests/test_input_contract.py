@@ -59,7 +59,7 @@ BAD = [
     ("simulate --trace {d}/not_utf8.csv", "not_utf8.csv: line 2: not UTF-8 text (byte 0xff)"),
     ("simulate --trace {d}/empty.csv", "empty.csv: empty trace file"),
     ("simulate --trace {d}/header_only.csv", "header_only.csv: no requests in the trace"),
-    ("simulate --trace {d}/lengths_only.csv", "no arrived_at column: give a rate (--rate)"),
+    ("simulate --trace {d}/lengths_only.csv", "no arrived_at column: give it a rate (--rate"),
     ("simulate --trace {d}", "is not a file"),
     ("kv-study --trace {d}", "is not a file"),
     ("kv-study --trace {d}/frac.csv", "frac.csv: line 2"),
@@ -70,7 +70,13 @@ BAD = [
     ("simulate --seed -1", "--seed"),
     ("simulate {d}/seed.yaml", "seed.yaml: seed must be >= 0, got -3"),
     ("seed --seed -2", "--seed"),
-    ("simulate --contiguous-policy oracle --requests 2", "contiguous_policy oracle is a contiguous reservation"),
+    ("simulate --contiguous-policy oracle --requests 2", "--contiguous-policy applies to a contiguous reservation"),
+    ("simulate --contiguous-policy max --requests 2", "it needs --no-paging"),
+    ("simulate --trace", "--trace"),
+    ("simulate --burstiness 3 --rate inf", "burstiness_cv 3.0 would be ignored"),
+    ("simulate --instances 1 --sharing vnpu", "sharing vnpu splits the device between instances"),
+    ("step --hw h200 --model llama-2-7b --context 8000", "--context 8000 exceeds llama-2-7b's context of 4096"),
+    ("analyze --hw ascend-910 --model llama-3.1-70b", "does not fit at batch 32, context 2048 nor at any point"),
     ("simulate {d}/oracle.yaml", "contiguous_policy oracle is a contiguous reservation"),
     ("simulate --no-paging --prefix-caching --requests 2", "enable_prefix_caching needs paging"),
     ("simulate --no-paging --preemption swap --requests 2", "preemption_mode swap needs paging"),
@@ -204,3 +210,15 @@ def test_help_at_80_columns_shows_every_option_name_whole(monkeypatch):
             assert not name.endswith("-"), (command, name)
     rc, out, _ = run_cli("simulate", "--help")
     assert "--max-num-batched-tokens" in out and "--prefix-caching / --no-prefix-caching" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["simulate", "--trace", ""], "--trace is empty"),
+    (["simulate", "--report", "", "--requests", "2"], "--report is empty"),
+    (["simulate", ""], "the scenario file name is empty"),
+    (["step", "--hw", "", "--model", "llama-3.1-8b"], "the hardware profile name is empty"),
+    (["step", "--hw", "h200", "--model", ""], "the model name is empty"),
+    (["step", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", ""], "the engine profile name is empty"),
+])
+def test_an_empty_name_is_refused_not_taken_for_the_default(argv, needle):
+    assert_one_line_error(argv[0], argv[1:], needle)
