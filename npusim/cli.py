@@ -244,8 +244,9 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
         if flags.get(key) is not None and flags[key] not in allowed:
             raise NpusimError(f"--{key} must be {' or '.join(allowed)}, got {flags[key]!r}")
     base = load_scenario(scenario_file) if scenario_file else Scenario()
-    data = base.model_dump()
-    wl = data["workload"]
+    data = base.model_dump(exclude_unset=True)  # (what was given: defaults are the specs' own)
+    data.setdefault("engine", {})
+    wl = data.setdefault("workload", {})
     if flags.get("trace") is not None or wl.get("trace") is not None:
         for key in ("input_len", "output_len"):
             if flags.get(key) is not None:
@@ -262,7 +263,7 @@ def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
             raise NpusimError(f"--{key.replace('_', '-')} is empty")
     if scenario_file is not None and not scenario_file.strip():
         raise NpusimError("the scenario file name is empty")
-    if flags.get("contiguous_policy") is not None and not flags.get("no_paging") and data["engine"]["paging"]:
+    if flags.get("contiguous_policy") is not None and not flags.get("no_paging") and data["engine"].get("paging", True):
         raise NpusimError("--contiguous-policy applies to a contiguous reservation: it needs --no-paging")
     for key, value in flags.items():
         section, field, convert = SIMULATE_FIELDS[key]

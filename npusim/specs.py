@@ -163,6 +163,18 @@ class BlockSizeRule(BaseModel):
     recommended: int = Field(ge=1)
     source: str = Field(min_length=3)
 
+    @model_validator(mode="after")
+    def _check(self) -> "BlockSizeRule":
+        if self.allowed is not None:
+            if not self.allowed or any(b < 1 for b in self.allowed):
+                raise ValueError(f"kv_block_sizes.allowed must list page sizes >= 1, got {self.allowed}")
+        elif self.min > self.max:
+            raise ValueError(f"kv_block_sizes: min {self.min} is above max {self.max}")
+        if not self.accepts(self.recommended):
+            raise ValueError(f"kv_block_sizes.recommended {self.recommended} is not one the rule accepts "
+                             f"({self.describe()})")
+        return self
+
     def accepts(self, block_size: int) -> bool:
         if self.allowed is not None:
             return block_size in self.allowed

@@ -48,6 +48,13 @@ class LengthDist(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "LengthDist":
+        # a field of another kind would be ignored (sharegpt is a fixed published mix)
+        uses = {"fixed": {"value"}, "uniform": {"low", "high"}, "lognormal": {"mean", "cv", "low", "high"},
+                "sharegpt": set()}[self.kind]
+        stray = sorted(self.model_fields_set - uses - {"kind"})
+        if stray:
+            raise ValueError(f"{', '.join(stray)} would be ignored by a {self.kind} length "
+                             f"(it takes {', '.join(sorted(uses)) or 'nothing else'})")
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
         return self

@@ -222,3 +222,30 @@ def test_help_at_80_columns_shows_every_option_name_whole(monkeypatch):
 ])
 def test_an_empty_name_is_refused_not_taken_for_the_default(argv, needle):
     assert_one_line_error(argv[0], argv[1:], needle)
+
+
+@pytest.mark.parametrize("length,needle", [
+    ("{kind: fixed, value: 10, mean: 50}", "mean would be ignored by a fixed length (it takes value)"),
+    ("{kind: sharegpt, mean: 5000}", "mean would be ignored by a sharegpt length (it takes nothing else)"),
+    ("{kind: uniform, low: 5, high: 50, cv: 3}", "cv would be ignored by a uniform length"),
+])
+def test_a_length_field_of_another_kind_is_refused(tmp_path, length, needle):
+    (tmp_path / "s.yaml").write_text(f"workload: {{input_len: {length}}}\n")
+    assert_one_line_error("simulate", [str(tmp_path / "s.yaml")], needle)
+
+
+@pytest.mark.parametrize("rule,needle", [
+    ("{allowed: [], max: 128, recommended: 16", "kv_block_sizes.allowed must list page sizes >= 1"),
+    ("{min: 200, max: 128, recommended: 128", "min 200 is above max 128"),
+    ("{multiple_of: 16, max: 128, recommended: 100", "recommended 100 is not one the rule accepts"),
+])
+def test_an_engine_profile_with_an_impossible_page_rule_is_refused(tmp_path, rule, needle):
+    import re
+
+    from npusim.specs import ENGINE_PROFILE_DIR
+
+    text = (ENGINE_PROFILE_DIR / "mindie.yaml").read_text()
+    text = re.sub(r"kv_block_sizes:\n(  .*\n)+", f"kv_block_sizes: {rule}, source: a test rule}}\n", text, count=1)
+    (tmp_path / "e.yaml").write_text(text)
+    assert_one_line_error("step", ["--hw", "ascend-910b2", "--model", "llama-3.1-8b", "--engine",
+                                   str(tmp_path / "e.yaml")], needle)
