@@ -437,6 +437,18 @@ class EngineProfile(BaseModel):
             raise ValueError(f"scheduler_defaults: large_memory_gib needs {', '.join(LARGE_MEMORY_DEFAULTS)}")
         if d["max_num_batched_tokens"] < d["max_num_seqs"]:
             raise ValueError("scheduler_defaults: max_num_batched_tokens must be >= max_num_seqs")
+        for k in ("max_num_seqs", "max_num_batched_tokens", "large_memory_max_num_seqs",
+                  "large_memory_max_num_batched_tokens"):
+            if k in d and (d[k] != int(d[k]) or d[k] < 1):
+                raise ValueError(f"scheduler_defaults.{k} must be a whole number >= 1, got {d[k]:g}")
+        if not 0 < d["gpu_memory_utilization"] <= 1:
+            raise ValueError(f"scheduler_defaults.gpu_memory_utilization must be in (0, 1], got "
+                             f"{d['gpu_memory_utilization']:g}")
+        if not 0 <= d["watermark"] < 1:
+            raise ValueError(f"scheduler_defaults.watermark must be in [0, 1), got {d['watermark']:g}")
+        if d["enable_prefix_caching"] not in (0, 1):
+            raise ValueError(f"scheduler_defaults.enable_prefix_caching must be 0 or 1, got "
+                             f"{d['enable_prefix_caching']:g}")
         need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance]
         need += [f"kernels.{o}" for o in self.kernels if f"kernels.{o}" not in self.provenance]
         need += [f"kernel_floor_us.{o}" for o in self.kernel_floor_us

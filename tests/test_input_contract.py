@@ -249,3 +249,18 @@ def test_an_engine_profile_with_an_impossible_page_rule_is_refused(tmp_path, rul
     (tmp_path / "e.yaml").write_text(text)
     assert_one_line_error("step", ["--hw", "ascend-910b2", "--model", "llama-3.1-8b", "--engine",
                                    str(tmp_path / "e.yaml")], needle)
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ("gpu_memory_utilization: {value: 0.9", "gpu_memory_utilization: {value: 2.0",
+     "scheduler_defaults.gpu_memory_utilization must be in (0, 1], got 2"),
+    ("max_num_seqs: {value: 256", "max_num_seqs: {value: 2.5", "scheduler_defaults.max_num_seqs must be a whole number"),
+])
+def test_an_engine_profile_with_bad_scheduler_defaults_names_its_file(tmp_path, old, new, needle):
+    from npusim.specs import ENGINE_PROFILE_DIR
+
+    text = (ENGINE_PROFILE_DIR / "vllm.yaml").read_text()
+    assert old in text
+    (tmp_path / "e.yaml").write_text(text.replace(old, new, 1))
+    rc, _, err = run_cli("step", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", str(tmp_path / "e.yaml"))
+    assert rc == 2 and "e.yaml" in err and needle in err and len(err.strip().splitlines()) == 1, err
