@@ -503,7 +503,8 @@ def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None 
     g = lambda b: f"{gib(b):.2f} GiB"  # noqa: E731
     if formula <= 0 and e.num_blocks is None:
         verdict = (f"does not fit: {model.name} weights {g(weights)} ({e.weight_dtype}) + activations "
-                   f"{g(act)} + runtime reserve {g(reserve)} = {g(need)} exceed the usable {g(usable)} "
+                   f"{g(act)} (for max_num_batched_tokens {e.max_num_batched_tokens}, max_num_seqs "
+                   f"{e.max_num_seqs}) + runtime reserve {g(reserve)} = {g(need)} exceed the usable {g(usable)} "
                    f"({g(device)} x {e.gpu_memory_utilization}) by {g(need - usable + block_bytes)} "
                    f"(room for not even one {e.block_size}-token KV block)")
         fits = False

@@ -293,8 +293,13 @@ def hardware_from_mapping(data: dict[str, Any], where: str) -> HardwareSpec:
             extra = set(val) - {"value", "kind", "source"}
             if extra:
                 raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
+            if isinstance(val["value"], bool):
+                raise NpusimError(f"{where}: {key} must be a number, got {val['value']!r}")
             flat[key] = val["value"]
             provenance[key] = {k: v for k, v in val.items() if k != "value"}
+        elif key == "provenance":
+            raise NpusimError(f"{where}: provenance is built from each number's kind and source; "
+                              "do not give it")
         else:
             flat[key] = val
     flat["provenance"] = provenance

@@ -114,6 +114,10 @@ class WorkloadSpec(BaseModel):
     def _listed_defaults(cls, data: Any) -> Any:
         # A trace (or a list of requests) brings its own count and times: the defaults for drawn
         # requests do not apply unless asked for.
+        if isinstance(data, dict):
+            for key in ("num_requests", "max_concurrency", "shared_prefix_len", "shared_prefix_groups"):
+                if isinstance(data.get(key), bool):
+                    raise ValueError(f"{key} must be a whole number, got {data[key]!r}")
         if isinstance(data, dict) and (data.get("trace") is not None or data.get("input_lens") is not None):
             data = dict(data)
             data.setdefault("rate", None)

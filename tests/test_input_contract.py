@@ -264,3 +264,19 @@ def test_an_engine_profile_with_bad_scheduler_defaults_names_its_file(tmp_path, 
     (tmp_path / "e.yaml").write_text(text.replace(old, new, 1))
     rc, _, err = run_cli("step", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", str(tmp_path / "e.yaml"))
     assert rc == 2 and "e.yaml" in err and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_booleans_are_not_taken_for_numbers(tmp_path):
+    from npusim.specs import HW_PROFILE_DIR
+
+    (tmp_path / "s.yaml").write_text("workload: {num_requests: true}\n")
+    assert_one_line_error("simulate", [str(tmp_path / "s.yaml")], "num_requests must be a whole number, got True")
+    hw = (HW_PROFILE_DIR / "ascend-910b2.yaml").read_text().replace("ai_cores: {value: 24", "ai_cores: {value: true")
+    (tmp_path / "hw.yaml").write_text(hw)
+    assert_one_line_error("step", ["--hw", str(tmp_path / "hw.yaml"), "--model", "llama-3.1-8b"],
+                          "ai_cores must be a number, got True")
+
+
+def test_activations_that_do_not_fit_name_the_settings_behind_them():
+    assert_one_line_error("simulate", ["--max-num-batched-tokens", "99999999999"],
+                          "(for max_num_batched_tokens 99999999999, max_num_seqs 256)")
