@@ -128,3 +128,67 @@ def test_every_simulate_parameter_has_a_scenario_field_in_the_table():
 
     params = set(inspect.signature(simulate).parameters) - {"scenario", "as_json", "report"}
     assert params == set(SIMULATE_FIELDS)
+
+
+def _json(*argv: str) -> dict:
+    rc, out, err = run_cli(*argv, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+STEP = ("step", "--hw", "h200", "--model", "llama-3.1-8b")
+STEP_EFFECTS = {
+    "--phase": (["--phase", "prefill"], lambda d, b: d["phase"] == "prefill" and d["device_ms"] > b["device_ms"]),
+    "--batch": (["--batch", "64"], lambda d, b: d["batch"] == 64 and d["tokens_per_s"] > 10 * b["tokens_per_s"]),
+    "--context": (["--context", "8000"], lambda d, b: d["context"] == 8000 and d["device_ms"] > b["device_ms"]),
+    "--prompt": (["--phase", "prefill", "--prompt", "4096"],
+                 lambda d, b: d["prompt"] == 4096 and d["device_ms"] > _json(*STEP, "--phase", "prefill")["device_ms"]),
+    "--block-size": (["--block-size", "128"], lambda d, b: d["block_size"] == 128),
+    "--weight-dtype": (["--weight-dtype", "int8"], lambda d, b: d["device_ms"] < 0.7 * b["device_ms"]),
+    "--kv-dtype": (["--kv-dtype", "int8", "--batch", "64", "--context", "8000"],
+                   lambda d, b: d["device_ms"] < _json(*STEP, "--batch", "64", "--context", "8000")["device_ms"]),
+    "--engine": (["--engine", "vllm-eager"], lambda d, b: d["engine"] == "vllm-eager" and d["execution"] == "eager"),
+    "--hw": (["--hw", "h100-sxm"], lambda d, b: d["hw"] == "h100-sxm" and d["device_ms"] > b["device_ms"]),
+    "--model": (["--model", "llama-3.2-1b"], lambda d, b: d["model"] == "llama-3.2-1b" and d["device_ms"] < b["device_ms"]),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(STEP_EFFECTS))
+def test_the_step_flag_takes_effect(flag):
+    args, effect = STEP_EFFECTS[flag]
+    base = [a for a in STEP]
+    for f in [a for a in args if a.startswith("--")]:
+        if f in base:
+            i = base.index(f)
+            del base[i:i + 2]
+    assert effect(_json(*base, *args), _json(*STEP)), flag
+
+
+ANALYZE = ("analyze", "--hw", "h200", "--model", "llama-3.1-8b")
+ANALYZE_EFFECTS = {
+    "--batch": (["--batch", "64"], lambda p, b: p["batch"] == 64 and p["tokens_per_s"] > b["tokens_per_s"]),
+    "--context": (["--context", "8000"], lambda p, b: p["context"] == 8000 and p["tokens_per_s"] < b["tokens_per_s"]),
+    "--instances": (["--instances", "2"], lambda p, b: p["instances"] == 2),
+    "--sharing": (["--instances", "2", "--sharing", "vnpu"], lambda p, b: p["cores_per_instance"] == 66),
+    "--block-size": (["--block-size", "128"], lambda p, b: p["block_size"] == 128 and p["num_blocks"] < b["num_blocks"]),
+    "--weight-dtype": (["--weight-dtype", "int8"], lambda p, b: p["num_blocks"] > b["num_blocks"]),
+    "--kv-dtype": (["--kv-dtype", "int8"], lambda p, b: p["num_blocks"] > 1.9 * b["num_blocks"]),
+    "--gpu-memory-utilization": (["--gpu-memory-utilization", "0.5"], lambda p, b: p["num_blocks"] < b["num_blocks"]),
+    "--engine": (["--engine", "vllm-eager"], lambda p, b: p["engine"] == "vllm-eager"),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(ANALYZE_EFFECTS))
+def test_the_analyze_flag_takes_effect(flag):
+    args, effect = ANALYZE_EFFECTS[flag]
+    assert effect(_json(*ANALYZE, *args)["point"], _json(*ANALYZE)["point"]), flag
+
+
+@pytest.mark.parametrize("command,effects,outputs", [
+    ("step", STEP_EFFECTS, {"--json"}), ("analyze", ANALYZE_EFFECTS, {"--json", "--compare", "--hw", "--model"})])
+def test_every_step_and_analyze_flag_is_checked(command, effects, outputs):
+    import re
+
+    rc, out, _ = run_cli(command, "--help")
+    flags = {m for line in out.splitlines() for m in re.findall(r"^ +(--[a-z][a-z-]*)", line)}
+    assert flags - {"--help"} - outputs == set(effects) - outputs
