@@ -39,6 +39,15 @@ class Scenario(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hw: str = "ascend-910b2"
     model: str | ModelSpec = Field(default="llama-3.1-8b", description="a zoo name, a config.json path, or a spec")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_by_name(cls, data: Any) -> Any:
+        # In a file the model is a zoo name or a config.json path; a mapping there is a mistake
+        # (the Python API may pass a ModelSpec object).
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            raise ValueError("model must be a zoo name or the path of a config.json, not a mapping")
+        return data
     engine: EngineConfig = Field(default_factory=EngineConfig)
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     instances: int = Field(default=1, gt=0)

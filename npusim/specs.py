@@ -283,6 +283,8 @@ NUMBER_FIELDS = tuple(
 
 def hardware_from_mapping(data: dict[str, Any], where: str) -> HardwareSpec:
     """Split `{value, kind, source}` numbers into plain values and provenance, then validate."""
+    if "ai_cores" not in data and {"kernels", "execution"} <= set(data):
+        raise NpusimError(f"{where} is an engine profile, not a hardware profile (give it to --engine)")
     flat: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for key, val in data.items():
@@ -489,6 +491,8 @@ def _split_number(val: Any, key: str, where: str) -> tuple[Any, dict[str, Any]]:
 def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfile:
     """Split `{value, kind, source}` numbers (the host terms and each op's kernel count) into
     values and provenance, then validate."""
+    if "kernels" not in data and {"ai_cores", "memory_gib"} <= set(data):
+        raise NpusimError(f"{where} is a hardware profile, not an engine profile (give it to --hw)")
     flat: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for key, val in data.items():

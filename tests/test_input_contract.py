@@ -280,3 +280,21 @@ def test_booleans_are_not_taken_for_numbers(tmp_path):
 def test_activations_that_do_not_fit_name_the_settings_behind_them():
     assert_one_line_error("simulate", ["--max-num-batched-tokens", "99999999999"],
                           "(for max_num_batched_tokens 99999999999, max_num_seqs 256)")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["step", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", "hw_profiles/ascend-910b2.yaml"],
+     "is a hardware profile, not an engine profile (give it to --hw)"),
+    (["step", "--hw", "hw_profiles/engines/vllm.yaml", "--model", "llama-3.1-8b"],
+     "is an engine profile, not a hardware profile (give it to --engine)"),
+])
+def test_a_profile_of_the_wrong_kind_is_named_as_such(argv, needle, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert_one_line_error(argv[0], argv[1:], needle)
+
+
+def test_a_model_given_as_a_mapping_in_a_scenario_is_refused(tmp_path):
+    (tmp_path / "s.yaml").write_text("model: {name: x}\n")
+    assert_one_line_error("simulate", [str(tmp_path / "s.yaml")], "model must be a zoo name or the path")
