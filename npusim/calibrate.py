@@ -1323,6 +1323,12 @@ def load_measurements(path: str | Path) -> dict:
         raise NpusimError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(data, dict) or "npusim_calibration" not in data:
         raise NpusimError(f"{path}: not an npusim calibration file (no 'npusim_calibration' key)")
+    version = data["npusim_calibration"]
+    if isinstance(version, bool) or version not in range(1, SCHEMA_VERSION + 1):
+        raise NpusimError(f"{path}: npusim_calibration {version!r} is not a version this npusim reads "
+                          f"(1 to {SCHEMA_VERSION})")
+    if data.get("dtype", "bf16") not in ("bf16", "fp16"):
+        raise NpusimError(f"{path}: dtype {data['dtype']!r}: the tables are read for bf16/fp16 weights only")
     return data
 
 

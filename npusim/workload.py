@@ -140,6 +140,10 @@ class WorkloadSpec(BaseModel):
             raise ValueError("output_lens and start_times need input_lens")
         if self.input_lens is None and self.trace is None and self.num_requests is None:
             raise ValueError("num_requests is required without a trace")
+        if (self.shared_prefix_len and self.input_lens is None and self.trace is None
+                and self.input_len.kind == "fixed" and self.shared_prefix_len > self.input_len.value):
+            raise ValueError(f"shared_prefix_len {self.shared_prefix_len} is longer than every prompt "
+                             f"({self.input_len.value} tokens)")
         if self.burstiness_cv != 1.0 and (self.rate is None or math.isinf(self.rate)):
             raise ValueError(f"burstiness_cv {self.burstiness_cv} would be ignored: it shapes the gaps of a "
                              "finite rate (with a trace's own times or rate inf there are none)")

@@ -86,6 +86,7 @@ BAD = [
     ("step --hw ascend-910b2 --model llama-3.1-8b --batch 5000 --context 8000", "lower --batch or --context"),
     ("step --hw ascend-910b2 --model llama-3.1-8b --phase prefill --batch 400 --prompt 8000", "lower --batch or --prompt"),
     ("simulate --goodput ttft", "--goodput"),
+    ("simulate --input-len 50 --shared-prefix-len 1000", "shared_prefix_len 1000 is longer than every prompt (50 tokens)"),
     ("analyze --hw h200 --model llama-3.1-8b --block-size 0", "engine: block_size must be > 0, got 0"),
     ("step --hw h200 --model llama-3.1-8b --phase prefill --context 5", "--context would be ignored"),
     ("step --hw h200 --model llama-3.1-8b --prompt 5", "--prompt would be ignored"),
@@ -298,3 +299,17 @@ def test_a_profile_of_the_wrong_kind_is_named_as_such(argv, needle, monkeypatch)
 def test_a_model_given_as_a_mapping_in_a_scenario_is_refused(tmp_path):
     (tmp_path / "s.yaml").write_text("model: {name: x}\n")
     assert_one_line_error("simulate", [str(tmp_path / "s.yaml")], "model must be a zoo name or the path")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"npusim_calibration": 99}, "npusim_calibration 99 is not a version this npusim reads"),
+    ({"dtype": "fp8"}, "dtype 'fp8': the tables are read for bf16/fp16 weights only"),
+])
+def test_calibrate_fit_refuses_a_measurement_file_it_cannot_read(tmp_path, change, needle):
+    from npusim.specs import HW_PROFILE_DIR
+
+    data = json.loads((HW_PROFILE_DIR / "measurements" / "h200-2026-12-02-calibrate.json").read_text())
+    data.update(change)
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    assert_one_line_error("calibrate", ["fit", "--hw", "h200", "--measurements", str(tmp_path / "m.json"),
+                                        "--out", str(tmp_path / "p.yaml")], needle)
