@@ -459,6 +459,9 @@ def analyze(
     if context + 1 > m.max_position_embeddings:
         raise NpusimError(f"--context {context} exceeds {m.name}'s context of {m.max_position_embeddings} "
                           "tokens (max_position_embeddings)")
+    if compare and context < 128:
+        raise NpusimError(f"--compare replays requests that decode 256 tokens centred on the context: it "
+                          f"needs --context >= 128, got {context}")
     if sharing == "vnpu" and instances > h.ai_cores:
         raise NpusimError(f"--instances must be <= {h.ai_cores} (the AI cores of {h.name}) with "
                           f"--sharing vnpu, got {instances}")

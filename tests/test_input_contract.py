@@ -86,6 +86,7 @@ BAD = [
     ("step --hw ascend-910b2 --model llama-3.1-8b --batch 5000 --context 8000", "lower --batch or --context"),
     ("step --hw ascend-910b2 --model llama-3.1-8b --phase prefill --batch 400 --prompt 8000", "lower --batch or --prompt"),
     ("simulate --goodput ttft", "--goodput"),
+    ("analyze --hw h200 --model llama-3.2-1b --compare --batch 1 --context 100", "it needs --context >= 128, got 100"),
     ("simulate --input-len 50 --shared-prefix-len 1000", "shared_prefix_len 1000 is longer than every prompt (50 tokens)"),
     ("analyze --hw h200 --model llama-3.1-8b --block-size 0", "engine: block_size must be > 0, got 0"),
     ("step --hw h200 --model llama-3.1-8b --phase prefill --context 5", "--context would be ignored"),
