@@ -281,27 +281,33 @@ NUMBER_FIELDS = tuple(
 )
 
 
+def _split_number(val: Any, key: str, where: str) -> tuple[Any, dict[str, Any]]:
+    """A profile's `{value, kind, source}` number as (value, its provenance)."""
+    if not isinstance(val, dict) or "value" not in val:
+        raise NpusimError(f"{where}: {key} must be a mapping {{value, kind, source}}, got {val!r}")
+    extra = set(val) - {"value", "kind", "source"}
+    if extra:
+        raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
+    if isinstance(val["value"], bool):
+        raise NpusimError(f"{where}: {key} must be a number, got {val['value']!r}")
+    return val["value"], {k: v for k, v in val.items() if k != "value"}
+
+
+def _no_given_provenance(data: dict[str, Any], where: str) -> None:
+    if "provenance" in data:
+        raise NpusimError(f"{where}: provenance is built from each number's kind and source; do not give it")
+
+
 def hardware_from_mapping(data: dict[str, Any], where: str) -> HardwareSpec:
     """Split `{value, kind, source}` numbers into plain values and provenance, then validate."""
     if "ai_cores" not in data and {"kernels", "execution"} <= set(data):
         raise NpusimError(f"{where} is an engine profile, not a hardware profile (give it to --engine)")
+    _no_given_provenance(data, where)
     flat: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for key, val in data.items():
         if key in NUMBER_FIELDS:
-            if not isinstance(val, dict) or "value" not in val:
-                raise NpusimError(
-                    f"{where}: {key} must be a mapping {{value, kind, source}}, got {val!r}")
-            extra = set(val) - {"value", "kind", "source"}
-            if extra:
-                raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
-            if isinstance(val["value"], bool):
-                raise NpusimError(f"{where}: {key} must be a number, got {val['value']!r}")
-            flat[key] = val["value"]
-            provenance[key] = {k: v for k, v in val.items() if k != "value"}
-        elif key == "provenance":
-            raise NpusimError(f"{where}: provenance is built from each number's kind and source; "
-                              "do not give it")
+            flat[key], provenance[key] = _split_number(val, key, where)
         else:
             flat[key] = val
     flat["provenance"] = provenance
@@ -479,20 +485,12 @@ ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_s
                         "dispatch_per_kernel_us", "graph_launch_us")
 
 
-def _split_number(val: Any, key: str, where: str) -> tuple[Any, dict[str, Any]]:
-    if not isinstance(val, dict) or "value" not in val:
-        raise NpusimError(f"{where}: {key} must be a mapping {{value, kind, source}}, got {val!r}")
-    extra = set(val) - {"value", "kind", "source"}
-    if extra:
-        raise NpusimError(f"{where}: {key} has unknown keys {sorted(extra)}")
-    return val["value"], {k: v for k, v in val.items() if k != "value"}
-
-
 def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfile:
     """Split `{value, kind, source}` numbers (the host terms and each op's kernel count) into
     values and provenance, then validate."""
     if "kernels" not in data and {"ai_cores", "memory_gib"} <= set(data):
         raise NpusimError(f"{where} is a hardware profile, not an engine profile (give it to --hw)")
+    _no_given_provenance(data, where)
     flat: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for key, val in data.items():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from npusim.errors import NpusimError
+from npusim.specs import read_text_file
 
 if TYPE_CHECKING:  # numpy is imported where lengths or arrivals are drawn: a trace replay needs none
     import numpy as np
@@ -204,11 +205,7 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float |
         raise NpusimError(f"trace file not found: {p}")
     if not p.is_file():
         raise NpusimError(f"trace {p} is not a file")
-    try:
-        text = p.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the first column)
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[:e.start].count(b"\n") + 1
-        raise NpusimError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    text = read_text_file(p).removeprefix("\ufeff")  # (a byte-order mark is not part of the first column)
     reader = csv.reader(text.splitlines())
     try:
         header = next(reader)

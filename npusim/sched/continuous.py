@@ -27,6 +27,15 @@ class SchedulerStats:
     max_batch: int = 0  # most requests in one iteration
 
 
+def capacity_problem(r: Request, max_model_len: int, pool) -> str | None:
+    """Why this request can never run on an instance, or None (either scheduler)."""
+    total = r.prompt_len + r.output_len
+    if total > max_model_len:
+        return (f"prompt {r.prompt_len} + output {r.output_len} = {total} tokens exceeds "
+                f"max_model_len {max_model_len}")
+    return pool.capacity_problem(r)
+
+
 class ContinuousScheduler:
     def __init__(self, engine: EngineConfig, pool, max_model_len: int, itl):
         self.cfg = engine
@@ -45,12 +54,7 @@ class ContinuousScheduler:
 
     # -- arrivals ----------------------------------------------------------------------------------
     def capacity_problem(self, r: Request) -> str | None:
-        """Why this request can never run here, or None."""
-        total = r.prompt_len + r.output_len
-        if total > self.max_model_len:
-            return (f"prompt {r.prompt_len} + output {r.output_len} = {total} tokens exceeds "
-                    f"max_model_len {self.max_model_len}")
-        return self.pool.capacity_problem(r)
+        return capacity_problem(r, self.max_model_len, self.pool)
 
     def submit(self, r: Request) -> None:
         self.waiting.append(r)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 
 from npusim.costmodel import Batch
-from npusim.sched.continuous import SchedulerStats
+from npusim.sched.continuous import SchedulerStats, capacity_problem
 from npusim.sched.request import Request, State
 from npusim.specs import EngineConfig
 
@@ -24,11 +24,7 @@ class StaticScheduler:
         self.prev_end = -1.0
 
     def capacity_problem(self, r: Request) -> str | None:
-        total = r.prompt_len + r.output_len
-        if total > self.max_model_len:
-            return (f"prompt {r.prompt_len} + output {r.output_len} = {total} tokens exceeds "
-                    f"max_model_len {self.max_model_len}")
-        return self.pool.capacity_problem(r)
+        return capacity_problem(r, self.max_model_len, self.pool)
 
     def submit(self, r: Request) -> None:
         self.waiting.append(r)
