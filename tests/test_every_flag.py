@@ -124,7 +124,8 @@ def test_prefix_caching_left_to_the_engine_is_reported_as_the_engine_runs_it():
 def test_every_simulate_parameter_has_a_scenario_field_in_the_table():
     import inspect
 
-    from npusim.cli import SIMULATE_FIELDS, simulate
+    from npusim.cli import simulate
+    from npusim.settings import SIMULATE_FIELDS
 
     params = set(inspect.signature(simulate).parameters) - {"scenario", "as_json", "report"}
     assert params == set(SIMULATE_FIELDS)
