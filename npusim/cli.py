@@ -305,6 +305,186 @@ def simulate(
             print(f"report: {report}")
 
 
+# --------------------------------------------------------------------------- sweep and capacity
+
+def _grid_command(name: str, doc: str, body, head: list, tail: list, exclude: set[str]) -> None:
+    """Register a command taking every grid setting (sweep.GRID_SETTINGS) as a comma-list option,
+    between `head` and `tail` parameters; `body` gets them all as one dict."""
+    import inspect
+
+    from npusim.sweep import GRID_SETTINGS
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in head]
+    for key, (_, what) in GRID_SETTINGS.items():
+        if key not in exclude:
+            params.append(inspect.Parameter(key, kw, annotation=Optional[str], default=typer.Option(
+                None, "--" + key.replace("_", "-"), help=f"comma list: {what}")))
+    params += [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in tail]
+
+    def command(**given):
+        body(given)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(command)
+
+
+EXECUTOR_PARAMS = [
+    ("executor", str, typer.Option("local", "--executor", help="local (a process pool) or dask")),
+    ("workers", Optional[int], typer.Option(None, "--workers", help="worker processes (default: the local cores)")),
+    ("address", Optional[str], typer.Option(None, "--address", help="a running Dask scheduler, tcp://HOST:PORT (with --executor dask)")),
+]
+SCENARIO_ARG = [("scenario", Optional[str], typer.Argument(None, help="scenario YAML; the options override it"))]
+
+
+def _grid_from(given: dict, scenario: str | None):
+    from npusim.settings import scenario_data
+    from npusim.sweep import GRID_SETTINGS, parse_grid
+
+    grid = parse_grid({k: given.pop(k) for k in list(given) if k in GRID_SETTINGS})
+    return scenario_data(scenario), grid
+
+
+def _progress(total: int, label: str, enabled: bool):
+    """A rich progress bar on stderr (points done, failed, ETA), or None."""
+    if not enabled or not total:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    bar.add_task(label, total=total, failed=0)
+    bar.start()
+    return bar
+
+
+def _sweep_body(given: dict) -> None:
+    from npusim.sweep import (SUMMARY_HEADERS, check_out, grid_points, skipped_points, summary_rows,
+                              sweep as run_sweep)
+
+    scenario, out, resume, as_json = given.pop("scenario"), given.pop("out"), given.pop("resume"), given.pop("as_json")
+    data, grid = _grid_from(given, scenario)
+    fixed = {"seed": given["seed"], "goodput": given["goodput"] or None}
+    check_out(out, resume)
+    total = len(grid_points(grid)) - skipped_points(grid, out, resume)
+    bar = _progress(total, "sweep", sys.stderr.isatty() and not as_json)
+    failed = 0
+
+    def on_row(row):
+        nonlocal failed
+        failed += row["status"] != "ok"
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=1, failed=failed)
+
+    try:
+        rows = run_sweep(data, fixed, grid, where=scenario or "settings", executor=given["executor"],
+                         workers=given["workers"], address=given["address"], out=out, resume=resume,
+                         on_row=on_row)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.stop()
+        print(f"npusim: interrupted; {'the finished points are in ' + out if out else 'nothing was written (no --out)'}",
+              file=sys.stderr)
+        raise typer.Exit(130)
+    finally:
+        if bar is not None:
+            bar.stop()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "infeasible", "failed")}
+    if as_json:
+        _print_json({"rows": rows, **counts})
+    else:
+        if len(rows) <= 200:
+            t = Table(*[k for k in grid], *SUMMARY_HEADERS)
+            for cells in summary_rows(rows, grid):
+                t.add_row(*cells)
+            console.print(t)
+        print(f"{len(rows)} points: {counts['ok']} ok, {counts['infeasible']} infeasible, {counts['failed']} failed"
+              + (f"; rows in {out}" if out else ""))
+    if not counts["ok"]:
+        first = next((r["error"] for r in rows if r["error"]), "no point ran")
+        raise NpusimError(f"no point of the sweep ran; the first reason: {first}")
+
+
+_grid_command(
+    "sweep",
+    "Simulate every point of a grid (comma lists of any simulate setting), locally or on Dask; one row per point.",
+    _sweep_body, SCENARIO_ARG,
+    [("seed", Optional[int], typer.Option(None, "--seed", min=0, help="base seed (each point's seed derives from it)")),
+     ("goodput", Optional[List[str]], typer.Option(None, "--goodput", help="SLOs for request_goodput: ttft:MS tpot:MS e2el:MS")),
+     *EXECUTOR_PARAMS,
+     ("out", Optional[str], typer.Option(None, "--out", help="write the rows to a .parquet or .csv file")),
+     ("resume", bool, typer.Option(False, "--resume", help="keep the rows already in --out, run the rest (and the failed)")),
+     ("as_json", bool, typer.Option(False, "--json", help="print the rows as JSON"))],
+    exclude=set())
+
+
+def _capacity_body(given: dict) -> None:
+    from npusim.sweep import capacity as run_capacity, capacity_figure, grid_points
+
+    scenario, as_json, plot = given.pop("scenario"), given.pop("as_json"), given.pop("plot")
+    slo = {"ttft": given.pop("slo_ttft"), "tpot": given.pop("slo_tpot"), "e2el": given.pop("slo_e2el")}
+    for m, v in slo.items():
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise NpusimError(f"--slo-{m}-p99-ms must be a positive number of milliseconds, got {v}")
+    if plot is not None and not plot.strip().lower().endswith((".html", ".htm")):
+        raise NpusimError(f"--plot {plot!r}: give an .html file to write")
+    requests = given.pop("requests")  # (one count for every run, not a grid setting here)
+    data, grid = _grid_from(given, scenario)
+    bar = _progress(len(grid_points(grid)), "capacity", sys.stderr.isatty() and not as_json)
+
+    def on_config(res):
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=1, failed=0)
+
+    try:
+        result = run_capacity(data, {"seed": given["seed"]}, grid, slo, requests=requests,
+                              where=scenario or "settings", executor=given["executor"],
+                              workers=given["workers"], address=given["address"], on_config=on_config)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if plot:
+        capacity_figure(result).write_html(plot, include_plotlyjs=True)
+    if as_json:
+        _print_json(result)
+    else:
+        t = Table(*grid, "max rate (req/s)", "p99 TTFT ms", "p99 TPOT ms", "p99 E2EL ms", "goodput req/s",
+                  "out tok/s", "bound by", "why")
+        for cfg in result["configs"]:
+            t.add_row(*[str(cfg[k]) for k in grid], _fmt(cfg["max_rate"], ",.3f"), _fmt(cfg["ttft_p99_ms"]),
+                      _fmt(cfg["tpot_p99_ms"], ",.2f"), _fmt(cfg["e2el_p99_ms"], ",.0f"),
+                      _fmt(cfg["goodput"], ",.3f"), _fmt(cfg["output_throughput"]), cfg["bound_by"],
+                      (cfg["reason"] or "")[:80])
+        console.print(t)
+        best = result["best"]
+        print(f"best: {best['point']} sustains {best['max_rate']:.3f} req/s" if best else "best: none meets the SLOs")
+        print(result["requests_note"])
+        if plot:
+            print(f"plot: {plot}")
+    if result["best"] is None:
+        first = next((c["reason"] for c in result["configs"] if c["reason"]), "no configuration ran")
+        raise NpusimError(f"no configuration meets the SLOs; the first reason: {first}")
+
+
+_grid_command(
+    "capacity",
+    "For each configuration of a grid, the highest Poisson rate whose p99s meet every SLO; and the best.",
+    _capacity_body, SCENARIO_ARG,
+    [("slo_ttft", Optional[float], typer.Option(None, "--slo-ttft-p99-ms", help="p99 time to first token, ms")),
+     ("slo_tpot", Optional[float], typer.Option(None, "--slo-tpot-p99-ms", help="p99 time per output token, ms")),
+     ("slo_e2el", Optional[float], typer.Option(None, "--slo-e2el-p99-ms", help="p99 end-to-end latency, ms")),
+     ("requests", int, typer.Option(1000, "--requests", min=100, help="requests per simulated run (the p99's stability: see the note printed)")),
+     ("seed", Optional[int], typer.Option(None, "--seed", min=0, help="base seed")),
+     *EXECUTOR_PARAMS,
+     ("plot", Optional[str], typer.Option(None, "--plot", help="write load against p99 latency, with the SLO lines, to an .html file")),
+     ("as_json", bool, typer.Option(False, "--json", help="print JSON"))],
+    exclude={"rate", "requests"})
+
+
 # --------------------------------------------------------------------------- analyze
 
 def _fmt(x, spec: str = ",.1f") -> str:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from npusim.errors import NpusimError
-from npusim.scenario import Scenario, load_scenario
 from npusim.specs import _validate
 
+if TYPE_CHECKING:  # (the simulator is imported by the commands that build a scenario, not by every one)
+    from npusim.scenario import Scenario
 
-def _parse_rate(text: str | None) -> float | None:
-    if text is None:
-        return None
+
+def _parse_rate(text: str | float | None) -> float | None:
+    if text is None or isinstance(text, float):  # (None: not given; a float: parsed already)
+        return text
     if text.strip().lower() in ("inf", "infinity"):
         return math.inf
     try:
@@ -86,7 +88,7 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
 CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap")}
 
 
-def build_scenario(scenario_file: str | None, flags: dict) -> Scenario:
+def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
     """The scenario file (or the default scenario) with the given command-line flags applied,
     validated by the scenario's own rules (the same as for a file or the Python API)."""
     return apply_flags(scenario_data(scenario_file), flags, scenario_file or "settings")
@@ -94,15 +96,19 @@ def build_scenario(scenario_file: str | None, flags: dict) -> Scenario:
 
 def scenario_data(scenario_file: str | None) -> dict:
     """What a scenario file gives (paths made absolute; defaults left to the specs), or {}."""
+    from npusim.scenario import Scenario, load_scenario
+
     if scenario_file is not None and not scenario_file.strip():
         raise NpusimError("the scenario file name is empty")
     base = load_scenario(scenario_file) if scenario_file else Scenario()
     return base.model_dump(exclude_unset=True)
 
 
-def apply_flags(data: dict, flags: dict, where: str) -> Scenario:
+def apply_flags(data: dict, flags: dict, where: str) -> "Scenario":
     """`data` (a scenario's given fields) with `flags` (SIMULATE_FIELDS' keys; None: not given)
     applied, validated; `where` names the source in error messages. `data` is not changed."""
+    from npusim.scenario import Scenario
+
     unknown = set(flags) - set(SIMULATE_FIELDS)
     if unknown:
         raise AssertionError(f"flags without a scenario field: {sorted(unknown)}")
