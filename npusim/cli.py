@@ -362,15 +362,26 @@ def _progress(total: int, label: str, enabled: bool):
     return bar
 
 
+def _points_note(grid: dict, data: dict) -> int:
+    """The number of points; says on stderr what settings that do not apply removed."""
+    from npusim.sweep import expand
+
+    points, dropped = expand(grid, data)
+    if dropped:
+        print(f"npusim: note: {dropped} point(s) of the grid repeat others and run once: sharing applies to "
+              f"2 or more instances, contiguous_policy to paging off, prefix_caching to paging on",
+              file=sys.stderr)
+    return len(points)
+
+
 def _sweep_body(given: dict) -> None:
-    from npusim.sweep import (SUMMARY_HEADERS, check_out, grid_points, skipped_points, summary_rows,
-                              sweep as run_sweep)
+    from npusim.sweep import SUMMARY_HEADERS, check_out, skipped_points, summary_rows, sweep as run_sweep
 
     scenario, out, resume, as_json = given.pop("scenario"), given.pop("out"), given.pop("resume"), given.pop("as_json")
     data, grid = _grid_from(given, scenario)
     fixed = {"seed": given["seed"], "goodput": given["goodput"] or None}
     check_out(out, resume)
-    total = len(grid_points(grid)) - skipped_points(grid, out, resume)
+    total = _points_note(grid, data) - skipped_points(grid, data, out, resume)
     bar = _progress(total, "sweep", sys.stderr.isatty() and not as_json)
     failed = 0
 
@@ -397,9 +408,10 @@ def _sweep_body(given: dict) -> None:
     if as_json:
         _print_json({"rows": rows, **counts})
     else:
-        if len(rows) <= 200:
-            t = Table(*[k for k in grid], *SUMMARY_HEADERS)
-            for cells in summary_rows(rows, grid):
+        if len(rows) <= 200:  # (the settings the grid varies; all of them are in the rows)
+            shown = {k: v for k, v in grid.items() if len(v) > 1}
+            t = Table(*shown, *SUMMARY_HEADERS)
+            for cells in summary_rows(rows, shown):
                 t.add_row(*cells)
             console.print(t)
         print(f"{len(rows)} points: {counts['ok']} ok, {counts['infeasible']} infeasible, {counts['failed']} failed"
@@ -423,7 +435,7 @@ _grid_command(
 
 
 def _capacity_body(given: dict) -> None:
-    from npusim.sweep import capacity as run_capacity, capacity_figure, grid_points
+    from npusim.sweep import capacity as run_capacity, capacity_figure, setting_text
 
     scenario, as_json, plot = given.pop("scenario"), given.pop("as_json"), given.pop("plot")
     slo = {"ttft": given.pop("slo_ttft"), "tpot": given.pop("slo_tpot"), "e2el": given.pop("slo_e2el")}
@@ -434,7 +446,7 @@ def _capacity_body(given: dict) -> None:
         raise NpusimError(f"--plot {plot!r}: give an .html file to write")
     requests = given.pop("requests")  # (one count for every run, not a grid setting here)
     data, grid = _grid_from(given, scenario)
-    bar = _progress(len(grid_points(grid)), "capacity", sys.stderr.isatty() and not as_json)
+    bar = _progress(_points_note(grid, data), "capacity", sys.stderr.isatty() and not as_json)
 
     def on_config(res):
         if bar is not None:
@@ -452,10 +464,11 @@ def _capacity_body(given: dict) -> None:
     if as_json:
         _print_json(result)
     else:
+        grid = {k: v for k, v in grid.items() if len(v) > 1} or grid  # (what the grid varies)
         t = Table(*grid, "max rate (req/s)", "p99 TTFT ms", "p99 TPOT ms", "p99 E2EL ms", "goodput req/s",
                   "out tok/s", "bound by", "why")
         for cfg in result["configs"]:
-            t.add_row(*[str(cfg[k]) for k in grid], _fmt(cfg["max_rate"], ",.3f"), _fmt(cfg["ttft_p99_ms"]),
+            t.add_row(*[setting_text(cfg[k]) for k in grid], _fmt(cfg["max_rate"], ",.3f"), _fmt(cfg["ttft_p99_ms"]),
                       _fmt(cfg["tpot_p99_ms"], ",.2f"), _fmt(cfg["e2el_p99_ms"], ",.0f"),
                       _fmt(cfg["goodput"], ",.3f"), _fmt(cfg["output_throughput"]), cfg["bound_by"],
                       (cfg["reason"] or "")[:80])

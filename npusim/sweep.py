@@ -109,9 +109,42 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
+def _not_applicable(params: dict[str, Any], data: dict) -> set[str]:
+    """The point's settings that do not apply to it: sharing with one instance, the contiguous
+    policy with paging on, prefix caching with paging off."""
+    instances = params.get("instances", data.get("instances", 1))
+    paging = params.get("paging", data.get("engine", {}).get("paging", True))
+    na = {"sharing"} if instances == 1 else set()
+    na.add("contiguous_policy" if paging else "prefix_caching")
+    return na & set(params)
+
+
+def expand(grid: dict[str, list], data: dict) -> tuple[list[dict[str, Any]], int]:
+    """The grid's points over the scenario `data`, a setting that does not apply to a point set
+    to None (so `--instances 1,2 --sharing time-slice,vnpu` runs one instance once, and two
+    instances both ways); returns the points and how many duplicates that removed."""
+    points, seen = [], set()
+    raw = grid_points(grid)
+    for p in raw:
+        na = _not_applicable(p, data)
+        q = {k: (None if k in na else v) for k, v in p.items()}
+        key = point_key(q)
+        if key not in seen:
+            seen.add(key)
+            points.append(q)
+    return points, len(raw) - len(points)
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as a table cell or in a point's name."""
+    if value is None:
+        return "-"  # (does not apply to this point)
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def point_key(params: dict[str, Any]) -> str:
     """A point's name in an output file (what --resume matches on)."""
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "(base)"
+    return " ".join(f"{k}={setting_text(v)}" for k, v in params.items()) or "(base)"
 
 
 def point_seed(base_seed: int, params: dict[str, Any], varied: Iterable[str]) -> int:
@@ -328,7 +361,7 @@ def sweep(data: dict, fixed: dict[str, Any], grid: dict[str, list], *, where: st
     base_seed = fixed.get("seed")
     if base_seed is None:
         base_seed = data.get("seed", 0)
-    points = grid_points(grid)
+    points, _ = expand(grid, data)
     for params in points:  # every point must be a valid scenario before any runs
         try:
             _scenario({"fixed": fixed, "data": data, "where": where}, params, 0)
@@ -372,12 +405,12 @@ def sweep(data: dict, fixed: dict[str, Any], grid: dict[str, list], *, where: st
     return ordered()
 
 
-def skipped_points(grid: dict[str, list], out: str | None, resume: bool) -> int:
+def skipped_points(grid: dict[str, list], data: dict, out: str | None, resume: bool) -> int:
     """How many of the grid's points --resume will skip."""
     if not (resume and out and Path(out).exists()):
         return 0
     keys = {row["point"] for row in read_rows(out) if row["status"] != "failed"}
-    return sum(point_key(p) in keys for p in grid_points(grid))
+    return sum(point_key(p) in keys for p in expand(grid, data)[0])
 
 
 # --------------------------------------------------------------------------- capacity
@@ -459,8 +492,8 @@ def capacity_search(task: dict[str, Any]) -> dict[str, Any]:
 
     try:
         hi = run(saturated_rate(task))
-        if hi["ok"]:  # even at the saturated throughput: the device, not the SLO, is the limit
-            best, bound = hi, "throughput"
+        if hi["ok"]:  # even at the saturated throughput: the device (or its KV memory), not the SLO
+            best, bound = hi, "memory" if hi["kv_full"] else "throughput"
         else:
             lo = hi
             for _ in range(14):
@@ -509,7 +542,7 @@ def capacity(data: dict, fixed: dict[str, Any], grid: dict[str, list], slo: dict
     base_seed = fixed.get("seed")
     if base_seed is None:
         base_seed = data.get("seed", 0)
-    configs = grid_points(grid)
+    configs, _ = expand(grid, data)
     for params in configs:
         try:
             _scenario({"fixed": fixed, "data": data, "where": where}, {**params, "rate": 1.0}, 0)
@@ -568,7 +601,7 @@ def summary_rows(rows: Iterable[dict[str, Any]], grid: dict[str, list]) -> list[
 
     out = []
     for row in rows:
-        out.append([str(row.get(k)) for k in grid] + [
+        out.append([setting_text(row.get(k)) for k in grid] + [
             row["status"], cell(row.get("output_throughput")), cell(row.get("p99_ttft_ms")),
             cell(row.get("p99_tpot_ms"), ",.2f"), cell(row.get("kv_mean_waste_fraction"), ".3f"),
             cell(row.get("kv_preemptions"), ",.0f"), (row.get("error") or "")[:80]])
