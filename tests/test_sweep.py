@@ -279,3 +279,32 @@ def test_paged_against_contiguous_in_one_grid():
     assert all(r["status"] == "ok" for r in rows)
     paged, worst, oracle = (r["kv_mean_waste_fraction"] for r in rows)
     assert paged < oracle < worst  # max reservation wastes most, paging least
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    import npusim.scenario as scenario_module
+
+    real = scenario_module.simulate_scenario
+
+    def broken_at_32(sc, **kw):
+        if sc.engine.block_size == 32:
+            raise RuntimeError("disk on fire")
+        return real(sc, **kw)
+
+    monkeypatch.setattr(scenario_module, "simulate_scenario", broken_at_32)
+    rows = sweep({}, FIXED, grid(block_size="16,32,64"), workers=1)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert rows[1]["error"] == "RuntimeError: disk on fire"
+
+
+def test_dask_scheduler_at_an_address():
+    distributed = pytest.importorskip("distributed")
+    import logging
+
+    g = grid(block_size="16,128")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as cluster:
+        remote = sweep({}, FIXED, g, executor="dask", address=cluster.scheduler_address)
+    assert comparable(remote) == comparable(sweep({}, FIXED, g, workers=1))
+    with pytest.raises(NpusimError, match="--workers starts a local cluster"):
+        sweep({}, FIXED, g, executor="dask", address="tcp://127.0.0.1:1", workers=2)
