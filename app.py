@@ -320,36 +320,12 @@ def analysis_section(s: dict) -> None:
         st.info(f"No batch sweep: not even one sequence of {s['context']} tokens fits.")
 
 
-def fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def results_table(r: dict) -> pd.DataFrame:
-    kv, energy = r["kv_cache"], r["energy"]
-    rows = [
-        ("completed requests", fmt(r["completed"], ",d"), ""),
-        ("rejected requests", fmt(len(r["rejected"]), ",d"), "longer than max_model_len"),
-        ("duration", fmt(r["duration"], ",.2f"), "s"),
-        ("request throughput", fmt(r["request_throughput"], ",.2f"), "requests/s"),
-        ("output throughput", fmt(r["output_throughput"], ",.1f"), "tokens/s"),
-        ("total token throughput", fmt(r["total_token_throughput"], ",.1f"), "tokens/s"),
-    ]
-    for key, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E latency")):
-        for stat in ("mean", "median", "p99"):
-            rows.append((f"{stat} {name}", fmt(r[f"{stat}_{key}_ms"], ",.2f"), "ms"))
-    for stat in ("mean", "median", "p99"):
-        rows.append((f"{stat} ITL", fmt(r[f"{stat}_itl_ms"], ",.2f"), "ms"))
-    rows += [
-        ("KV capacity", fmt(kv["capacity_tokens"], ",d"), "tokens, all instances"),
-        ("KV waste (time-weighted mean)", fmt(kv["mean_waste_fraction"], ".2%"), "of allocated slots"),
-        ("KV waste (peak)", fmt(kv["peak_waste_fraction"], ".2%"), "of allocated slots"),
-        ("KV pool used (peak)", fmt(kv["peak_used_fraction"], ".2%"), "of the pool"),
-        ("preemptions", fmt(kv["preemptions"], ",d"), ""),
-        ("energy", fmt(energy["joules"], ",.0f"), "J"),
-        ("energy efficiency", fmt(energy["tokens_per_joule"], ",.2f"), "output tokens/J"),
-        ("mean power", fmt(energy["mean_power_w"], ",.0f"), "W"),
-    ]
-    return pd.DataFrame(rows, columns=["metric", "value", "unit"])
+    """Every number of the result (npusim.text: the CLI and the report show the same lines)."""
+    from npusim.text import result_lines
+
+    rows = [(line.section, line.label, line.text(thousands=True), line.unit) for line in result_lines(r)]
+    return pd.DataFrame(rows, columns=["section", "metric", "value", "unit"])
 
 
 def simulate_section(s: dict) -> None:

@@ -156,72 +156,6 @@ def step(
 
 # --------------------------------------------------------------------------- simulate
 
-def format_summary(r: dict) -> str:
-    """The result in the shape of `vllm bench serve`'s "Serving Benchmark Result", then npusim's extras."""
-    def line(label, value, fmt="{:.2f}"):
-        v = "n/a" if value is None else (fmt.format(value) if not isinstance(value, str) else value)
-        return f"{label:<40}{v:<10}"
-
-    def head(title, ch="-"):
-        return title.center(50, ch)
-
-    kv, en, sc = r["kv_cache"], r["energy"], r["scenario"]
-    eng = sc["engine"]
-    mode = ("paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation)") + \
-        f", {r['batching']} batching"
-    out = [
-        head(" Serving Benchmark Result ", "="),
-        line("Successful requests:", r["completed"], "{}"),
-        line("Rejected requests:", len(r["rejected"]), "{}"),
-        line("Benchmark duration (s):", r["duration"]),
-        line("Total input tokens:", r["total_input_tokens"], "{}"),
-        line("Total generated tokens:", r["total_output_tokens"], "{}"),
-        line("Request throughput (req/s):", r["request_throughput"]),
-        line("Output token throughput (tok/s):", r["output_throughput"]),
-        line("Total Token throughput (tok/s):", r["total_token_throughput"]),
-        *([line("Request goodput (req/s):", r["request_goodput"])] if r["request_goodput"] is not None else []),
-        line("Max concurrent requests:", r["max_concurrent_requests"], "{}"),
-        head("Time to First Token"),
-        line("Mean TTFT (ms):", r["mean_ttft_ms"]), line("Median TTFT (ms):", r["median_ttft_ms"]),
-        line("P99 TTFT (ms):", r["p99_ttft_ms"]),
-        head("Time per Output Token (excl. 1st token)"),
-        line("Mean TPOT (ms):", r["mean_tpot_ms"]), line("Median TPOT (ms):", r["median_tpot_ms"]),
-        line("P99 TPOT (ms):", r["p99_tpot_ms"]),
-        head("Inter-token Latency"),
-        line("Mean ITL (ms):", r["mean_itl_ms"]), line("Median ITL (ms):", r["median_itl_ms"]),
-        line("P99 ITL (ms):", r["p99_itl_ms"]),
-        head("End-to-end Latency"),
-        line("Mean E2EL (ms):", r["mean_e2el_ms"]), line("Median E2EL (ms):", r["median_e2el_ms"]),
-        line("P99 E2EL (ms):", r["p99_e2el_ms"]),
-        head(" npusim: setup "),
-        line("Device / model:", f"{r['hw']} / {r['model']}"),
-        line("Instances / sharing:", f"{sc['instances']} / {sc['sharing']}"),
-        line("Engine:", f"{r['engine_profile']} ({r['execution']})"),
-        line("KV cache:", mode),
-        line("Memory per instance:", r["memory"]["verdict"]),
-        head(" npusim: KV cache "),
-        line("Block size (tokens):", kv["block_size"], "{}"),
-        line("Blocks (all instances):", kv["num_blocks"], "{}"),
-        line("Peak / mean used fraction:", f"{kv['peak_used_fraction']:.3f} / {kv['mean_used_fraction']:.3f}"),
-        line("Mean waste fraction:", kv["mean_waste_fraction"], "{:.4f}"),
-        line("Preemptions / swaps:", f"{kv['preemptions']} / {kv['swaps']}"),
-        line("Prefix-cache hit rate:", kv["prefix_cache_hit_rate"], "{:.3f}"),
-        head(" npusim: energy "),
-        line("Energy (J):", en["joules"], "{:.1f}"),
-        line("Output tokens per joule:", en["tokens_per_joule"], "{:.3f}"),
-        line("Mean power (W):", en["mean_power_w"], "{:.1f}"),
-        "=" * 50,
-    ]
-    if r["rejected"]:
-        reasons: dict[str, int] = {}
-        for item in r["rejected"]:
-            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
-        for why, n in sorted(reasons.items(), key=lambda kv_: -kv_[1])[:5]:
-            out.append(f"rejected {n}: {why}")
-    out.append(f"(simulated in {r['wall_seconds']:.2f} s of wall time)")
-    return "\n".join(out)
-
-
 @app.command()
 def simulate(
     scenario: Optional[str] = typer.Argument(None, help="scenario YAML; flags override it"),
@@ -300,6 +234,7 @@ def simulate(
     if as_json:
         _print_json(result)
     else:
+        from npusim.text import format_summary
         print(format_summary(result))
         if report:
             print(f"report: {report}")

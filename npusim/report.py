@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 from npusim.engine import InstanceRecord, LatencySummary, RunRecord
 from npusim.errors import NpusimError
 from npusim.specs import ceil_div
+from npusim.text import result_lines
 
 
 def _timeline_figure(run: RunRecord) -> go.Figure:
@@ -102,17 +103,10 @@ def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
 
 
 def _summary_table(result: dict) -> str:
-    keys = ["completed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
-            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-            "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
-    rows = []
-    for k in keys:
-        v = result.get(k)
-        rows.append(f"<tr><td>{k}</td><td>{'n/a' if v is None else (f'{v:,.3f}' if isinstance(v, float) else v)}</td></tr>")
-    for k, v in result["kv_cache"].items():
-        rows.append(f"<tr><td>kv_cache.{k}</td><td>{'n/a' if v is None else (f'{v:,.4f}' if isinstance(v, float) else v)}</td></tr>")
-    for k, v in result["energy"].items():
-        rows.append(f"<tr><td>energy.{k}</td><td>{'n/a' if v is None else f'{v:,.3f}'}</td></tr>")
+    """Every number of the result (npusim.text: the CLI and the dashboard show the same lines)."""
+    rows = [f"<tr><td>{html.escape(line.section)}</td><td>{html.escape(line.label)}</td>"
+            f"<td>{html.escape(line.text(thousands=True))}</td><td>{html.escape(line.unit)}</td></tr>"
+            for line in result_lines(result)]
     return "<table>" + "".join(rows) + "</table>"
 
 

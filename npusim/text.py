@@ -1,0 +1,100 @@
+"""How a simulation's result reads: one list of every number `simulate` reports, with its label,
+unit and format, which the CLI (in the shape of `vllm bench serve`), the dashboard and the HTML
+report all render, so the three never disagree on a name or a digit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    section: str
+    label: str
+    value: Any  # a number, a text, or None (not defined for this run)
+    spec: str = ".2f"  # how a number is written
+    unit: str = ""
+
+    def text(self, thousands: bool = False) -> str:
+        """The value as text; `thousands` adds separators (for reading, not for parsing)."""
+        if self.value is None:
+            return "n/a"
+        if isinstance(self.value, str):
+            return self.value
+        spec = "," + self.spec if thousands and not self.spec.startswith(",") and self.spec[-1] in "fd" else self.spec
+        return format(self.value, spec)
+
+
+SERVING = "Serving Benchmark Result"
+TTFT, TPOT = "Time to First Token", "Time per Output Token (excl. 1st token)"
+ITL, E2EL = "Inter-token Latency", "End-to-end Latency"
+SETUP, KV, ENERGY = "npusim: setup", "npusim: KV cache", "npusim: energy"
+
+
+def result_lines(r: dict) -> list[Line]:
+    """Every line of a `simulate --json` result, in vllm bench serve's order, then npusim's."""
+    kv, en, sc = r["kv_cache"], r["energy"], r["scenario"]
+    eng = sc["engine"]
+    mode = ("paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation)") + \
+        f", {r['batching']} batching"
+    lines = [
+        Line(SERVING, "Successful requests", r["completed"], "d"),
+        Line(SERVING, "Rejected requests", len(r["rejected"]), "d"),
+        Line(SERVING, "Benchmark duration", r["duration"], unit="s"),
+        Line(SERVING, "Total input tokens", r["total_input_tokens"], "d"),
+        Line(SERVING, "Total generated tokens", r["total_output_tokens"], "d"),
+        Line(SERVING, "Request throughput", r["request_throughput"], unit="req/s"),
+        Line(SERVING, "Output token throughput", r["output_throughput"], unit="tok/s"),
+        Line(SERVING, "Total Token throughput", r["total_token_throughput"], unit="tok/s"),
+    ]
+    if r["request_goodput"] is not None:
+        lines.append(Line(SERVING, "Request goodput", r["request_goodput"], unit="req/s"))
+    lines.append(Line(SERVING, "Max concurrent requests", r["max_concurrent_requests"], "d"))
+    for section, key, name in ((TTFT, "ttft", "TTFT"), (TPOT, "tpot", "TPOT"), (ITL, "itl", "ITL"),
+                               (E2EL, "e2el", "E2EL")):
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            lines.append(Line(section, f"{label} {name}", r[f"{stat}_{key}_ms"], unit="ms"))
+    lines += [
+        Line(SETUP, "Device / model", f"{r['hw']} / {r['model']}"),
+        Line(SETUP, "Instances / sharing", f"{sc['instances']} / {sc['sharing']}"),
+        Line(SETUP, "Engine", f"{r['engine_profile']} ({r['execution']})"),
+        Line(SETUP, "KV cache", mode),
+        Line(SETUP, "Memory per instance", r["memory"]["verdict"]),
+        Line(KV, "Block size", kv["block_size"], "d", "tokens"),
+        Line(KV, "Blocks (all instances)", kv["num_blocks"], "d"),
+        Line(KV, "Capacity (all instances)", kv["capacity_tokens"], "d", "tokens"),
+        Line(KV, "Peak / mean used fraction", f"{kv['peak_used_fraction']:.3f} / {kv['mean_used_fraction']:.3f}"),
+        Line(KV, "Mean waste fraction", kv["mean_waste_fraction"], ".4f"),
+        Line(KV, "Peak waste fraction", kv["peak_waste_fraction"], ".4f"),
+        Line(KV, "Preemptions / swaps", f"{kv['preemptions']} / {kv['swaps']}"),
+        Line(KV, "Prefix-cache hit rate", kv["prefix_cache_hit_rate"], ".3f"),
+        Line(ENERGY, "Energy", en["joules"], ".1f", "J"),
+        Line(ENERGY, "Output tokens per joule", en["tokens_per_joule"], ".3f"),
+        Line(ENERGY, "Mean power", en["mean_power_w"], ".1f", "W"),
+    ]
+    return lines
+
+
+def rejection_lines(r: dict, most: int = 5) -> list[str]:
+    """The commonest reasons requests were rejected, with their counts."""
+    reasons: dict[str, int] = {}
+    for item in r["rejected"]:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    return [f"rejected {n}: {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:most]]
+
+
+def format_summary(r: dict) -> str:
+    """The result as `vllm bench serve` prints its "Serving Benchmark Result", then npusim's extras."""
+    out, section = [], None
+    for line in result_lines(r):
+        if line.section != section:
+            section = line.section
+            title = f" {section} " if section in (SERVING, SETUP, KV, ENERGY) else section
+            out.append(title.center(50, "=" if section == SERVING else "-"))
+        label = f"{line.label} ({line.unit}):" if line.unit else f"{line.label}:"
+        out.append(f"{label:<40}{line.text():<10}")
+    out.append("=" * 50)
+    out += rejection_lines(r)
+    out.append(f"(simulated in {r['wall_seconds']:.2f} s of wall time)")
+    return "\n".join(out)
