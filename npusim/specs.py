@@ -652,6 +652,7 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
 }
 
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+HF_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
@@ -682,6 +683,14 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     if moe:
         raise NpusimError(f"{where}: a mixture-of-experts model ({', '.join(moe)}): npusim prices dense "
                           "models only so far")
+    # The checkpoint's dtype (transformers writes torch_dtype, or dtype since 4.56). Engines serve
+    # 16- and 32-bit checkpoints in 16 bits (vLLM's dtype "auto": fp32 and fp16 as fp16, bf16 as
+    # bf16), which --weight-dtype prices; anything else is a format npusim does not price.
+    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
+    dtype = cfg.get(dtype_key)
+    if dtype is not None and dtype not in HF_DTYPES:
+        raise NpusimError(f"{where}: {dtype_key} {dtype!r} is not a dtype npusim prices a checkpoint in "
+                          f"({', '.join(HF_DTYPES)}); weights are priced by --weight-dtype")
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     head_dim = cfg.get("head_dim")
@@ -707,7 +716,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         qkv_bias=bool(cfg.get("attention_bias", family == "qwen2")),
         qk_norm=family == "qwen3",
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        source=f"{where} ({family})",
+        source=f"{where} ({family}{', checkpoint ' + dtype if dtype else ''})",
     )
     return _validate(ModelSpec, data, where)
 

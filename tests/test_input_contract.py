@@ -128,6 +128,8 @@ MOE = ('{"model_type": "qwen2", "hidden_size": 2048, "num_hidden_layers": 4, "nu
 ODD = ('{"model_type": "llama", "hidden_size": 1000, "num_hidden_layers": 4, "num_attention_heads": 16, '
        '"num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}')
 STRING = ODD.replace('"hidden_size": 1000', '"hidden_size": "big"')
+FP8 = ODD.replace('"hidden_size": 1000', '"hidden_size": 1024').replace('"vocab_size": 32000', '"vocab_size": 32000, "torch_dtype": "float8_e4m3fn"')
+NEWER = FP8.replace('"torch_dtype": "float8_e4m3fn"', '"dtype": 16')
 NEG = ODD.replace('"hidden_size": 1000', '"hidden_size": 1024').replace('"num_hidden_layers": 4', '"num_hidden_layers": -4')
 
 
@@ -138,7 +140,8 @@ def specs(tmp_path):
     hw = (HW_PROFILE_DIR / "ascend-910b2.yaml").read_text()
     (tmp_path / "inf_bw.yaml").write_text(hw.replace("memory_bandwidth_gbs: {value: 1600.0", "memory_bandwidth_gbs: {value: .inf"))
     (tmp_path / "twice.yaml").write_text("hw: ascend-910b2\nseed: 1\nhw: h200\n")
-    for name, text in (("moe", MOE), ("odd", ODD), ("string", STRING), ("neg", NEG)):
+    for name, text in (("moe", MOE), ("odd", ODD), ("string", STRING), ("neg", NEG),
+                       ("fp8", FP8), ("newer", NEWER)):
         (tmp_path / f"{name}.json").write_text(text)
     return tmp_path
 
@@ -147,6 +150,8 @@ SPEC_BAD = [
     ("step --hw {d}/inf_bw.yaml --model llama-3.1-8b", "memory_bandwidth_gbs: input should be a finite number"),
     ("simulate {d}/twice.yaml", "twice.yaml: malformed YAML at line 3: key 'hw' given twice (first at line 1)"),
     ("step --hw h200 --model {d}/moe.json", "a mixture-of-experts model (num_experts)"),
+    ("step --hw h200 --model {d}/fp8.json", "torch_dtype 'float8_e4m3fn' is not a dtype npusim prices"),
+    ("step --hw h200 --model {d}/newer.json", "dtype 16 is not a dtype npusim prices"),
     ("step --hw h200 --model {d}/odd.json", "hidden_size 1000 is not a multiple of num_attention_heads 16"),
     ("step --hw h200 --model {d}/string.json", "hidden_size must be a whole number > 0, got 'big'"),
     ("step --hw h200 --model {d}/neg.json", "num_hidden_layers must be a whole number > 0, got -4"),
