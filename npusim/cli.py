@@ -827,6 +827,8 @@ def calibrate_engine_cmd(
     if predicted:
         console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
                       f"{predicted['iteration_ms']:.3f} ms (block 16)")
+    console.print("--batch agrees with the traced GEMM shapes" if report["batch_checked"] else
+                  "the trace records no GEMM shapes: --batch is taken as given (record_shapes=True lets npusim check it)")
     console.print(f"wrote {path}")
 
 

@@ -123,6 +123,23 @@ def _gathers_kv(layer, i: int, first_attn: int) -> bool:
     return all(cat in ("copy",) for cat, _ in layer[i:first_attn])
 
 
+def traced_tokens(assigned: list[dict[str, list[KernelRecord]]], hidden: int) -> int | None:
+    """The tokens each layer's QKV GEMM multiplied (the rows of its input of width `hidden`), where
+    the trace records shapes (Ascend kernel_details, or torch.profiler with record_shapes) and all
+    layers agree; None where it does not say."""
+    seen = set()
+    for ops in assigned:
+        for k in ops["qkv_proj"][:1]:
+            for shape in k.input_shapes:
+                if len(shape) >= 2 and shape[-1] == hidden:
+                    rows = 1
+                    for d in shape[:-1]:
+                        rows *= d
+                    seen.add(rows)
+                    break
+    return seen.pop() if len(seen) == 1 else None
+
+
 def _host_span_us(path: Path) -> float | None:
     """Wall time from the first to the end of the last host op of a chrome trace (None for CSVs)."""
     if path.suffix not in (".json", ".gz"):
@@ -146,6 +163,10 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
     prologue, layers, epilogue = _layers(calls, model.num_layers)
     assigned = [_assign_layer(layer, model.qk_norm) for layer in layers]
     where = f"{path.name}, decode batch {batch} context {context}, {model.name} ({model.num_layers} layers)"
+    tokens = traced_tokens(assigned, model.hidden_size)
+    if tokens is not None and tokens != batch:
+        raise NpusimError(f"--batch {batch} disagrees with {path.name}: its QKV GEMMs multiply {tokens} tokens "
+                          f"(a decode step of batch B multiplies B; was this step a prefill, or another batch?)")
     # The device's idle time between consecutive kernels: in a device-bound trace (a graph replay)
     # a fraction of a microsecond that every kernel pays; npusim's least kernel times include it,
     # as the microbenchmarks' back-to-back times do. A host-bound (eager) trace's gaps are the
@@ -212,7 +233,10 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
               "kernels_per_layer": sum(kernels[o]["value"] for o in LAYER_OPS
                                        if o != "attention_prefill" and (o != "qk_norm" or model.qk_norm)
                                        and (o != "qkv_bias" or model.qkv_bias)),
-              "host_span_us": host}
+              "host_span_us": host,
+              # (the trace's shapes confirm --batch where it records them; --context only labels
+              # the profile's sources and the prediction: kernel counts and floors do not use it)
+              "batch_checked": tokens is not None}
     return mapping, report
 
 

@@ -261,3 +261,29 @@ def test_a_training_trace_is_not_taken_for_a_decode_step(tmp_path):
     model = load_model("llama-3.1-8b").model_copy(update={"num_layers": 2})
     with pytest.raises(NpusimError, match="not one forward step: 10[0-9] kernels follow the LM head"):
         calibrate_engine(path, model, load_engine_profile("vllm"), name="x", batch=8, context=2048)
+
+
+def test_calibrate_engine_checks_the_batch_against_the_traced_shapes(tmp_path):
+    """Where the trace records shapes (record_shapes), the QKV GEMMs' rows must be --batch."""
+    from npusim.engine_calibration import calibrate_engine
+
+    path, _ = _trace(tmp_path)
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    ops = []
+    for i, ev in enumerate(events):
+        ev["args"] = {"External id": i}
+        dims = [[8, 4096], [4096, 6144]] if "nvjet" in ev["name"] else [[8, 4096]]
+        ops.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": ev["ts"], "dur": 1, "pid": 0, "tid": 1,
+                    "args": {"External id": i, "Input Dims": dims, "Input type": ["c10::BFloat16"] * len(dims)}})
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ops + events}, f)
+    model = load_model("llama-3.1-8b").model_copy(update={"num_layers": 2})
+    _, report = calibrate_engine(path, model, load_engine_profile("vllm"), name="m", batch=8, context=2048)
+    assert report["batch_checked"]
+    with pytest.raises(NpusimError, match="--batch 16 disagrees with step.json.gz: its QKV GEMMs multiply 8 tokens"):
+        calibrate_engine(path, model, load_engine_profile("vllm"), name="m", batch=16, context=2048)
+    # a trace without shapes cannot say; the report says so
+    plain, _ = _trace(tmp_path / "plain" if (tmp_path / "plain").mkdir() is None else tmp_path)
+    _, report = calibrate_engine(plain, model, load_engine_profile("vllm"), name="m", batch=16, context=2048)
+    assert not report["batch_checked"]

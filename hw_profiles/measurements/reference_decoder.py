@@ -471,7 +471,7 @@ def profile_step(fn: Callable, dev: str, trace_path: str | None = None) -> dict:
     fn()
     sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:  # (shapes: calibrate engine checks --batch)
         fn()
         sync(dev)
     names: collections.Counter = collections.Counter()
