@@ -593,7 +593,6 @@ def seed(
     gpu_memory_utilization: float = typer.Option(0.98, "--gpu-memory-utilization",
                                                  help="memory share vLLM may use (0.9 leaves no room for one request)"),
     requests: int = typer.Option(16, "--requests", min=1, help="requests per instance, all arriving at once"),
-    seed_: int = typer.Option(0, "--seed", min=0),
     no_alternatives: bool = typer.Option(False, "--no-alternatives", help="skip the alternative configurations"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -603,7 +602,8 @@ def seed(
 
     if not 0 < gpu_memory_utilization <= 1:
         raise NpusimError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
-    result = run_seed(gpu_memory_utilization, requests, seed_, alternatives=not no_alternatives, engine=engine)
+    # (no --seed: the study's requests are fixed-length and arrive at once, so nothing is drawn)
+    result = run_seed(gpu_memory_utilization, requests, alternatives=not no_alternatives, engine=engine)
     if as_json:
         _print_json(result)
     else:

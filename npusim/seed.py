@@ -1,4 +1,4 @@
-"""The seed article's study, reproduced and judged (see shared REFERENCE.md §1).
+"""The seed article's study, reproduced and judged.
 
 The article claims, for "Llama 3.2 13B" on one Ascend 910 (32 GB), input 5120, output 128, three
 configurations: one instance without paging, one with paging, two with paging. There is no Llama 3.2

@@ -193,3 +193,68 @@ def test_every_step_and_analyze_flag_is_checked(command, effects, outputs):
     rc, out, _ = run_cli(command, "--help")
     flags = {m for line in out.splitlines() for m in re.findall(r"^ +(--[a-z][a-z-]*)", line)}
     assert flags - {"--help"} - outputs == set(effects) - outputs
+
+
+# --------------------------------------------------------------------------- kv-study and seed
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):
+    """40 requests, 0.2 s apart, prompts 100-2050 tokens."""
+    p = tmp_path_factory.mktemp("trace") / "t.csv"
+    p.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                 + "".join(f"{0.2 * i:.1f},{100 + 50 * i},{20 + i}\n" for i in range(40)))
+    return str(p)
+
+
+def _rows(*args: str) -> dict:
+    rc, out, err = run_cli(*args, "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    return {r["allocator"]: r for r in data} if isinstance(data, list) else data
+
+
+KV_STUDY_EFFECTS = {
+    "--requests": (["--requests", "10"], lambda d, b: all(r["completed"] + r["rejected"] == 10 for r in d.values())),
+    "--hw": (["--hw", "h200", "--engine", "vllm"],
+             lambda d, b: all(d[k]["mean_ttft_ms"] < b[k]["mean_ttft_ms"] for k in d)),
+    "--model": (["--model", "llama-3.2-1b"], lambda d, b: all(d[k]["mean_ttft_ms"] < b[k]["mean_ttft_ms"] for k in d)),
+    "--max-model-len": (["--max-model-len", "1000"], lambda d, b: all(d[k]["rejected"] > b[k]["rejected"] for k in d)),
+    "--rate": (["--rate", "inf"], lambda d, b: all(d[k]["output_throughput"] > b[k]["output_throughput"] for k in d)),
+    "--engine": (["--engine", "torch-eager"], lambda d, b: all(d[k]["mean_ttft_ms"] != b[k]["mean_ttft_ms"] for k in d)),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(KV_STUDY_EFFECTS))
+def test_the_kv_study_flag_takes_effect(flag, small_trace):
+    args, effect = KV_STUDY_EFFECTS[flag]
+    base = _rows("kv-study", "--trace", small_trace)
+    assert effect(_rows("kv-study", "--trace", small_trace, *args), base), flag
+
+
+SEED_EFFECTS = {
+    # 16 requests per instance queue behind each other: 4 wait less for their first token
+    "--requests": (["--requests", "4"], lambda d, b: d["setup"]["requests_per_instance"] == 4
+                   and d["scenarios"][0]["ttft_ms"] < b["scenarios"][0]["ttft_ms"] / 3),
+    "--gpu-memory-utilization": (["--gpu-memory-utilization", "0.95"],
+                                 lambda d, b: b["scenarios"][0]["feasible"] and not d["scenarios"][0]["feasible"]),
+    "--no-alternatives": (["--no-alternatives"], lambda d, b: b["alternatives"] and not d["alternatives"]),
+    "--engine": (["--engine", "vllm-ascend-eager"],
+                 lambda d, b: d["setup"]["engine"] == "vllm-ascend-eager"
+                 and d["scenarios"][0]["throughput_tok_s"] != b["scenarios"][0]["throughput_tok_s"]),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(SEED_EFFECTS))
+def test_the_seed_flag_takes_effect(flag):
+    args, effect = SEED_EFFECTS[flag]
+    assert effect(_rows("seed", *args), _rows("seed")), flag
+
+
+@pytest.mark.parametrize("command,effects,outputs", [
+    ("kv-study", KV_STUDY_EFFECTS, {"--json", "--trace"}), ("seed", SEED_EFFECTS, {"--json"})])
+def test_every_kv_study_and_seed_flag_is_checked(command, effects, outputs):
+    import re
+
+    rc, out, _ = run_cli(command, "--help")
+    flags = {m for line in out.splitlines() for m in re.findall(r"^ +(--[a-z][a-z-]*)", line)}
+    assert flags - {"--help"} - outputs == set(effects)

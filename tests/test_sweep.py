@@ -308,3 +308,45 @@ def test_dask_scheduler_at_an_address():
     assert comparable(remote) == comparable(sweep({}, FIXED, g, workers=1))
     with pytest.raises(NpusimError, match="--workers starts a local cluster"):
         sweep({}, FIXED, g, executor="dask", address="tcp://127.0.0.1:1", workers=2)
+
+
+GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the point's scenario
+    "hw": ("h200", lambda s: s.hw == "h200"), "model": ("llama-3.2-1b", lambda s: s.model == "llama-3.2-1b"),
+    "engine": ("mindie", lambda s: s.engine.profile == "mindie"),
+    "instances": ("2", lambda s: s.instances == 2),
+    "sharing": ("vnpu", lambda s: s.sharing == "vnpu"), "block_size": ("32", lambda s: s.engine.block_size == 32),
+    "max_num_seqs": ("7", lambda s: s.engine.max_num_seqs == 7),
+    "max_num_batched_tokens": ("999", lambda s: s.engine.max_num_batched_tokens == 999),
+    "gpu_memory_utilization": ("0.5", lambda s: s.engine.gpu_memory_utilization == 0.5),
+    "num_blocks": ("77", lambda s: s.engine.num_blocks == 77),
+    "max_model_len": ("1234", lambda s: s.engine.max_model_len == 1234),
+    "weight_dtype": ("int8", lambda s: s.engine.weight_dtype == "int8"),
+    "kv_dtype": ("int8", lambda s: s.engine.kv_dtype == "int8"),
+    "batching": ("static", lambda s: s.engine.batching == "static"),
+    "paging": ("off", lambda s: s.engine.paging is False),
+    "contiguous_policy": ("oracle", lambda s: s.contiguous_policy == "oracle"),
+    "chunked_prefill": ("off", lambda s: s.engine.enable_chunked_prefill is False),
+    "prefix_caching": ("off", lambda s: s.engine.enable_prefix_caching is False),
+    "preemption": ("swap", lambda s: s.engine.preemption_mode == "swap"),
+    "requests": ("13", lambda s: s.workload.num_requests == 13),
+    "input_len": ("111", lambda s: s.workload.input_len.value == 111),
+    "output_len": ("22", lambda s: s.workload.output_len.value == 22),
+    "rate": ("3.5", lambda s: s.workload.rate == 3.5),
+    "burstiness": ("2", lambda s: s.workload.burstiness_cv == 2.0),
+    "max_concurrency": ("5", lambda s: s.workload.max_concurrency == 5),
+    "trace": ("t.csv", lambda s: s.workload.trace == "t.csv"),
+    "shared_prefix_len": ("64", lambda s: s.workload.shared_prefix_len == 64),
+}
+# settings a sample needs beside it to be a valid scenario
+NEEDS = {"sharing": {"instances": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
+         "preemption": {}, "trace": {}}
+
+
+def test_every_grid_setting_reaches_its_scenario_field():
+    from npusim.sweep import _scenario
+
+    assert set(GRID_SAMPLES) == set(GRID_SETTINGS)
+    for name, (text, landed) in GRID_SAMPLES.items():
+        params = grid_points(parse_grid({**NEEDS.get(name, {}), name: text}))[0]
+        sc = _scenario({"fixed": FIXED, "data": {}, "where": "t"}, params, 0)
+        assert landed(sc), name
