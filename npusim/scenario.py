@@ -209,6 +209,34 @@ def _kv_summary(inst: InstanceRecord, prefix_caching: bool) -> dict[str, Any]:
     }
 
 
+def load_check(record: RunRecord) -> dict[str, Any]:
+    """Whether the system kept up with the arrivals: the requests in the system (running and
+    waiting, all instances), averaged over the iterations of the first and of the last third of
+    the arrival window. In a stable system that count is stationary (Little's law: rate x mean
+    latency); one that keeps growing (the last third's mean at least twice the first's, and 2
+    requests more) means the offered load exceeds what is served, and the run's latencies grow
+    with its length."""
+    end = record.last_arrival_done
+    out = {"arrival_span_s": end, "offered_rate": None, "in_system_first_third": None,
+           "in_system_last_third": None, "overloaded": False}
+    if not end > 0:  # everything at once (or one request): no arrival process to keep up with
+        return out
+    first, last = [], []
+    for inst in record.instances:
+        for t, running, waiting in inst.batch_series:
+            if t <= end / 3:
+                first.append(running + waiting)
+            elif 2 * end / 3 <= t <= end:
+                last.append(running + waiting)
+    if not first or not last:
+        return out
+    w1, w3 = sum(first) / len(first), sum(last) / len(last)
+    arrived = record.completed + len(record.rejected)
+    out.update(offered_rate=(arrived - 1) / end if arrived > 1 else None, in_system_first_third=w1,
+               in_system_last_third=w3, overloaded=w3 >= 2 * w1 + 2)
+    return out
+
+
 def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     """The `npusim simulate --json` dictionary of a run."""
     hw, model, max_len = record.hw, record.model, record.max_model_len
@@ -290,6 +318,7 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "mean_power_w": joules / duration if duration > 0 else None,
         },
         "memory": mem,
+        "load": load_check(record),
         "rejected": [{"id": rid, "reason": why} for rid, why in record.rejected],
         "per_instance": per_instance,
     }

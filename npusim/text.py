@@ -84,6 +84,16 @@ def rejection_lines(r: dict, most: int = 5) -> list[str]:
     return [f"rejected {n}: {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:most]]
 
 
+def overload_warning(r: dict) -> str | None:
+    """One line when the arrivals outran the service (see scenario.load_check), else None."""
+    load = r.get("load") or {}
+    if not load.get("overloaded"):
+        return None
+    return (f"overloaded: requests in the system grew from {load['in_system_first_third']:.1f} to "
+            f"{load['in_system_last_third']:.1f} over the arrivals ({load['offered_rate']:.2f} req/s "
+            f"offered, {r['request_throughput']:.2f} served); latencies grow with the run's length")
+
+
 def format_summary(r: dict) -> str:
     """The result as `vllm bench serve` prints its "Serving Benchmark Result", then npusim's extras."""
     out, section = [], None
@@ -96,5 +106,8 @@ def format_summary(r: dict) -> str:
         out.append(f"{label:<40}{line.text():<10}")
     out.append("=" * 50)
     out += rejection_lines(r)
+    warning = overload_warning(r)
+    if warning:
+        out.append(f"warning: {warning}")
     out.append(f"(simulated in {r['wall_seconds']:.2f} s of wall time)")
     return "\n".join(out)

@@ -425,3 +425,22 @@ def test_max_concurrent_requests_and_itl_spread():
     assert r["mean_itl_ms"] == pytest.approx(statistics.fmean(steps) * 1e3, rel=1e-9)
     assert statistics.pstdev(steps) > 0
     assert r["std_itl_ms"] == pytest.approx(statistics.pstdev(steps) * 1e3, rel=1e-3, abs=1e-6)
+
+
+def test_overload_is_flagged_when_requests_in_the_system_keep_growing():
+    from conftest import run_cli
+
+    def load(rate):
+        rc, out, err = run_cli("simulate", "--model", "llama-3.2-1b", "--requests", "400", "--rate", rate, "--json")
+        assert rc == 0, err
+        return json.loads(out)
+
+    light, heavy, at_once = load("2"), load("400"), load("inf")
+    assert not light["load"]["overloaded"]
+    assert light["load"]["offered_rate"] == pytest.approx(2, rel=0.15)
+    assert heavy["load"]["overloaded"]
+    assert heavy["load"]["in_system_last_third"] > 2 * heavy["load"]["in_system_first_third"]
+    assert heavy["request_throughput"] < 0.5 * heavy["load"]["offered_rate"]
+    assert not at_once["load"]["overloaded"] and at_once["load"]["offered_rate"] is None
+    rc, out, _ = run_cli("simulate", "--model", "llama-3.2-1b", "--requests", "400", "--rate", "400")
+    assert "warning: overloaded: requests in the system grew" in out
