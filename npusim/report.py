@@ -35,7 +35,8 @@ def _timeline_figure(run: RunRecord) -> go.Figure:
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[2] for b in bt], name=f"{tag}: waiting",
                                  mode="lines", line=dict(dash="dot")), row=2, col=1)
     fig.update_xaxes(title_text="simulated time (s)", row=2, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title_text="fraction of the KV pool", row=1, col=1)
+    fig.update_yaxes(title_text="requests", row=2, col=1)
     fig.update_layout(height=620, margin=dict(t=50, l=60, r=20, b=40))
     return fig
 
@@ -52,7 +53,9 @@ def _latency_figure(run: RunRecord) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "TPOT (ms)"))
     fig.add_trace(_histogram(run.ttft, "TTFT"), row=1, col=1)
     fig.add_trace(_histogram(run.tpot, "TPOT"), row=1, col=2)
-    fig.update_layout(height=360, showlegend=False, margin=dict(t=50, l=60, r=20, b=40))
+    fig.update_xaxes(title_text="ms")
+    fig.update_yaxes(title_text="requests", row=1, col=1)
+    fig.update_layout(height=360, showlegend=False, margin=dict(t=50, l=60, r=20, b=50))
     return fig
 
 
@@ -78,65 +81,95 @@ def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
                 owner[cell] = rid
     cols = max(16, int(math.ceil(math.sqrt(n * 2))))
     rows = ceil_div(n, cols)
-    z, text = [], []
+    held, free, text = [], [], []
     for r in range(rows):
-        zr, tr = [], []
+        hr, fr, tr = [], [], []
         for c in range(cols):
             i = r * cols + c
-            if i >= n:
-                zr.append(None)
-                tr.append("")
-            else:
-                o = owner[i]
-                zr.append(None if o < 0 else (o * 2654435761) % 997)  # scatter neighbouring ids over the colour scale
-                tr.append(f"{unit} {i}: " + ("free" if o < 0 else f"request {o}"))
-        z.append(zr)
+            o = owner[i] if i < n else None
+            hr.append(None if o is None or o < 0 else (o * 2654435761) % 997)  # neighbouring ids apart
+            fr.append(1 if o is not None and o < 0 else None)
+            tr.append("" if o is None else f"{unit} {i}: " + ("free" if o < 0 else f"request {o}"))
+        held.append(hr)
+        free.append(fr)
         text.append(tr)
-    fig = go.Figure(go.Heatmap(z=z, text=text, hoverinfo="text", colorscale="Turbo", showscale=False,
-                               xgap=1, ygap=1))
-    fig.update_layout(title=f"Instance {inst.index}: who holds which {unit} at peak use (t = {t:.2f} s; "
-                            f"{len(tables)} requests; white = free)",
-                      height=min(900, 120 + 14 * rows), yaxis=dict(autorange="reversed", showticklabels=False),
-                      xaxis=dict(showticklabels=False), margin=dict(t=50, l=20, r=20, b=20),
+    fig = go.Figure([
+        go.Heatmap(z=free, text=text, hoverinfo="text", colorscale=[[0, "#e4e4e4"], [1, "#e4e4e4"]],
+                   showscale=False, xgap=1, ygap=1),
+        go.Heatmap(z=held, text=text, hoverinfo="text", colorscale="Turbo", showscale=False, xgap=1, ygap=1)])
+    used = sum(o >= 0 for o in owner)
+    fig.update_layout(title=f"Instance {inst.index}: who holds which {unit} at peak use<br><sup>t = {t:.2f} s: "
+                            f"{used} of {n} held by {len(tables)} requests, one colour each; grey = free</sup>",
+                      height=min(900, 130 + 14 * rows), yaxis=dict(autorange="reversed", showticklabels=False),
+                      xaxis=dict(showticklabels=False), margin=dict(t=70, l=20, r=20, b=20),
                       plot_bgcolor="white")
     return fig
 
 
 def _summary_table(result: dict) -> str:
     """Every number of the result (npusim.text: the CLI and the dashboard show the same lines)."""
-    rows = [f"<tr><td>{html.escape(line.section)}</td><td>{html.escape(line.label)}</td>"
-            f"<td>{html.escape(line.text(thousands=True))}</td><td>{html.escape(line.unit)}</td></tr>"
-            for line in result_lines(result)]
+    rows, section = [], None
+    for line in result_lines(result):
+        if line.section != section:
+            section = line.section
+            rows.append(f'<tr><th colspan="3" style="text-align:left;padding-top:8px">{html.escape(section)}</th></tr>')
+        rows.append(f"<tr><td>{html.escape(line.label)}</td><td>{html.escape(line.text(thousands=True))}</td>"
+                    f"<td>{html.escape(line.unit)}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
-def write_report(path: str | Path, result: dict, run: RunRecord) -> Path:
-    """Write the report; plotly's JavaScript is inlined so the file opens anywhere, offline."""
-    p = Path(path)
-    if p.suffix.lower() not in (".html", ".htm"):
-        raise NpusimError(f"--report must name an .html file, got {p}")
-    sc = result["scenario"]
+def report_figures(run: RunRecord) -> list[go.Figure]:
+    """The report's figures: KV use and batch over time, latency distributions, the block maps."""
     figs = [_timeline_figure(run), _latency_figure(run)]
-    figs += [f for f in (_block_map_figure(i) for i in run.instances) if f is not None]
-    parts = []
-    for i, fig in enumerate(figs):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    return figs + [f for f in (_block_map_figure(i) for i in run.instances) if f is not None]
+
+
+def _settings_text(result: dict) -> list[str]:
+    """The run's hardware, engine and workload settings, one line each."""
+    sc = result["scenario"]
+    eng, wl = sc["engine"], sc["workload"]
+    kv = f"paged, block {eng['block_size']}" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation)"
+    if wl.get("trace"):
+        load = f"trace {Path(wl['trace']).name}" + (f" at {wl['rate']:g} req/s" if wl.get("rate") else "")
+    else:
+        rate = wl.get("rate")
+        arrivals = "all at t=0" if rate is None or rate == float("inf") else f"Poisson {rate:g} req/s"
+        lens = lambda d: str(d["value"]) if d["kind"] == "fixed" else d["kind"]  # noqa: E731
+        load = f"{wl['num_requests']} requests, prompt {lens(wl['input_len'])}, output {lens(wl['output_len'])}, {arrivals}"
+    return [
+        f"Hardware: {result['hw']}; model {result['model']}; {sc['instances']} instance(s), sharing {sc['sharing']}",
+        f"Engine: {result['engine_profile']} ({result['execution']}), {kv}, {result['batching']} batching, "
+        f"max_num_seqs {eng['max_num_seqs']}, max_num_batched_tokens {eng['max_num_batched_tokens']}, "
+        f"weights {eng['weight_dtype']}, KV {eng['kv_dtype']}, gpu_memory_utilization {eng['gpu_memory_utilization']:g}",
+        f"Workload: {load}; seed {sc['seed']}",
+        f"Result: {result['completed']} requests completed, {len(result['rejected'])} rejected",
+        f"Memory: {result['memory']['verdict']}",
+    ]
+
+
+def report_html(result: dict, run: RunRecord) -> str:
+    """The report as one HTML document; plotly's JavaScript is inlined so it opens anywhere, offline."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+             for i, fig in enumerate(report_figures(run))]
     title = f"npusim: {result['model']} on {result['hw']}"
-    setup = (f"{sc['instances']} instance(s), sharing {sc['sharing']}, "
-             f"{'paged, block ' + str(sc['engine']['block_size']) if sc['engine']['paging'] else 'contiguous'}, "
-             f"{result['batching']} batching, "
-             f"{result['completed']} requests completed, {len(result['rejected'])} rejected, seed {sc['seed']}")
-    doc = f"""<!DOCTYPE html>
+    settings = "".join(f"<li>{html.escape(line)}</li>" for line in _settings_text(result))
+    return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} td{{padding:2px 12px}}
 table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style></head>
-<body><h1>{html.escape(title)}</h1><p>{html.escape(setup)}</p>
-<p>{html.escape(result['memory']['verdict'])}</p>
+<body><h1>{html.escape(title)}</h1><ul>{settings}</ul>
 {_summary_table(result)}
 {''.join(parts)}
 </body></html>"""
+
+
+def write_report(path: str | Path, result: dict, run: RunRecord) -> Path:
+    """Write the report (report_html) to an .html file."""
+    p = Path(path)
+    if p.suffix.lower() not in (".html", ".htm"):
+        raise NpusimError(f"--report must name an .html file, got {p}")
     try:
-        p.write_text(doc)
+        p.write_text(report_html(result, run))
     except OSError as e:
         raise NpusimError(f"cannot write report {p}: {e.strerror}") from None
     return p
