@@ -1,15 +1,23 @@
 """npusim what-if dashboard: `streamlit run app.py`.
 
-Pick a device, a model, dtypes, a KV page size, a batch, a context and how many instances share the
-device; the page answers in well under a second from the analytical model (npusim.analysis), the
-roofline cost model (npusim.costmodel) and the vLLM-style memory plan. The "Simulate" expander runs
-the discrete-event simulator (npusim.scenario) on a small synthetic workload.
+Pick a device, an engine, a model, dtypes, a KV page size, a batch, a context and how many
+instances share the device; the page answers in well under a second from the analytical model
+(npusim.analysis), the cost model (npusim.costmodel) and the vLLM-style memory plan. Tabs add the
+page-size study, the roofline, a comparison with a pinned configuration and across sharing modes,
+the discrete-event simulator (npusim.scenario) with its report, the SLO capacity search
+(npusim.sweep) and every hardware and engine number with its source.
 
 Every number shown comes from npusim; when a configuration does not fit, the page says why with
-npusim's own numbers and shows no throughput.
+npusim's own numbers, shows no throughput, and lists what would fit. The settings live in the URL,
+so a planner can share the page as it is.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -19,15 +27,14 @@ from plotly.subplots import make_subplots
 from npusim.analysis import SHARING_MODES, analytical_point, decode_batch, instance_engine, reference_point
 from npusim.costmodel import instance_setup
 from npusim.errors import NpusimError
-from npusim.scenario import Scenario, run_scenario
-from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, gib,
+from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, ceil_div, gib, known_engines,
                           known_hardware, load_engine_profile, load_hardware, load_model)
-from npusim.workload import LengthDist, WorkloadSpec
 
 BLOCK_SIZE_CHOICES = (8, 16, 32, 64, 128, 256, 512)
 BOUND_COLOURS = {"compute": "#d62728", "memory": "#1f77b4", "latency": "#7f7f7f"}
 MEMORY_COLOURS = {"weights": "#1f77b4", "activations": "#ff7f0e", "runtime reserve": "#7f7f7f",
                   "KV pool": "#2ca02c", "free": "#d9d9d9"}
+THROUGHPUT_COLOUR, TPOT_COLOUR = "#1f77b4", "#ff7f0e"
 DEFAULTS = {
     "hw": "ascend-910b2",
     "model": "llama-3.1-8b",
@@ -44,17 +51,21 @@ DEFAULTS = {
     "sim_rate": 8.0,
     "sim_lengths": "fixed",
 }
-PROVENANCE = "Hardware numbers and their sources: `npusim hw show NAME`."
+# the settings the URL carries, and how each is read from it
+URL_SETTINGS = {"hw": str, "engine": str, "model": str, "weight_dtype": str, "kv_dtype": str, "block_size": int,
+                "batch": int, "context": int, "instances": int, "sharing": str, "gpu_memory_utilization": float}
+UPLOAD_LIMIT_BYTES = {"hardware": 1 << 20, "model": 1 << 20, "trace": 32 << 20}
+PROVENANCE = "Hardware numbers and their sources: the Hardware tab, or `npusim hw show NAME`."
 
 
 # --------------------------------------------------------------------------- cached computations
 # Arguments are plain strings and numbers so that st.cache_data can hash them.
 
 @st.cache_data(show_spinner=False)
-def block_size_options(hw_name: str) -> tuple[list[int], int]:
-    """The page sizes of BLOCK_SIZE_CHOICES the device's paged-attention kernels accept, and the
-    device's recommended one."""
-    rule = load_engine_profile(load_hardware(hw_name).default_engine).kv_block_sizes
+def block_size_options(engine: str) -> tuple[list[int], int]:
+    """The page sizes of BLOCK_SIZE_CHOICES the engine's attention kernels accept, and its
+    recommended one."""
+    rule = load_engine_profile(engine).kv_block_sizes
     options = [b for b in BLOCK_SIZE_CHOICES if rule.accepts(b)]
     if rule.recommended not in options:
         options = sorted(options + [rule.recommended])
@@ -64,20 +75,20 @@ def block_size_options(hw_name: str) -> tuple[list[int], int]:
 @st.cache_data(show_spinner=False)
 def compute_point(hw_name: str, model_name: str, batch: int, context: int, instances: int,
                   sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
-                  utilization: float) -> dict:
+                  utilization: float, engine: str | None) -> dict:
     point = analytical_point(hw_name, model_name, batch=batch, context=context, instances=instances,
                              sharing=sharing, block_size=block_size, weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, gpu_memory_utilization=utilization)
+                             kv_dtype=kv_dtype, gpu_memory_utilization=utilization, engine=engine)
     return point.as_dict()
 
 
 @st.cache_data(show_spinner=False)
 def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, block_size: int,
-                   weight_dtype: str, kv_dtype: str, utilization: float) -> dict:
+                   weight_dtype: str, kv_dtype: str, utilization: float, engine: str) -> dict:
     """One instance's memory plan, with the engine settings analytical_point uses for it."""
-    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, utilization=utilization)
-    plan = instance_setup(load_hardware(hw_name), load_model(model_name), engine, instances).plan
+    cfg = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
+                          kv_dtype=kv_dtype, utilization=utilization, profile=engine)
+    plan = instance_setup(load_hardware(hw_name), load_model(model_name), cfg, instances).plan
     d = plan.as_dict()
     d.update(device_bytes=plan.device_bytes, usable_bytes=plan.usable_bytes,
              weight_bytes=plan.weight_bytes, activation_bytes=plan.activation_bytes,
@@ -88,14 +99,19 @@ def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, bl
 
 @st.cache_data(show_spinner=False)
 def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instances: int, sharing: str,
-                block_size: int, weight_dtype: str, kv_dtype: str) -> list[dict]:
-    """The ops of one decode iteration of one instance, priced as analytical_point prices them:
-    every sequence holds context + 1 tokens and reads every slot of its pages."""
-    engine = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, utilization=0.9)
-    cost = instance_setup(load_hardware(hw_name), load_model(model_name), engine, instances, sharing).cost
-    ops = cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
-    return [op.as_dict() for op in ops]
+                block_size: int, weight_dtype: str, kv_dtype: str, engine: str) -> tuple[list[dict], dict]:
+    """The ops of one decode iteration of one instance, priced as analytical_point prices them
+    (every sequence holds context + 1 tokens and reads every slot of its pages), and the ceilings
+    of the hardware the instance runs on (the device, or its vNPU partition)."""
+    cfg = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
+                          kv_dtype=kv_dtype, utilization=0.9, profile=engine)
+    setup = instance_setup(load_hardware(hw_name), load_model(model_name), cfg, instances, sharing)
+    ops = setup.cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
+    h = setup.hw
+    peak = {"int8": h.matmul_tflops_int8, "int4": h.matmul_tflops_int8}.get(weight_dtype, h.matmul_tflops_bf16)
+    roofs = {"matmul_tflops": peak, "vector_tflops": h.vector_tflops, "bandwidth_gbs": h.memory_bandwidth_gbs,
+             "name": h.name}
+    return [op.as_dict() for op in ops], roofs
 
 
 def log_spaced(top: int, count: int = 40) -> list[int]:
@@ -109,111 +125,262 @@ def log_spaced(top: int, count: int = 40) -> list[int]:
 @st.cache_data(show_spinner=False)
 def compute_sweep(hw_name: str, model_name: str, context: int, instances: int, sharing: str,
                   block_size: int, weight_dtype: str, kv_dtype: str, utilization: float,
-                  max_batch: int, chosen_batch: int) -> list[dict]:
+                  max_batch: int, chosen_batch: int, engine: str) -> list[dict]:
     """analytical_point at log-spaced batches from 1 to the largest batch memory allows."""
     hw, model = load_hardware(hw_name), load_model(model_name)
     settings = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                    gpu_memory_utilization=utilization)
+                    gpu_memory_utilization=utilization, engine=engine)
     reference = reference_point(hw, model, context=context, **settings)
     batches = log_spaced(max_batch)
     if chosen_batch <= max_batch and chosen_batch not in batches:
         batches = sorted(batches + [chosen_batch])
-    rows = []
-    for b in batches:
-        p = analytical_point(hw, model, batch=b, context=context, instances=instances, sharing=sharing,
-                             reference=reference, **settings)
-        rows.append(p.as_dict())
-    return rows
+    return [analytical_point(hw, model, batch=b, context=context, instances=instances, sharing=sharing,
+                             reference=reference, **settings).as_dict() for b in batches]
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def simulate(hw_name: str, model_name: str, instances: int, sharing: str, block_size: int,
              weight_dtype: str, kv_dtype: str, utilization: float, max_num_seqs: int, requests: int,
-             prompt: int, output: int, rate: float, lengths: str) -> dict:
-    if lengths == "fixed":
-        input_len = LengthDist(kind="fixed", value=prompt)
-        output_len = LengthDist(kind="fixed", value=output)
+             prompt: int, output: int, rate: float, lengths: str, engine: str, trace: str | None):
+    """(the `simulate --json` result, the run record): the record feeds the report's figures."""
+    import time
+
+    from npusim.scenario import Scenario, simulate_scenario, summarize
+    from npusim.workload import LengthDist, WorkloadSpec
+
+    if trace is not None:
+        workload = WorkloadSpec(trace=trace, num_requests=requests)
     else:
-        input_len = LengthDist(kind="lognormal", mean=prompt, cv=1.0, low=1, high=max(prompt * 8, 16))
-        output_len = LengthDist(kind="lognormal", mean=output, cv=1.0, low=1, high=max(output * 8, 16))
+        if lengths == "fixed":
+            input_len, output_len = LengthDist(kind="fixed", value=prompt), LengthDist(kind="fixed", value=output)
+        else:
+            input_len = LengthDist(kind="lognormal", mean=prompt, cv=1.0, low=1, high=max(prompt * 8, 16))
+            output_len = LengthDist(kind="lognormal", mean=output, cv=1.0, low=1, high=max(output * 8, 16))
+        workload = WorkloadSpec(num_requests=requests, rate=rate, input_len=input_len, output_len=output_len)
     scenario = Scenario(
-        hw=hw_name, model=model_name, instances=instances, sharing=sharing,
-        engine=EngineConfig(block_size=block_size, gpu_memory_utilization=utilization,
-                            weight_dtype=weight_dtype, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs),
-        workload=WorkloadSpec(num_requests=requests, rate=rate, input_len=input_len,
-                              output_len=output_len))
-    result = run_scenario(scenario)
-    result.pop("per_instance", None)
-    return result
+        hw=hw_name, model=model_name, instances=instances, sharing=sharing, workload=workload,
+        engine=EngineConfig(profile=engine, block_size=block_size, gpu_memory_utilization=utilization,
+                            weight_dtype=weight_dtype, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs))
+    t0 = time.perf_counter()
+    run = simulate_scenario(scenario, want_block_map=True)
+    if not run.completed:
+        why = run.rejected[0][1] if run.rejected else "nothing was scheduled"
+        raise NpusimError(f"no request completed: all {len(run.rejected)} were rejected; the first: {why}")
+    result = summarize(run, scenario)
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result, run
 
 
-# --------------------------------------------------------------------------- sidebar
+@st.cache_data(show_spinner=False, max_entries=8)
+def find_capacity(fixed: tuple, grid: tuple, slo: tuple, requests: int) -> dict:
+    from npusim.sweep import capacity, parse_grid
+
+    g = parse_grid({k: ",".join(map(str, v)) for k, v in grid})
+    data = {}
+    flags = dict(fixed)
+    return capacity(data, {"seed": None, **flags}, g, dict(slo), requests=requests, workers=1)
+
+
+# --------------------------------------------------------------------------- uploads
+
+def save_upload(kind: str, upload) -> str:
+    """An uploaded file saved under the temporary folder (by its content's hash, never executed);
+    returns its path. Refuses files over the size limit."""
+    data = upload.getvalue()
+    limit = UPLOAD_LIMIT_BYTES[kind]
+    if len(data) > limit:
+        raise NpusimError(f"{upload.name}: {len(data) / 2**20:.1f} MiB is over the {limit / 2**20:.0f} MiB "
+                          f"limit for a {kind} file")
+    folder = Path(tempfile.gettempdir()) / "npusim-uploads" / hashlib.sha256(data).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(upload.name).name
+    if kind == "model" and name != "config.json":
+        name = Path(name).stem + ".json"
+    path = folder / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def uploads(sb) -> tuple[list[str], list[str]]:
+    """Hardware profiles and model configs the user uploaded, checked by the CLI's own loaders."""
+    hw_paths, model_paths = [], []
+    with sb.expander("Your own hardware or model"):
+        for kind, label, types, loader, paths in (
+                ("hardware", "Hardware profile (.yaml)", ["yaml", "yml"], load_hardware, hw_paths),
+                ("model", "Hugging Face config.json", ["json"], load_model, model_paths)):
+            up = st.file_uploader(label, type=types, key=f"upload_{kind}")
+            if up is None:
+                continue
+            try:
+                path = save_upload(kind, up)
+                loader(path)
+            except NpusimError as e:
+                st.error(f"{kind} file not used: {e}")
+                continue
+            paths.append(path)
+            st.caption(f"{up.name}: loaded, now in the {kind} list")
+    return hw_paths, model_paths
+
+
+def short(name: str) -> str:
+    """A hardware or model choice as shown: an uploaded file by its name."""
+    return f"uploaded: {Path(name).name}" if "/" in name else name
+
+
+# --------------------------------------------------------------------------- sidebar and URL
 
 def init_state() -> None:
     """Defaults go into session state once, so widgets are created without `value=` and a
-    setting the user made survives reruns."""
+    setting the user made survives reruns; on the first run, the URL's settings win."""
     for key, value in DEFAULTS.items():
         st.session_state.setdefault(key, value)
+    if st.session_state.get("_url_read"):
+        return
+    st.session_state["_url_read"] = True
+    problems = []
+    for key in st.query_params:
+        if key not in URL_SETTINGS:
+            problems.append(f"{key} is not a setting of this page")
+            continue
+        raw = st.query_params[key]
+        try:
+            st.session_state[key] = URL_SETTINGS[key](raw)
+        except ValueError:
+            problems.append(f"{key}={raw!r} is not a {URL_SETTINGS[key].__name__}")
+    st.session_state["_url_problems"] = problems
+    st.session_state["_hw_seen"] = st.session_state["hw"]  # (the URL's engine and page hold for its device)
+
+
+def _choice(key: str, options: list, default) -> None:
+    """Keep a selectbox's state among its options; a value that is not (from the URL) is named."""
+    if st.session_state.get(key) not in options:
+        if key in st.query_params and st.session_state.get(key) is not None:
+            st.session_state.setdefault("_url_problems", []).append(
+                f"{key}={st.session_state[key]!r} is not one of the choices; using {default!r}")
+        st.session_state[key] = default
 
 
 def sidebar() -> dict:
-    hw_names = known_hardware()
-    if st.session_state["hw"] not in hw_names:
-        st.session_state["hw"] = hw_names[0]
     sb = st.sidebar
     sb.header("Configuration")
-    hw_name = sb.selectbox("Hardware", hw_names, key="hw")
-    model_name = sb.selectbox("Model", list(MODEL_ZOO), key="model")
+    hw_uploads, model_uploads = uploads(sb)
+    hw_names = known_hardware() + hw_uploads
+    _choice("hw", hw_names, DEFAULTS["hw"])
+    hw_name = sb.selectbox("Hardware", hw_names, key="hw", format_func=short)
+    device_engine = load_hardware(hw_name).default_engine
+    if st.session_state.get("_hw_seen") != hw_name:
+        # A new device: its own engine and that engine's recommended page, so that the result
+        # never depends on the order of clicks.
+        st.session_state["_hw_seen"] = hw_name
+        st.session_state["engine"] = device_engine
+        st.session_state.pop("block_size", None)
+    engines = known_engines()
+    _choice("engine", engines, device_engine)
+    engine = sb.selectbox("Engine", engines, key="engine",
+                          help=f"how the implementation runs the model (kernels, host, page sizes); "
+                               f"{hw_name}'s default is {device_engine}")
+    model_names = list(MODEL_ZOO) + model_uploads
+    _choice("model", model_names, DEFAULTS["model"])
+    model_name = sb.selectbox("Model", model_names, key="model", format_func=short)
+    _choice("weight_dtype", list(WEIGHT_DTYPES), "bf16")
     weight_dtype = sb.selectbox("Weight dtype", WEIGHT_DTYPES, key="weight_dtype",
                                 help="int8/int4: weight-only quantisation of the linear layers")
+    _choice("kv_dtype", list(KV_DTYPES), "bf16")
     kv_dtype = sb.selectbox("KV-cache dtype", KV_DTYPES, key="kv_dtype")
-    options, recommended = block_size_options(hw_name)
-    if st.session_state.get("block_size") not in options:
-        st.session_state["block_size"] = recommended
+    options, recommended = block_size_options(engine)
+    _choice("block_size", options, recommended)
     block_size = sb.selectbox("KV block size (tokens per page)", options, key="block_size",
-                              help=f"only sizes {hw_name}'s paged-attention kernels accept; "
-                                   f"recommended {recommended}")
-    batch = sb.number_input("Batch (sequences per instance)", min_value=1, max_value=8192, step=1,
-                            key="batch")
+                              help=f"the sizes {engine}'s attention kernels accept; recommended {recommended}")
+    batch = sb.number_input("Batch (sequences per instance)", min_value=1, max_value=8192, step=1, key="batch")
     context = sb.number_input("Context (tokens per sequence)", min_value=1, max_value=131072, step=256,
                               key="context")
     instances = sb.slider("Instances on the device", min_value=1, max_value=4, key="instances")
+    _choice("sharing", list(SHARING_MODES), "time-slice")
     sharing = sb.selectbox("Sharing", SHARING_MODES, key="sharing",
                            help="time-slice: instances take turns on all cores; vnpu: each gets "
                                 "1/K of the cores and their share of bandwidth. Memory is split "
                                 "1/K either way.")
     utilization = sb.slider("gpu_memory_utilization", min_value=0.50, max_value=1.00, step=0.01,
                             key="gpu_memory_utilization")
-    return dict(hw_name=hw_name, model_name=model_name, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                block_size=int(block_size), batch=int(batch), context=int(context),
-                instances=int(instances), sharing=sharing, utilization=float(utilization))
+    s = dict(hw_name=hw_name, engine=engine, model_name=model_name, weight_dtype=weight_dtype,
+             kv_dtype=kv_dtype, block_size=int(block_size), batch=int(batch), context=int(context),
+             instances=int(instances), sharing=sharing, utilization=float(utilization))
+    url = {"hw": hw_name, "engine": engine, "model": model_name, "weight_dtype": weight_dtype,
+           "kv_dtype": kv_dtype, "block_size": s["block_size"], "batch": s["batch"], "context": s["context"],
+           "instances": s["instances"], "sharing": sharing, "gpu_memory_utilization": s["utilization"]}
+    st.query_params.from_dict({k: str(v) for k, v in url.items() if "/" not in str(v)})  # (uploads stay local)
+    return s
 
 
-# --------------------------------------------------------------------------- main area
+def point_of(s: dict, **change) -> dict:
+    s = {**s, **change}
+    return compute_point(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"], s["sharing"],
+                         s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
+
+
+# --------------------------------------------------------------------------- the decode view
 
 def headline(p: dict, mem: dict, s: dict) -> None:
     each = " per instance" if s["instances"] > 1 else ""
-    cols = st.columns(5)
+    top, bottom = st.columns(3), st.columns(3)
     if p["feasible"]:
-        cols[0].metric("Decode throughput (tokens/s)", f"{p['tokens_per_s']:,.1f}",
-                       help="all instances together, steady-state decode")
-        cols[1].metric("TPOT (ms)", f"{p['tpot_ms']:.2f}",
-                       help=f"time between two tokens of one sequence; includes "
-                            f"{p['host_ms']:.2f} ms host overhead per iteration")
-        cols[2].metric("Bound", p["bound"], help=p["regime"])
-    cols[3].metric(f"Max batch that fits{each}", f"{p['max_batch']:,}",
-                   help=f"sequences of {s['context']} tokens the KV pool holds")
-    cols[4].metric(f"KV capacity{each} (tokens)", f"{p['num_blocks'] * s['block_size']:,}",
-                   help=f"{p['num_blocks']} blocks of {s['block_size']} tokens = "
-                        f"{gib(mem['kv_blocks_bytes']):.2f} GiB")
+        top[0].metric("Decode throughput (tokens/s)", f"{p['tokens_per_s']:,.1f}",
+                      help="all instances together, steady-state decode")
+        top[1].metric("TPOT (ms)", f"{p['tpot_ms']:.2f}",
+                      help=f"time between two tokens of one sequence; includes "
+                           f"{p['host_ms']:.2f} ms host overhead per iteration")
+        top[2].metric("Bound", p["bound"], help=p["regime"])
+    bottom[0].metric(f"Max batch that fits{each}", f"{p['max_batch']:,}",
+                     help=f"sequences of {s['context']} tokens the KV pool holds")
+    bottom[1].metric(f"KV capacity{each} (tokens)", f"{p['num_blocks'] * s['block_size']:,}",
+                     help=f"{p['num_blocks']} blocks of {s['block_size']} tokens = "
+                          f"{gib(mem['kv_blocks_bytes']):.2f} GiB")
+    bottom[2].metric("Weights (GiB)", f"{p['weights_gib']:.2f}", help=f"{s['weight_dtype']} weights of one instance")
     if p["feasible"]:
         st.success(f"Feasible: {p['regime']}. Iteration {p['iteration_ms']:.2f} ms "
                    f"(device {p['device_step_ms']:.2f} + host {p['host_ms']:.2f}); "
                    f"{p['ratio_to_proportional']:.2f}x the proportional law B·N_core/T.")
     else:
         st.error(f"Not feasible: {p['reason']}.")
+        fits = what_fits(p, s)
+        if fits:
+            st.info("What would fit:\n" + "\n".join(f"- {line}" for line in fits))
     for note in p["notes"]:
         st.warning(note)
+
+
+def what_fits(p: dict, s: dict) -> list[str]:
+    """Nearby configurations that fit, with npusim's numbers, for a point that does not."""
+    out = []
+    if p["max_batch"] >= 1:
+        out.append(f"batch {p['max_batch']:,} or fewer at context {s['context']:,}")
+        blocks_each = p["num_blocks"] // s["batch"]
+        if blocks_each >= 1:
+            out.append(f"context {blocks_each * s['block_size'] - 1:,} or less at batch {s['batch']:,}")
+    variants = [(f"{d} weights", dict(weight_dtype=d)) for d in ("int8", "int4") if d != s["weight_dtype"]]
+    if s["kv_dtype"] != "int8":
+        variants.append(("int8 KV cache", dict(kv_dtype="int8")))
+    if s["instances"] > 1:
+        variants.append(("one instance", dict(instances=1)))
+    for label, change in variants:
+        try:
+            q = point_of(s, **change)
+        except NpusimError:
+            continue
+        if q["feasible"]:
+            out.append(f"{label}: fits, {q['tokens_per_s']:,.0f} tokens/s, max batch {q['max_batch']:,}")
+    if len(out) < 3:  # other devices, with their own engine and recommended page
+        for hw in known_hardware():
+            if hw == s["hw_name"]:
+                continue
+            engine = load_hardware(hw).default_engine
+            try:
+                q = point_of(s, hw_name=hw, engine=engine, block_size=block_size_options(engine)[1])
+            except NpusimError:
+                continue
+            if q["feasible"]:
+                out.append(f"{hw} ({engine}): fits, {q['tokens_per_s']:,.0f} tokens/s, max batch {q['max_batch']:,}")
+    return out[:6]
 
 
 def ops_chart(ops: list[dict], p: dict, s: dict) -> go.Figure:
@@ -229,13 +396,11 @@ def ops_chart(ops: list[dict], p: dict, s: dict) -> go.Figure:
                     customdata=part[["GFLOP", "MB", "kernels"]],
                     hovertemplate="%{x}: %{y:.3f} ms<br>%{customdata[0]:.2f} GFLOP, "
                                   "%{customdata[1]:,.1f} MB, %{customdata[2]} kernels<extra></extra>")
-    fig.update_xaxes(categoryorder="array", categoryarray=list(df["name"]))
-    where = "one instance's " if s["instances"] > 1 else ""
-    fig.update_layout(
-        title=f"{where}decode iteration, B={s['batch']} x {s['context']} tokens: device "
-              f"{p['device_step_ms']:.2f} ms + host {p['host_ms']:.2f} ms",
-        yaxis_title="ms (summed over layers)", legend_title="bound", height=380,
-        margin=dict(t=50, b=10))
+    fig.update_xaxes(categoryorder="array", categoryarray=list(df["name"]), tickangle=-60)
+    fig.update_layout(title="Decode iteration by op", yaxis_title="ms (summed over layers)", height=400,
+                      legend=dict(title=dict(text="bound ", side="left"), orientation="h", x=0, y=1.0,
+                                  yanchor="bottom"),
+                      margin=dict(t=70, b=10))
     return fig
 
 
@@ -248,77 +413,217 @@ def memory_chart(mem: dict, s: dict) -> go.Figure:
     row = "one instance" if s["instances"] > 1 else "device"
     fig = go.Figure()
     for name, nbytes in parts.items():
-        fig.add_bar(y=[row], x=[gib(nbytes)], name=name, orientation="h",
-                    marker_color=MEMORY_COLOURS[name],
+        fig.add_bar(y=[row], x=[gib(nbytes)], name=name, orientation="h", marker_color=MEMORY_COLOURS[name],
                     hovertemplate=f"{name}: %{{x:.2f}} GiB<extra></extra>")
-    fig.add_vline(x=gib(mem["usable_bytes"]), line_dash="dash",
-                  annotation_text=f"usable {gib(mem['usable_bytes']):.1f} GiB",
-                  annotation_position="top left")
-    fig.add_vline(x=gib(device), line_color="black",
-                  annotation_text=f"{gib(device):.1f} GiB", annotation_position="top right")
+    fig.add_vline(x=gib(mem["usable_bytes"]), line_dash="dash")
+    fig.add_vline(x=gib(device), line_color="black")
     share = f" (1/{s['instances']} of the device each)" if s["instances"] > 1 else ""
-    fig.update_layout(barmode="stack", title=f"Memory{share}", xaxis_title="GiB", height=260,
-                      margin=dict(t=60, b=10), legend_orientation="h")
+    fig.update_layout(barmode="stack", title=f"Memory{share}",
+                      xaxis_title="GiB", height=300, margin=dict(t=60, b=10),
+                      legend=dict(orientation="h", x=0, y=-0.45, yanchor="top"))
     return fig
 
 
-def sweep_chart(rows: list[dict], p: dict, s: dict) -> go.Figure:
+def _log_ticks(top: float) -> list[int]:
+    ticks, base = [], 1
+    while base <= top * 1.01:
+        ticks += [t for t in (base, 2 * base, 5 * base) if t <= top * 1.01]
+        base *= 10
+    return ticks
+
+
+def sweep_chart(rows: list[dict], p: dict, s: dict, pinned: list[dict] | None = None) -> go.Figure:
     df = pd.DataFrame([r for r in rows if r["feasible"]])
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_scatter(x=df["batch"], y=df["tokens_per_s"], name="throughput (tokens/s)", mode="lines+markers",
-                    customdata=df[["regime"]],
+                    line=dict(color=THROUGHPUT_COLOUR), customdata=df[["regime"]],
                     hovertemplate="B=%{x}: %{y:,.0f} tokens/s<br>%{customdata[0]}<extra></extra>")
-    fig.add_scatter(x=df["batch"], y=df["tpot_ms"], name="TPOT (ms)", mode="lines+markers",
-                    secondary_y=True, hovertemplate="B=%{x}: %{y:.2f} ms<extra></extra>")
+    fig.add_scatter(x=df["batch"], y=df["tpot_ms"], name="TPOT (ms, right axis)", mode="lines+markers",
+                    secondary_y=True, line=dict(color=TPOT_COLOUR, dash="dash"),
+                    hovertemplate="B=%{x}: %{y:.2f} ms<extra></extra>")
+    if pinned:
+        a = pd.DataFrame([r for r in pinned if r["feasible"]])
+        if not a.empty:
+            fig.add_scatter(x=a["batch"], y=a["tokens_per_s"], name="A: throughput", mode="lines",
+                            line=dict(color="#9467bd"))
     # Vertical markers are drawn as line traces: add_vline's annotations land in the wrong place
     # on a log axis (plotly.py issue #2580).
     top = float(df["tokens_per_s"].max())
     fig.add_scatter(x=[p["max_batch"], p["max_batch"]], y=[0, top], mode="lines",
-                    line=dict(color="red", dash="dash"), name=f"memory caps B at {p['max_batch']}")
+                    line=dict(color="red", dash="dot"), name=f"memory caps B at {p['max_batch']}")
     kv_bound = df[df["regime"].str.startswith("memory-bound on KV")]
     if not kv_bound.empty:
         first = int(kv_bound["batch"].iloc[0])
-        fig.add_scatter(x=[first, first], y=[0, top], mode="lines",
-                        line=dict(color="grey", dash="dot"),
+        fig.add_scatter(x=[first, first], y=[0, top], mode="lines", line=dict(color="grey", dash="dot"),
                         name=f"KV reads outweigh weights from B≈{first}")
     if p["feasible"]:
         fig.add_scatter(x=[s["batch"]], y=[p["tokens_per_s"]], mode="markers", name="your batch",
                         marker=dict(size=14, symbol="star", color="black"))
-    fig.update_xaxes(type="log", title="batch (sequences per instance)")
-    fig.update_yaxes(title_text="tokens/s (all instances)", secondary_y=False, rangemode="tozero")
-    fig.update_yaxes(title_text="TPOT ms", secondary_y=True, rangemode="tozero")
-    fig.update_layout(title=f"Throughput and TPOT vs batch at context {s['context']}", height=420,
-                      margin=dict(t=50, b=10), legend_orientation="h")
+    ticks = _log_ticks(float(df["batch"].max()))
+    fig.update_xaxes(type="log", title="batch (sequences per instance)", tickvals=ticks,
+                     ticktext=[f"{t:,}" for t in ticks])
+    fig.update_yaxes(title_text="tokens/s (all instances)", secondary_y=False, rangemode="tozero",
+                     title_font_color=THROUGHPUT_COLOUR)
+    fig.update_yaxes(title_text="TPOT (ms)", secondary_y=True, rangemode="tozero", tickmode="auto",
+                     showgrid=False, title_font_color=TPOT_COLOUR)
+    fig.update_layout(title=f"Throughput and TPOT against batch at context {s['context']}", height=460,
+                      margin=dict(t=50, b=10), legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"))
     return fig
 
 
-def analysis_section(s: dict) -> None:
-    p = compute_point(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
-                      s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"])
+def decode_section(s: dict) -> dict:
+    p = point_of(s)
     mem = compute_memory(s["hw_name"], s["model_name"], s["batch"], s["instances"], s["block_size"],
-                         s["weight_dtype"], s["kv_dtype"], s["utilization"])
+                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
     headline(p, mem, s)
-
     left, right = st.columns(2)
     with left:
         if p["feasible"]:
-            ops = compute_ops(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
-                              s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"])
+            ops, _ = compute_ops(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
+                                 s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"])
             st.plotly_chart(ops_chart(ops, p, s), width="stretch", key="ops_chart")
+            where = "one instance's " if s["instances"] > 1 else ""
+            st.caption(f"{where}decode iteration, B={s['batch']} x {s['context']} tokens: device "
+                       f"{p['device_step_ms']:.2f} ms + host {p['host_ms']:.2f} ms ({s['engine']})")
         else:
             st.info("No per-op breakdown: the configuration does not run as set.")
     with right:
         st.plotly_chart(memory_chart(mem, s), width="stretch", key="memory_chart")
-        st.caption(mem["verdict"])
-
+        st.caption(f"Usable {gib(mem['usable_bytes']):.1f} of {gib(mem['device_bytes']):.1f} GiB (dashed line: "
+                   f"gpu_memory_utilization). {mem['verdict']}")
+    rows = None
     if p["max_batch"] >= 1:
         rows = compute_sweep(s["hw_name"], s["model_name"], s["context"], s["instances"], s["sharing"],
                              s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"],
-                             p["max_batch"], s["batch"])
-        st.plotly_chart(sweep_chart(rows, p, s), width="stretch", key="sweep_chart")
+                             p["max_batch"], s["batch"], s["engine"])
+        pinned = st.session_state.get("pinned")
+        st.plotly_chart(sweep_chart(rows, p, s, pinned["sweep"] if pinned else None), width="stretch",
+                        key="sweep_chart")
     else:
         st.info(f"No batch sweep: not even one sequence of {s['context']} tokens fits.")
+    return {"point": p, "sweep": rows}
 
+
+# --------------------------------------------------------------------------- page size, roofline
+
+def page_size_section(s: dict) -> None:
+    options, recommended = block_size_options(s["engine"])
+    rows = []
+    for b in options:
+        q = point_of(s, block_size=b)
+        slots = ceil_div(s["context"] + 1, b) * b
+        rows.append({"block": b, "waste": 1 - (s["context"] + 1) / slots, "tpot": q["tpot_ms"],
+                     "max_batch": q["max_batch"], "feasible": q["feasible"]})
+    df = pd.DataFrame(rows)
+    labels = [f"{b}{' (recommended)' if b == recommended else ''}" for b in df["block"]]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        f"KV padding of one {s['context']}-token sequence", "TPOT (ms) at your batch", "Max batch that fits"))
+    colours = ["#2ca02c" if b == recommended else "#7f7f7f" for b in df["block"]]
+    fig.add_bar(x=labels, y=df["waste"] * 100, marker_color=colours, row=1, col=1,
+                hovertemplate="%{x}: %{y:.2f} % of the slots<extra></extra>")
+    fig.add_bar(x=labels, y=df["tpot"], marker_color=colours, row=1, col=2,
+                hovertemplate="%{x}: %{y:.3f} ms<extra></extra>")
+    fig.add_bar(x=labels, y=df["max_batch"], marker_color=colours, row=1, col=3,
+                hovertemplate="%{x}: %{y:,} sequences<extra></extra>")
+    fig.update_yaxes(title_text="% of allocated slots", row=1, col=1)
+    fig.update_xaxes(title_text="page size (tokens)", type="category")
+    fig.update_layout(height=380, showlegend=False, margin=dict(t=50, b=10))
+    st.plotly_chart(fig, width="stretch", key="page_size_chart")
+    st.caption(f"The page sizes {s['engine']}'s attention kernels accept (green: recommended). A sequence "
+               f"leaves its last page partly empty; paged-attention kernels read whole pages, so padding "
+               f"costs bandwidth in each decode step and memory that holds fewer sequences. Under real "
+               f"traffic the mean padding is about half a page per sequence: `npusim kv-study` and "
+               f"`npusim sweep --block-size ...` measure it on a workload.")
+    if not df["feasible"].any():
+        st.info("No page size makes this configuration fit: see the Decode tab for what would.")
+
+
+def roofline_section(s: dict, p: dict) -> None:
+    if not p["feasible"]:
+        st.info("No roofline: the configuration does not run as set.")
+        return
+    ops, roofs = compute_ops(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
+                             s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"])
+    df = pd.DataFrame([o for o in ops if o["flops"] > 0 and o["bytes"] > 0 and o["time_ms"] > 0])
+    df["intensity"] = df["flops"] / df["bytes"]
+    df["tflops"] = df["flops"] / (df["time_ms"] / 1e3) / 1e12
+    bw = roofs["bandwidth_gbs"] * 1e9
+    x = [min(df["intensity"].min(), 0.1) / 2, max(df["intensity"].max(), 2e3) * 2]
+    ridge = roofs["matmul_tflops"] * 1e12 / bw
+    fig = go.Figure()
+    fig.add_scatter(x=[x[0], ridge, x[1]], y=[x[0] * bw / 1e12, roofs["matmul_tflops"], roofs["matmul_tflops"]],
+                    mode="lines", line=dict(color="black"), name=f"matmul peak {roofs['matmul_tflops']:g} TFLOP/s "
+                                                                  f"and {roofs['bandwidth_gbs']:g} GB/s")
+    fig.add_scatter(x=[x[0], roofs["vector_tflops"] * 1e12 / bw, x[1]],
+                    y=[x[0] * bw / 1e12, roofs["vector_tflops"], roofs["vector_tflops"]], mode="lines",
+                    line=dict(color="grey", dash="dot"), name=f"vector peak {roofs['vector_tflops']:g} TFLOP/s")
+    df = df.sort_values("intensity")
+    spots = ("top center", "bottom center", "middle right", "middle left")  # (neighbours' labels apart)
+    df["where"] = [spots[i % len(spots)] for i in range(len(df))]
+    for bound, colour in BOUND_COLOURS.items():
+        part = df[df["bound"] == bound]
+        if not part.empty:
+            fig.add_scatter(x=part["intensity"], y=part["tflops"], mode="markers+text", text=part["name"],
+                            textposition=list(part["where"]), textfont=dict(size=10),
+                            marker=dict(size=9, color=colour), name=f"{bound}-bound ops",
+                            hovertemplate="%{text}: %{x:.2f} FLOP/byte, %{y:.2f} TFLOP/s<extra></extra>")
+    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP per byte moved)")
+    fig.update_yaxes(type="log", title="attained TFLOP/s")
+    fig.update_layout(title=f"Roofline of one decode iteration on {roofs['name']}", height=520,
+                      margin=dict(t=50, b=10), legend=dict(orientation="h", x=0, y=-0.15, yanchor="top"))
+    st.plotly_chart(fig, width="stretch", key="roofline_chart")
+    st.caption("Each op at the FLOPs and bytes the cost model charges it and the time it prices: ops far "
+               "below both ceilings pay fixed kernel costs (latency), not work. Ops with no FLOPs (copies, "
+               "KV writes) are not drawn.")
+
+
+# --------------------------------------------------------------------------- compare
+
+COMPARED = (("Decode throughput (tokens/s)", "tokens_per_s", ",.1f"), ("TPOT (ms)", "tpot_ms", ".2f"),
+            ("Iteration (ms)", "iteration_ms", ".2f"), ("Max batch that fits", "max_batch", ",d"),
+            ("KV blocks per instance", "num_blocks", ",d"), ("Weights (GiB)", "weights_gib", ".2f"))
+
+
+def _cell(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def compare_section(s: dict, current: dict) -> None:
+    p = current["point"]
+    if st.button("Pin this configuration as A", key="pin"):
+        st.session_state["pinned"] = {"settings": s, "point": p, "sweep": current["sweep"]}
+    pinned = st.session_state.get("pinned")
+    if pinned:
+        a, sa = pinned["point"], pinned["settings"]
+        changed = [k for k in s if s[k] != sa[k]]
+        st.caption("A: " + ", ".join(f"{k} {sa[k]}" for k in sa) + ". B (now): "
+                   + (", ".join(f"{k} {s[k]}" for k in changed) or "the same settings") + ".")
+        rows = []
+        for label, key, spec in COMPARED:
+            va, vb = a.get(key), p.get(key)
+            diff = (f"{(vb - va) / va:+.1%}" if va not in (None, 0) and vb is not None else "")
+            rows.append((label, _cell(va, spec), _cell(vb, spec), diff))
+        rows.append(("Bound", a["bound"] or "does not fit", p["bound"] or "does not fit", ""))
+        st.dataframe(pd.DataFrame(rows, columns=["metric", "A (pinned)", "B (now)", "B vs A"]), hide_index=True,
+                     width="stretch", key="compare_table")
+        st.caption("The batch chart on the Decode tab overlays A's throughput.")
+    else:
+        st.caption("Pin the current configuration, change the settings, and see the new one beside it.")
+    st.subheader(f"One instance, two time-sliced, two vNPUs: {s['model_name']} on {short(s['hw_name'])}")
+    rows = []
+    for label, instances, sharing in (("1 instance", 1, "time-slice"), ("2 instances, time-sliced", 2, "time-slice"),
+                                      ("2 vNPUs", 2, "vnpu")):
+        q = point_of(s, instances=instances, sharing=sharing)
+        rows.append((label, "yes" if q["feasible"] else "no", _cell(q["tokens_per_s"], ",.1f"),
+                     _cell(q["tpot_ms"], ".2f"), _cell(q["max_batch"], ",d"), q["reason"] or q["regime"]))
+    st.dataframe(pd.DataFrame(rows, columns=["sharing", "fits", "tokens/s (all)", "TPOT (ms)",
+                                             "max batch per instance", "why"]),
+                 hide_index=True, width="stretch", key="sharing_table")
+    st.caption(f"Batch {s['batch']} per instance at context {s['context']}, from the analytical model; the "
+               f"Capacity tab finds the load each one sustains under an SLO.")
+
+
+# --------------------------------------------------------------------------- simulate
 
 def results_table(r: dict) -> pd.DataFrame:
     """Every number of the result (npusim.text: the CLI and the report show the same lines)."""
@@ -328,10 +633,7 @@ def results_table(r: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["section", "metric", "value", "unit"])
 
 
-def simulate_section(s: dict) -> None:
-    st.caption("Runs the discrete-event simulator on a synthetic workload with this configuration; "
-               "the engine runs at most `batch` sequences per instance (max_num_seqs). Results are "
-               "keyed like `vllm bench serve`.")
+def workload_inputs() -> dict:
     c1, c2 = st.columns(2)
     requests = c1.slider("Requests", min_value=10, max_value=500, step=10, key="sim_requests")
     rate = c1.slider("Arrival rate (requests/s, Poisson)", min_value=0.5, max_value=64.0, step=0.5,
@@ -340,9 +642,29 @@ def simulate_section(s: dict) -> None:
                            help="lognormal: mean as set, CV 1, clipped to 8x the mean")
     prompt = c2.slider("Prompt tokens", min_value=16, max_value=8192, step=16, key="sim_prompt")
     output = c2.slider("Output tokens", min_value=1, max_value=2048, key="sim_output")
-    args = (s["hw_name"], s["model_name"], s["instances"], s["sharing"], s["block_size"],
-            s["weight_dtype"], s["kv_dtype"], s["utilization"], s["batch"], int(requests), int(prompt),
-            int(output), float(rate), lengths)
+    trace = None
+    up = c2.file_uploader("Or a trace CSV (arrived_at,num_prefill_tokens,num_decode_tokens)", type=["csv"],
+                          key="upload_trace")
+    if up is not None:
+        from npusim.workload import read_trace
+        try:
+            trace = save_upload("trace", up)
+            read_trace(trace, None)
+            c2.caption(f"{up.name}: replayed at its own times (its first {requests} requests)")
+        except NpusimError as e:
+            c2.error(f"trace not used: {e}")
+            trace = None
+    return dict(requests=int(requests), rate=float(rate), lengths=lengths, prompt=int(prompt),
+                output=int(output), trace=trace)
+
+
+def simulate_section(s: dict) -> None:
+    st.caption("Runs the discrete-event simulator on a workload with this configuration; the engine runs at "
+               "most `batch` sequences per instance (max_num_seqs). Results are keyed like `vllm bench serve`.")
+    w = workload_inputs()
+    args = (s["hw_name"], s["model_name"], s["instances"], s["sharing"], s["block_size"], s["weight_dtype"],
+            s["kv_dtype"], s["utilization"], s["batch"], w["requests"], w["prompt"], w["output"], w["rate"],
+            w["lengths"], s["engine"], w["trace"])
     if st.button("Run simulation", key="simulate"):
         try:
             with st.spinner("simulating..."):
@@ -353,30 +675,153 @@ def simulate_section(s: dict) -> None:
     stored = st.session_state.get("sim_result")
     if stored is None or stored[0] != args:
         return
-    r = stored[1]
+    r, run = stored[1]
+    from npusim.report import report_figures, report_html
+    from npusim.sweep import flatten
+    from npusim.text import overload_warning
+
+    warning = overload_warning(r)
+    if warning:
+        st.warning(f"Overloaded: {warning.split(': ', 1)[1]}")
     if r["rejected"]:
-        st.warning(f"{len(r['rejected'])} of {requests} requests rejected: "
+        st.warning(f"{len(r['rejected'])} of {r['completed'] + len(r['rejected'])} requests rejected: "
                    f"{r['rejected'][0]['reason']}")
-    st.dataframe(results_table(r), hide_index=True, width="stretch")
+    cols = st.columns(4)
+    cols[0].metric("Output throughput (tokens/s)", f"{r['output_throughput']:,.1f}")
+    cols[1].metric("p99 TTFT (ms)", f"{r['p99_ttft_ms']:,.1f}")
+    cols[2].metric("p99 TPOT (ms)", f"{r['p99_tpot_ms']:,.2f}" if r["p99_tpot_ms"] is not None else "n/a")
+    cols[3].metric("KV waste (mean)", f"{r['kv_cache']['mean_waste_fraction']:.1%}")
+    for i, fig in enumerate(report_figures(run)):
+        st.plotly_chart(fig, width="stretch", key=f"sim_fig_{i}")
+    table = results_table(r)
+    st.dataframe(table, hide_index=True, width="stretch", height=35 * (len(table) + 1) + 3, key="sim_table")
+    d1, d2, d3 = st.columns(3)
+    d1.download_button("Download JSON", json.dumps(r, indent=2), file_name="npusim-result.json",
+                       mime="application/json", key="dl_json")
+    d2.download_button("Download CSV", pd.DataFrame([flatten(r)]).to_csv(index=False), file_name="npusim-result.csv",
+                       mime="text/csv", key="dl_csv")
+    d3.download_button("Download HTML report", report_html(r, run), file_name="npusim-report.html",
+                       mime="text/html", key="dl_html")
     st.caption(f"simulated in {r['wall_seconds']:.2f} s of wall time; max_model_len {r['max_model_len']:,}")
 
+
+# --------------------------------------------------------------------------- capacity
+
+def capacity_section(s: dict) -> None:
+    st.caption("The highest Poisson arrival rate at which the simulated p99s meet every SLO (`npusim capacity`), "
+               "with the Simulate tab's lengths and max_num_seqs = batch.")
+    c1, c2, c3 = st.columns(3)
+    ttft = c1.number_input("SLO: p99 TTFT (ms)", min_value=1.0, value=2000.0, step=100.0, key="slo_ttft")
+    tpot = c2.number_input("SLO: p99 TPOT (ms)", min_value=0.1, value=50.0, step=5.0, key="slo_tpot")
+    requests = c3.number_input("Requests per run", min_value=100, max_value=2000, value=300, step=100,
+                               key="cap_requests", help="the p99's stability: the note below says how stable")
+    modes = st.checkbox("Compare 1 instance, 2 time-sliced and 2 vNPUs", value=True, key="cap_modes")
+    if not st.button("Find the highest load", key="capacity"):
+        stored = st.session_state.get("cap_result")
+        if stored is None:
+            return
+        result = stored
+    else:
+        prompt, output = int(st.session_state["sim_prompt"]), int(st.session_state["sim_output"])
+        fixed = (("hw", s["hw_name"]), ("model", s["model_name"]), ("engine", s["engine"]),
+                 ("block_size", s["block_size"]), ("weight_dtype", s["weight_dtype"]), ("kv_dtype", s["kv_dtype"]),
+                 ("gpu_memory_utilization", s["utilization"]), ("max_num_seqs", s["batch"]),
+                 ("input_len", prompt), ("output_len", output))
+        grid = (("instances", (1, 2)), ("sharing", ("time-slice", "vnpu"))) if modes else \
+            (("instances", (s["instances"],)), ("sharing", (s["sharing"],)))
+        try:
+            with st.spinner("searching..."):
+                result = find_capacity(fixed, grid, (("ttft", float(ttft)), ("tpot", float(tpot)), ("e2el", None)),
+                                       int(requests))
+        except NpusimError as e:
+            st.error(f"Cannot search: {e}")
+            return
+        st.session_state["cap_result"] = result
+    from npusim.sweep import capacity_figure, setting_text
+
+    rows = [(setting_text(c["instances"]), setting_text(c["sharing"]), _cell(c["max_rate"], ",.3f"),
+             _cell(c["ttft_p99_ms"], ",.1f"), _cell(c["tpot_p99_ms"], ",.2f"), _cell(c["output_throughput"], ",.1f"),
+             c["bound_by"], c["reason"] or "") for c in result["configs"]]
+    st.dataframe(pd.DataFrame(rows, columns=["instances", "sharing", "max rate (req/s)", "p99 TTFT ms", "p99 TPOT ms",
+                                             "output tok/s", "bound by", "why"]),
+                 hide_index=True, width="stretch", key="capacity_table")
+    best = result["best"]
+    if best:
+        st.success(f"Most load: {best['point']} sustains {best['max_rate']:.3f} req/s")
+    else:
+        st.error("No configuration meets the SLOs.")
+    st.plotly_chart(capacity_figure(result), width="stretch", key="capacity_chart")
+    st.caption(result["requests_note"])
+
+
+# --------------------------------------------------------------------------- hardware
+
+def hardware_section(s: dict) -> None:
+    from npusim.text import engine_rows, hardware_rows
+
+    h = load_hardware(s["hw_name"])
+    st.subheader(f"{h.name}: {h.description}")
+    st.dataframe(pd.DataFrame(hardware_rows(h), columns=["field", "value", "kind", "source"]), hide_index=True,
+                 width="stretch", key="hw_table")
+    if h.calibration_files:
+        st.markdown("**Calibrated from these measurements** (`hw_profiles/measurements/`): the device "
+                    "tables price each op from them; `benchmarks/validate_steps.py` reports the error on "
+                    "steps not used for fitting.")
+        for name in h.calibration_files:  # (absolute: the loader resolves them against the profile)
+            st.caption(f"{Path(name).name}: {_measurement_summary(Path(name))}")
+    e = load_engine_profile(s["engine"])
+    st.subheader(f"Engine {e.name} ({e.execution}): {e.description}")
+    st.dataframe(pd.DataFrame(engine_rows(e), columns=["field", "value", "kind", "source"]), hide_index=True,
+                 width="stretch", key="engine_table")
+
+
+def _measurement_summary(path: Path) -> str:
+    if not path.exists():
+        return "file not found"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "not readable"
+    counts = {k: len(v) for k, v in data.items() if isinstance(v, list) and v}
+    device = data.get("device", {})
+    name = device.get("name", "?") if isinstance(device, dict) else device
+    return (f"{name}, {data.get('date', '?')}, {data.get('dtype', '?')}; measured points: "
+            + ", ".join(f"{k} {n}" for k, n in counts.items()))
+
+
+# --------------------------------------------------------------------------- page
 
 def main() -> None:
     st.set_page_config(page_title="npusim what-if", layout="wide")
     init_state()
     settings = sidebar()
     st.title("npusim: what-if for LLM serving")
-    st.caption(f"{settings['model_name']} on {settings['hw_name']}: {settings['instances']} "
-               f"instance(s), {settings['sharing']}, batch {settings['batch']}, context "
-               f"{settings['context']}, page {settings['block_size']} tokens, weights "
-               f"{settings['weight_dtype']}, KV {settings['kv_dtype']}. Steady-state decode from the "
-               f"analytical roofline model.")
+    st.caption(f"{short(settings['model_name'])} on {short(settings['hw_name'])} with {settings['engine']}: "
+               f"{settings['instances']} instance(s), {settings['sharing']}, batch {settings['batch']}, context "
+               f"{settings['context']}, page {settings['block_size']} tokens, weights {settings['weight_dtype']}, "
+               f"KV {settings['kv_dtype']}. Steady-state decode from the analytical model; the settings are in "
+               f"the URL.")
+    for problem in st.session_state.get("_url_problems", []):
+        st.warning(f"URL: {problem}")
+    tabs = st.tabs(["Decode", "Page size", "Roofline", "Compare", "Simulate", "Capacity", "Hardware"])
+    current = None
     try:
-        analysis_section(settings)
+        with tabs[0]:
+            current = decode_section(settings)
+        with tabs[1]:
+            page_size_section(settings)
+        with tabs[2]:
+            roofline_section(settings, current["point"])
+        with tabs[3]:
+            compare_section(settings, current)
     except NpusimError as e:
         st.error(f"Invalid configuration: {e}")
-    with st.expander("Simulate"):
+    with tabs[4]:
         simulate_section(settings)
+    with tabs[5]:
+        capacity_section(settings)
+    with tabs[6]:
+        hardware_section(settings)
     st.caption(PROVENANCE)
 
 

@@ -633,12 +633,13 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
     if as_json:
         _print_json(h.model_dump())
         return
+    from npusim.text import hardware_rows
+
     t = Table(title=f"{h.name}: {h.description}")
     for col in ("field", "value", "kind", "source"):
         t.add_column(col)
-    for field, prov in h.provenance.items():
-        t.add_row(field, f"{getattr(h, field):g}", prov.kind, prov.source)
-    t.add_row("default_engine", h.default_engine, "-", "the engine profile used when none is named")
+    for row in hardware_rows(h):
+        t.add_row(*row)
     console.print(t)
 
 
@@ -664,17 +665,13 @@ def engine_show(name: str = typer.Argument(..., help="profile name or path"),
     if as_json:
         _print_json(e.model_dump())
         return
+    from npusim.text import engine_rows
+
     t = Table(title=f"{e.name} ({e.execution}): {e.description}")
     for col in ("field", "value", "kind", "source"):
         t.add_column(col)
-    t.add_row("attention_backend", e.attention_backend, "-", "")
-    r = e.kv_block_sizes
-    t.add_row("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)
-    for field, prov in e.provenance.items():
-        head, _, key = field.partition(".")
-        value = getattr(e, head)  # a plain number, or one entry of a mapping (kernels.qkv_proj)
-        value = value[key] if key else value
-        t.add_row(field, f"{value:g}", prov.kind, prov.source)
+    for row in engine_rows(e):
+        t.add_row(*row)
     console.print(t)
 
 

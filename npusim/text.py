@@ -111,3 +111,23 @@ def format_summary(r: dict) -> str:
         out.append(f"warning: {warning}")
     out.append(f"(simulated in {r['wall_seconds']:.2f} s of wall time)")
     return "\n".join(out)
+
+
+def hardware_rows(h) -> list[tuple[str, str, str, str]]:
+    """A hardware profile as (field, value, kind, source) rows: every number with its provenance."""
+    rows = [(field, f"{getattr(h, field):g}", prov.kind, prov.source) for field, prov in h.provenance.items()]
+    rows.append(("default_engine", h.default_engine, "-", "the engine profile used when none is named"))
+    return rows
+
+
+def engine_rows(e) -> list[tuple[str, str, str, str]]:
+    """An engine profile as (field, value, kind, source) rows."""
+    r = e.kv_block_sizes
+    rows = [("attention_backend", e.attention_backend, "-", ""),
+            ("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)]
+    for field, prov in e.provenance.items():
+        head, _, key = field.partition(".")
+        value = getattr(e, head)  # a plain number, or one entry of a mapping (kernels.qkv_proj)
+        value = value[key] if key else value
+        rows.append((field, f"{value:g}", prov.kind, prov.source))
+    return rows

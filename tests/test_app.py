@@ -42,6 +42,12 @@ def metric(at: AppTest, label: str) -> str:
     return found[0]
 
 
+def sim_table(at: AppTest):
+    """The simulation's results table (section, metric, value, unit), or None."""
+    found = [d.value for d in at.dataframe if list(d.value.columns) == ["section", "metric", "value", "unit"]]
+    return found[0] if found else None
+
+
 def number(text: str) -> float:
     """'1,454.9 tokens/s' -> 1454.9"""
     return float(text.split()[0].replace(",", ""))
@@ -59,8 +65,8 @@ def test_default_page_matches_the_analytical_model():
     assert number(metric(at, "KV capacity")) == p.num_blocks * p.block_size
     assert not at.error
     assert at.success and p.regime in at.success[0].value
-    # per-op, memory and batch-sweep charts
-    assert len(at.get("plotly_chart")) == 3
+    # per-op, memory, batch-sweep, page-size and roofline charts (tabs render all)
+    assert len(at.get("plotly_chart")) == 5
     assert any("npusim hw show" in c.value for c in at.caption)
 
 
@@ -93,7 +99,9 @@ def test_batch_beyond_memory_names_the_cap():
     errors = [e.value for e in at.error]
     assert errors and "max batch" in errors[0]
     assert not any("throughput" in m.label.lower() for m in at.metric)
-    assert len(at.get("plotly_chart")) == 2  # memory and the batch sweep up to the cap
+    assert len(at.get("plotly_chart")) == 3  # memory, the batch sweep up to the cap, page sizes
+    infos = [i.value for i in at.info]
+    assert any("What would fit" in i and "batch" in i for i in infos)
 
 
 def test_block_sizes_offered_are_those_the_device_accepts():
@@ -115,8 +123,8 @@ def test_simulate_button_shows_a_results_table():
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error
-    assert len(at.dataframe) == 1
-    table = at.dataframe[0].value
+    table = sim_table(at)
+    assert table is not None
     metrics = set(table["metric"])
     # every line the CLI prints (npusim.text), the KV waste, preemptions and energy among them
     for name in ("Successful requests", "Output token throughput", "Mean TTFT", "P99 TPOT", "Mean ITL",
@@ -136,4 +144,116 @@ def test_simulate_on_a_configuration_that_does_not_fit_shows_an_error():
     at.run()
     assert not at.exception
     assert any(e.value.startswith("Cannot simulate") and "GiB" in e.value for e in at.error)
-    assert not at.dataframe
+    assert sim_table(at) is None
+
+
+def test_new_hardware_resets_engine_and_block_size_to_its_own():
+    at = start()
+    at.selectbox(key="hw").set_value("h100-sxm")
+    at.run()
+    at.selectbox(key="block_size").set_value(16)
+    at.run()
+    at.selectbox(key="hw").set_value("h200")
+    at.run()
+    assert not at.exception
+    # h200's engine (vllm) recommends 16 as well; back to an Ascend device: 128, whatever was set
+    assert at.selectbox(key="engine").value == "vllm"
+    at.selectbox(key="hw").set_value("ascend-910b2")
+    at.run()
+    assert at.selectbox(key="engine").value == "vllm-ascend-graph"
+    assert int(at.selectbox(key="block_size").value) == 128
+
+
+def test_engine_choice_sets_the_pages_and_the_numbers():
+    at = start()
+    base = number(metric(at, "Decode throughput"))
+    at.selectbox(key="engine").set_value("mindie")
+    at.run()
+    assert [int(b) for b in at.selectbox(key="block_size").options] == [16, 32, 64, 128]
+    s = settings(at)
+    p = analytical_point(s.pop("hw"), s.pop("model"), engine="mindie", **s)
+    assert number(metric(at, "Decode throughput")) == pytest.approx(p.tokens_per_s, abs=0.051) != base
+
+
+def test_the_url_carries_the_settings_and_bad_values_are_named():
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.query_params["model"] = "llama-3.2-1b"
+    at.query_params["batch"] = "8"
+    at.query_params["hw"] = "h200"
+    at.query_params["block_size"] = "32"
+    at.query_params["colour"] = "blue"
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="model").value == "llama-3.2-1b" and int(at.number_input(key="batch").value) == 8
+    assert at.selectbox(key="hw").value == "h200" and int(at.selectbox(key="block_size").value) == 32
+    warnings = [w.value for w in at.warning]
+    assert any("colour is not a setting" in w for w in warnings)
+    # and the page writes its state back into the URL
+    assert at.query_params["model"] == ["llama-3.2-1b"] or at.query_params["model"] == "llama-3.2-1b"
+    at2 = AppTest.from_file(str(APP), default_timeout=30)
+    at2.query_params["batch"] = "many"
+    at2.query_params["model"] = "gpt-5"
+    at2.run()
+    warnings = [w.value for w in at2.warning]
+    assert any("batch='many' is not a int" in w for w in warnings)
+    assert any("model='gpt-5' is not one of the choices" in w for w in warnings)
+
+
+def test_pinned_configuration_is_compared_with_the_current_one():
+    at = start()
+    at.button(key="pin").click()
+    at.run()
+    at.selectbox(key="weight_dtype").set_value("int8")
+    at.run()
+    assert not at.exception
+    frames = [d.value for d in at.dataframe if "A (pinned)" in d.value.columns]
+    assert frames
+    row = frames[0][frames[0]["metric"] == "Max batch that fits"].iloc[0]
+    assert number(row["B (now)"]) > number(row["A (pinned)"])  # int8 weights leave room for more KV
+    sharing = [d.value for d in at.dataframe if "sharing" in d.value.columns and "fits" in d.value.columns][0]
+    assert list(sharing["sharing"]) == ["1 instance", "2 instances, time-sliced", "2 vNPUs"]
+
+
+def test_simulation_warns_when_overloaded_and_offers_downloads():
+    # the default page: 8 requests/s offered to a batch of 32 serves about 4.7
+    at = start()
+    at.button(key="simulate").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(w.value.startswith("Overloaded") for w in at.warning)
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Download JSON", "Download CSV", "Download HTML report"]
+
+
+def test_hardware_tab_shows_every_number_with_its_source():
+    at = start()
+    tables = [d.value for d in at.dataframe if list(d.value.columns) == ["field", "value", "kind", "source"]]
+    assert len(tables) == 2  # the device and the engine
+    hw = tables[0]
+    assert {"memory_bandwidth_gbs", "matmul_tflops_bf16", "default_engine"} <= set(hw["field"])
+    assert hw["source"].str.len().min() >= 1
+
+
+def test_uploads_are_size_limited_and_checked_by_the_loaders():
+    """save_upload (app.py's functions, without running its page) keeps files by content hash."""
+    import types
+
+    module = types.ModuleType("app_functions")
+    exec(compile(APP.read_text().replace("\nmain()\n", "\n"), str(APP), "exec"), module.__dict__)
+
+    class Upload:
+        def __init__(self, name, data):
+            self.name, self._data = name, data
+
+        def getvalue(self):
+            return self._data
+
+    from npusim.errors import NpusimError
+    from npusim.specs import load_model
+
+    config = (Path(__file__).parent / "fixtures" / "qwen3-tiny-config.json").read_bytes()
+    path = module.save_upload("model", Upload("mine.json", config))
+    assert path.endswith("mine.json") and load_model(path).num_layers > 0
+    assert module.save_upload("model", Upload("mine.json", config)) == path  # the same content, the same file
+    with pytest.raises(NpusimError, match="over the 1 MiB limit for a hardware file"):
+        module.save_upload("hardware", Upload("big.yaml", b"x" * (2 << 20)))

@@ -85,11 +85,16 @@ def _wait(driver, css: str, timeout: float = 30, count: int = 1):
 
 
 def _settled(driver, timeout: float = 30) -> None:
-    """Wait until the app has finished its rerun (Streamlit shows a running indicator meanwhile)."""
-    time.sleep(0.3)
+    """Wait until the app has finished its rerun: Streamlit shows its status widget ("Stop")
+    shortly after a run starts, and removes it when the run ends."""
+    try:
+        WebDriverWait(driver, 1.5, poll_frequency=0.05).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    except Exception:  # noqa: BLE001 - a quick run may be over before the widget shows
+        pass
     WebDriverWait(driver, timeout).until(
         lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
-    time.sleep(0.3)
+    time.sleep(0.5)  # (plotly draws after the run)
 
 
 def _headline(driver) -> dict[str, str]:
@@ -110,6 +115,13 @@ def _choose(driver, label: str, option: str) -> None:
     match[0].click()
     _settled(driver)
     assert box.get_attribute("value") == option
+
+
+def _tab(driver, name: str) -> None:
+    tabs = [t for t in driver.find_elements(By.CSS_SELECTOR, '[role="tab"]') if t.text.strip() == name]
+    assert tabs, f"no tab {name!r}"
+    tabs[0].click()
+    _settled(driver)
 
 
 def _console_errors(driver) -> list[str]:
@@ -145,15 +157,36 @@ def test_dashboard_in_a_real_browser(server, browser):
     capacity = next(k for k in third if k.startswith("KV capacity"))
     assert third != second and third[capacity] != second[capacity]
 
-    expander = [e for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stExpander"] summary')
-                if "Simulate" in e.text]
-    expander[0].click()
+    for name in ("Page size", "Roofline", "Compare", "Hardware"):
+        _tab(d, name)
+        _shot(d, f"4-tab-{name.lower().replace(' ', '-')}")
+        assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), name
+    _tab(d, "Simulate")
     run = WebDriverWait(d, 20).until(EC.element_to_be_clickable(
         (By.XPATH, "//button[.//p[text()='Run simulation']]")))
     run.click()
     _wait(d, '[data-testid="stDataFrame"]', timeout=60)
     _settled(d, timeout=60)
-    d.execute_script("window.scrollTo(0, document.body.scrollHeight)")
-    _shot(d, "4-simulated")
+    _shot(d, "5-simulated")
+    d.set_window_size(1280, 4200)  # (the whole tab: Streamlit scrolls inside the page, not the window)
+    time.sleep(1.0)
+    _shot(d, "6-simulated-whole")
+    d.set_window_size(1280, 1100)
+    assert "p99 TTFT (ms)" in _headline(d)
+    assert len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3  # the report's figures
     assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     assert _console_errors(d) == []
+
+
+def test_the_url_opens_the_page_as_shared(server, browser):
+    d = browser
+    d.get(f"{server}/?hw=h200&model=llama-3.2-1b&block_size=32&batch=8")
+    _wait(d, '[data-testid="stMetricValue"]', timeout=60)
+    _settled(d)
+    box = d.find_element(By.CSS_SELECTOR, 'input[role="combobox"][aria-label="KV block size (tokens per page)"]')
+    assert box.get_attribute("value") == "32"
+    assert d.find_element(By.CSS_SELECTOR, 'input[role="combobox"][aria-label="Model"]').get_attribute("value") \
+        == "llama-3.2-1b"
+    _shot(d, "7-from-url")
+    _choose(d, "Model", "llama-3.1-8b")
+    assert "model=llama-3.1-8b" in d.current_url and "block_size=32" in d.current_url
