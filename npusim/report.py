@@ -173,3 +173,30 @@ def write_report(path: str | Path, result: dict, run: RunRecord) -> Path:
     except OSError as e:
         raise NpusimError(f"cannot write report {p}: {e.strerror}") from None
     return p
+
+
+def notebook_renderer() -> tuple[str, str | None]:
+    """The plotly renderers for a notebook, and a note when static images cannot be made. The
+    interactive figure goes out as plotly's mimetype (JupyterLab and VS Code draw it offline);
+    where kaleido can draw with a local Chromium, a PNG goes beside it, which is what GitHub and
+    nbviewer show. Chromium is found on the PATH (Debian's `chromium`) or at $BROWSER_PATH."""
+    import os
+    import shutil
+
+    if os.environ.get("NPUSIM_NO_STATIC_FIGURES"):  # (the test suite: runs the notebooks, not the images)
+        return "plotly_mimetype", "static images off: NPUSIM_NO_STATIC_FIGURES is set"
+    try:
+        import kaleido  # noqa: F401 - only whether it is there
+    except ImportError:
+        return "plotly_mimetype", ("figures are interactive only (GitHub shows none): static images need "
+                                   "kaleido (pip install kaleido) and Chromium")
+    browser = os.environ.get("BROWSER_PATH") or next(
+        (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if browser is None:
+        return "plotly_mimetype", "figures are interactive only (GitHub shows none): kaleido found no Chromium"
+    os.environ["BROWSER_PATH"] = browser
+    try:
+        go.Figure(go.Bar(x=[1], y=[1])).to_image(format="png", width=50, height=50)
+    except Exception as e:  # noqa: BLE001 - any failure of the external browser means no images
+        return "plotly_mimetype", f"figures are interactive only: kaleido could not draw ({type(e).__name__})"
+    return "plotly_mimetype+png", None

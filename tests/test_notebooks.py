@@ -60,6 +60,7 @@ def test_the_notebooks_exist():
 def test_notebook_runs_clean_and_draws_a_figure(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     kernel = kernel_for_this_interpreter(tmp_path, monkeypatch)
+    monkeypatch.setenv("NPUSIM_NO_STATIC_FIGURES", "1")  # (the committed copies carry the PNGs)
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name=kernel,
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     with contextlib.ExitStack() as stack:
@@ -83,3 +84,14 @@ def test_committed_notebook_has_outputs_and_no_errors(path):
     outputs = [o for cell in code for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(PLOTLY_MIME in o.get("data", {}) for o in outputs)
+    # every figure also as a static image, which GitHub and nbviewer show (plotly's JSON they do not)
+    figures = [o for o in outputs if PLOTLY_MIME in o.get("data", {})]
+    assert all("image/png" in o["data"] for o in figures), "a figure without its PNG: re-run with kaleido"
+
+
+def test_the_notebooks_cover_the_studies():
+    assert {p.name for p in NOTEBOOKS} >= {"calibration.ipynb", "seed_article.ipynb", "trace_under_pressure.ipynb"}
+    for name in ("calibration.ipynb", "seed_article.ipynb", "trace_under_pressure.ipynb"):
+        code = "".join(c.source for c in nbformat.read(NOTEBOOK_DIR / name, as_version=4).cells
+                       if c.cell_type == "code")
+        assert "assert " in code, f"{name} checks none of its numbers"
