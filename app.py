@@ -24,7 +24,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from npusim.analysis import SHARING_MODES, analytical_point, decode_batch, instance_engine, reference_point
+from npusim.analysis import (SHARING_MODES, analytical_point, decode_batch, instance_engine, reference_point,
+                             unloaded_ttft)
 from npusim.costmodel import instance_setup
 from npusim.errors import NpusimError
 from npusim.specs import (KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, ceil_div, gib, known_engines,
@@ -112,6 +113,14 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
     roofs = {"matmul_tflops": peak, "vector_tflops": h.vector_tflops, "bandwidth_gbs": h.memory_bandwidth_gbs,
              "name": h.name}
     return [op.as_dict() for op in ops], roofs
+
+
+@st.cache_data(show_spinner=False)
+def compute_ttft(hw_name: str, model_name: str, context: int, instances: int, sharing: str, block_size: int,
+                 weight_dtype: str, kv_dtype: str, utilization: float, engine: str) -> dict:
+    return unloaded_ttft(hw_name, model_name, prompt=context, instances=instances, sharing=sharing,
+                         block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+                         gpu_memory_utilization=utilization, engine=engine)
 
 
 def log_spaced(top: int, count: int = 40) -> list[int]:
@@ -322,14 +331,20 @@ def point_of(s: dict, **change) -> dict:
 
 def headline(p: dict, mem: dict, s: dict) -> None:
     each = " per instance" if s["instances"] > 1 else ""
-    top, bottom = st.columns(3), st.columns(3)
+    top, bottom = st.columns(4), st.columns(4)
     if p["feasible"]:
-        top[0].metric("Decode throughput (tokens/s)", f"{p['tokens_per_s']:,.1f}",
-                      help="all instances together, steady-state decode")
+        top[0].metric("Decode tok/s", f"{p['tokens_per_s']:,.1f}",
+                      help="output tokens per second, all instances together, steady-state decode")
         top[1].metric("TPOT (ms)", f"{p['tpot_ms']:.2f}",
                       help=f"time between two tokens of one sequence; includes "
                            f"{p['host_ms']:.2f} ms host overhead per iteration")
         top[2].metric("Bound", p["bound"], help=p["regime"])
+        t = compute_ttft(s["hw_name"], s["model_name"], s["context"], s["instances"], s["sharing"], s["block_size"],
+                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
+        top[3].metric("TTFT, unloaded (ms)", f"{t['ttft_ms']:,.1f}",
+                      help=f"one {s['context']}-token prompt alone on an idle instance: {t['iterations']} "
+                           f"prefill iteration(s) of up to {t['chunk_tokens']} tokens; queueing under load "
+                           f"adds to it (Simulate tab)")
     bottom[0].metric(f"Max batch that fits{each}", f"{p['max_batch']:,}",
                      help=f"sequences of {s['context']} tokens the KV pool holds")
     bottom[1].metric(f"KV capacity{each} (tokens)", f"{p['num_blocks'] * s['block_size']:,}",

@@ -523,3 +523,31 @@ def _explain_instances(rows: list[dict], context: int) -> list[str]:
 
 __all__ = ["AnalyticalPoint", "Reference", "analytical_point", "reference_point", "proportionality_table",
            "explain_proportionality", "instance_hardware", "scaled_hardware", "SHARING_MODES"]
+
+
+def unloaded_ttft(hw: HardwareSpec | str, model: ModelSpec | str, *, prompt: int, instances: int = 1,
+                  sharing: str = "time-slice", block_size: int | None = None, weight_dtype: str = "bf16",
+                  kv_dtype: str = "bf16", gpu_memory_utilization: float = 0.9,
+                  engine: str | None = None) -> dict:
+    """Time to first token of one `prompt`-token request alone on an idle instance: its prefill in
+    chunks of the engine's max_num_batched_tokens (one chunk without chunked prefill), each chunk
+    one iteration (host, then the device) that computes its last row's logits (vLLM V1 samples a
+    partial prefill too and discards the token), the last one giving the first token. Under load,
+    queueing and other requests' tokens in the same iterations add to it (the simulator has them)."""
+    hw, model = load_hardware(hw), load_model(model)
+    cfg = _validate(EngineConfig, dict(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
+                                       kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization), "engine")
+    setup = instance_setup(hw, model, cfg, instances, sharing)
+    if not setup.plan.fits:
+        raise NpusimError(f"{model.name} on {hw.name} {setup.plan.verdict}")
+    eng = setup.engine
+    chunk = eng.max_num_batched_tokens if eng.enable_chunked_prefill else prompt
+    total, done, iterations = 0.0, 0, 0
+    while done < prompt:
+        n = min(chunk, prompt - done)
+        device = setup.cost.step_time(prefill_chunks=[(n, done)], num_sampled=1)
+        host, held = setup.cost.host_times(1, device, has_decode=False, has_prefill=True)
+        total += host + held
+        done += n
+        iterations += 1
+    return {"ttft_ms": total * 1e3, "iterations": iterations, "chunk_tokens": chunk}

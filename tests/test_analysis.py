@@ -192,3 +192,19 @@ def test_analyze_table_output():
 ])
 def test_analyze_errors_are_one_line(args, needle):
     assert_one_line_error("analyze", args, needle, {"--hw": "ascend-910b2", "--model": "llama-3.1-8b"})
+
+
+@pytest.mark.parametrize("hw, engine, prompt", [("ascend-910b2", None, 5000), ("h200", "torch-eager", 3000),
+                                                ("ascend-910b2", "mindie", 700)])
+def test_unloaded_ttft_is_what_the_simulator_gives_one_request_alone(hw, engine, prompt):
+    import json
+
+    from conftest import run_cli
+    from npusim.analysis import unloaded_ttft
+
+    args = ["simulate", "--hw", hw, "--requests", "1", "--input-len", str(prompt), "--output-len", "2", "--json"]
+    rc, out, err = run_cli(*args, *(["--engine", engine] if engine else []))
+    assert rc == 0, err
+    got = unloaded_ttft(hw, "llama-3.1-8b", prompt=prompt, engine=engine)
+    assert got["ttft_ms"] == pytest.approx(json.loads(out)["mean_ttft_ms"], rel=1e-9)
+    assert got["iterations"] == -(-prompt // got["chunk_tokens"])

@@ -58,7 +58,7 @@ def test_default_page_matches_the_analytical_model():
     s = settings(at)
     p = analytical_point(s.pop("hw"), s.pop("model"), **s)
     assert p.feasible
-    assert number(metric(at, "Decode throughput")) == pytest.approx(p.tokens_per_s, abs=0.051)
+    assert number(metric(at, "Decode tok/s")) == pytest.approx(p.tokens_per_s, abs=0.051)
     assert number(metric(at, "TPOT")) == pytest.approx(p.tpot_ms, abs=0.0051)
     assert metric(at, "Bound") == p.bound
     assert number(metric(at, "Max batch")) == p.max_batch
@@ -87,7 +87,7 @@ def test_configuration_that_does_not_fit_shows_an_error_and_no_throughput(hw, mo
     p = analytical_point(s.pop("hw"), s.pop("model"), **s)
     assert not p.feasible and p.reason in errors[0]  # npusim's own numbers, none invented
     labels = [m.label for m in at.metric]
-    assert not any("throughput" in label.lower() or label == "TPOT" for label in labels)
+    assert not any("tok/s" in label or label.startswith(("TPOT", "TTFT")) for label in labels)
     assert number(metric(at, "Max batch")) == 0
 
 
@@ -98,7 +98,7 @@ def test_batch_beyond_memory_names_the_cap():
     assert not at.exception
     errors = [e.value for e in at.error]
     assert errors and "max batch" in errors[0]
-    assert not any("throughput" in m.label.lower() for m in at.metric)
+    assert not any("tok/s" in m.label for m in at.metric)
     assert len(at.get("plotly_chart")) == 3  # memory, the batch sweep up to the cap, page sizes
     infos = [i.value for i in at.info]
     assert any("What would fit" in i and "batch" in i for i in infos)
@@ -113,7 +113,7 @@ def test_block_sizes_offered_are_those_the_device_accepts():
     assert not at.exception
     h100 = [int(b) for b in at.selectbox(key="block_size").options]
     assert 16 in h100 and 128 in h100 and 8 not in h100 and 256 not in h100  # vLLM FlashAttention
-    assert metric(at, "Decode throughput")
+    assert metric(at, "Decode tok/s")
 
 
 def test_simulate_button_shows_a_results_table():
@@ -166,13 +166,13 @@ def test_new_hardware_resets_engine_and_block_size_to_its_own():
 
 def test_engine_choice_sets_the_pages_and_the_numbers():
     at = start()
-    base = number(metric(at, "Decode throughput"))
+    base = number(metric(at, "Decode tok/s"))
     at.selectbox(key="engine").set_value("mindie")
     at.run()
     assert [int(b) for b in at.selectbox(key="block_size").options] == [16, 32, 64, 128]
     s = settings(at)
     p = analytical_point(s.pop("hw"), s.pop("model"), engine="mindie", **s)
-    assert number(metric(at, "Decode throughput")) == pytest.approx(p.tokens_per_s, abs=0.051) != base
+    assert number(metric(at, "Decode tok/s")) == pytest.approx(p.tokens_per_s, abs=0.051) != base
 
 
 def test_the_url_carries_the_settings_and_bad_values_are_named():
@@ -257,3 +257,28 @@ def test_uploads_are_size_limited_and_checked_by_the_loaders():
     assert module.save_upload("model", Upload("mine.json", config)) == path  # the same content, the same file
     with pytest.raises(NpusimError, match="over the 1 MiB limit for a hardware file"):
         module.save_upload("hardware", Upload("big.yaml", b"x" * (2 << 20)))
+
+
+def test_unloaded_ttft_is_on_the_headline():
+    from npusim.analysis import unloaded_ttft
+
+    at = start()
+    s = settings(at)
+    want = unloaded_ttft(s["hw"], s["model"], prompt=s["context"], block_size=s["block_size"])
+    assert number(metric(at, "TTFT, unloaded")) == pytest.approx(want["ttft_ms"], abs=0.051)
+
+
+def test_capacity_tab_finds_the_highest_load():
+    at = start()
+    at.selectbox(key="model").set_value("llama-3.2-1b")
+    at.run()
+    at.checkbox(key="cap_modes").uncheck()
+    at.number_input(key="cap_requests").set_value(100)
+    at.number_input(key="slo_tpot").set_value(8.0)
+    at.button(key="capacity").click()
+    at.run(timeout=120)
+    assert not at.exception, [e.value for e in at.exception]
+    tables = [d.value for d in at.dataframe if "max rate (req/s)" in d.value.columns]
+    assert tables and len(tables[0]) == 1
+    assert number(tables[0]["max rate (req/s)"].iloc[0]) > 0
+    assert any(s.value.startswith("Most load:") for s in at.success)
