@@ -10,11 +10,11 @@ from typing import List, Optional
 
 import typer
 
-from npusim.costmodel import CostModel, memory_plan
+from npusim.costmodel import CostModel
 from npusim.errors import NpusimError
 
 from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
-                          load_engine_profile, load_hardware, load_model, resolve_engine)
+                          load_engine_profile, load_hardware, load_model)
 
 # Plain click help (rich_markup_mode=None): it wraps long option names at any width instead of
 # cutting them, and shows a flag as a flag, not as `<bool>`.
@@ -79,6 +79,7 @@ def step(
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | int8 | int4"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
@@ -96,10 +97,12 @@ def step(
         flag = "--context" if phase == "decode" else "--prompt"
         raise NpusimError(f"{flag} {longest - (phase == 'decode')} exceeds {m.name}'s context of "
                           f"{m.max_position_embeddings} tokens (max_position_embeddings)")
-    profile, eng = resolve_engine(h, _engine(profile=engine, block_size=block_size,
-                                             weight_dtype=weight_dtype, kv_dtype=kv_dtype))
+    from npusim.costmodel import instance_setup
+
+    setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
+                                         kv_dtype=kv_dtype, tensor_parallel_size=tp))
+    profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
-    cm = CostModel(h, m, weight_dtype, kv_dtype, profile, bs)
     if phase == "decode":
         slots_per_seq = ceil_div(context, bs) * bs
         args = dict(num_decodes=batch, decode_context_tokens=batch * context,
@@ -113,7 +116,7 @@ def step(
     kernels = sum(o.kernels for o in ops)
     host_s, held_s = cm.host_times(batch, step_s, phase == "decode", phase == "prefill")
     iteration_s = host_s + held_s
-    plan = memory_plan(h, m, eng)
+    comm_s = sum(o.time_s for o in ops if o.bound == "comm")
     need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
     mem = plan.as_dict()
     mem["blocks_needed"] = need_blocks
@@ -136,7 +139,8 @@ def step(
             "kernels": kernels, "tokens_per_s": tokens / iteration_s,
             "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_ms": o.time_s * 1e3,
                      "bound": o.bound, "kernels": o.kernels} for o in ops],
-            "memory": mem,
+            # per device: every device of a tensor-parallel instance holds and runs the same share
+            "memory": mem, "tp": tp, "devices": tp, "comm_ms": comm_s * 1e3, "comm_share": comm_s / step_s,
         })
         return
     what = f"decode, batch {batch}, context {context}" if phase == "decode" else f"prefill, batch {batch}, prompt {prompt}"
@@ -151,6 +155,10 @@ def step(
     console.print(f"device: [bold]{step_s * 1e3:.3f} ms[/] in {kernels} kernels   host: "
                   f"{(iteration_s - step_s) * 1e3:.3f} ms   iteration: {iteration_s * 1e3:.3f} ms   "
                   f"throughput: {tokens / iteration_s:,.1f} tokens/s")
+    if tp > 1:
+        console.print(f"tensor parallel over {tp} devices of a {h.name} node ({h.link_topology}, "
+                      f"{h.link_gbs:g} GB/s one way): all-reduces {comm_s * 1e3:.3f} ms ({comm_s / step_s:.1%} "
+                      f"of the device time); memory per device:")
     console.print(f"memory: {plan.verdict}")
 
 
@@ -186,6 +194,7 @@ def simulate(
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),
     seed: Optional[int] = typer.Option(None, "--seed", min=0),
     as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),

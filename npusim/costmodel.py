@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Sequence
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
-                          load_engine_profile, resolve_engine)
+                          load_engine_profile, resolve_engine, tp_shard)
 from npusim.calibration import load_tables
 
 ACT_BYTES = 2.0  # activations in bf16/fp16
@@ -29,7 +29,7 @@ class Op(NamedTuple):
     flops: float
     bytes: float
     time_s: float
-    bound: str  # "compute" | "memory" | "latency"
+    bound: str  # "compute" | "memory" | "latency" | "comm" (a collective over the tensor-parallel devices)
     kernels: int
 
     def as_dict(self) -> dict:
@@ -81,9 +81,10 @@ class CostModel:
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
                  kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
-                 block_size: int | None = None):
+                 block_size: int | None = None, tp: int = 1):
         self.hw = hw
-        self.model = model
+        self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
+        self.tp = tp
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
         self.block_size = block_size or self.engine.kv_block_sizes.recommended
@@ -127,7 +128,7 @@ class CostModel:
         # which ops this model has, and the kernels an iteration launches outside attention
         self.layer_ops = tuple(o for o in LAYER_OPS if self._has(o))
         dense = [o for o in self.layer_ops if not o.startswith("attention")]
-        self._dense_kernels = model.num_layers * sum(self.kernels[o] for o in dense)
+        self._dense_kernels = model.num_layers * (sum(self.kernels[o] for o in dense) + (2 if tp > 1 else 0))
         self._step_kernels = sum(self.kernels[o] for o in STEP_OPS)
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
@@ -216,6 +217,23 @@ class CostModel:
         passes = 1 if name == "kv_cache_write" else max(1, k)
         return self.vector(flops, nbytes, k, name, passes)
 
+    def collective(self, name: str, kind: str, nbytes: float) -> Op:
+        """One collective over the tp devices of a tensor of `nbytes` (what each device holds
+        after it): an all-reduce moves 2(N-1)/N of it through each device's link, an all-gather
+        (N-1)/N; a full mesh or a switch does it in 2 steps (1 for an all-gather), a ring in
+        2(N-1) (N-1). Time: steps x latency + bytes / (link bandwidth x efficiency)."""
+        n, hw = self.tp, self.hw
+        if n == 1 or nbytes <= 0:
+            return Op(name, 0.0, 0.0, 0.0, "comm", 0)
+        factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+        if hw.link_topology == "ring":
+            steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+        else:
+            steps = 2 if kind == "all_reduce" else 1
+        moved = factor * nbytes
+        t = steps * hw.link_latency_us * 1e-6 + moved / (hw.link_gbs * 1e9 * hw.link_efficiency)
+        return Op(name, 0.0, moved, t, "comm", 1)
+
     @property
     def _linear_weight_bytes(self) -> float:
         if self.weight_dtype == "int4":
@@ -241,21 +259,34 @@ class CostModel:
             self._vector("rope", 6.0 * T * (m.q_dim + m.kv_dim), 2.0 * T * (m.q_dim + m.kv_dim) * ACT_BYTES),
             self._vector("kv_cache_write", 0.0, T * m.kv_dim * 2 * (ACT_BYTES + self.kv_bytes)),
             self._gemm("o_proj", T, m.q_dim, h, w),
+            *self._all_reduce("all_reduce_attn", T),
             self._vector("residual_attn", T * h, 3.0 * T * h * ACT_BYTES),
             self._vector("rmsnorm_mlp", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
             self._gemm("gate_up_proj", T, h, 2 * f, w),
             self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
             self._gemm("down_proj", T, f, h, w),
+            *self._all_reduce("all_reduce_mlp", T),
             self._vector("residual_mlp", T * h, 3.0 * T * h * ACT_BYTES),
         ]
         return ops
+
+    def _all_reduce(self, name: str, tokens: int) -> list[Op]:
+        """Row-parallel o_proj and down_proj leave partial sums on every device: an all-reduce of
+        the tokens' hidden states (none on one device)."""
+        if self.tp == 1:
+            return []
+        return [self.collective(name, "all_reduce", tokens * self.model.hidden_size * ACT_BYTES)]
 
     def edge_ops(self, tokens: int, sampled: int) -> list[Op]:
         """Ops run once per iteration: embedding, final norm, LM head and sampling."""
         return [self.embedding_op(tokens)] + self.head_ops(sampled)
 
     def embedding_op(self, tokens: int) -> Op:
-        return self._vector("embedding", 0.0, 2.0 * tokens * self.model.hidden_size * ACT_BYTES)
+        op = self._vector("embedding", 0.0, 2.0 * tokens * self.model.hidden_size * ACT_BYTES)
+        if self.tp > 1:  # a vocabulary-parallel embedding: each device looks up its rows, then an all-reduce
+            ar = self.collective("embedding", "all_reduce", tokens * self.model.hidden_size * ACT_BYTES)
+            op = Op("embedding", op.flops, op.bytes + ar.bytes, op.time_s + ar.time_s, op.bound, op.kernels + 1)
+        return op
 
     def head_ops(self, sampled: int) -> list[Op]:
         """Final norm, LM head and sampling of the rows whose logits are needed."""
@@ -264,7 +295,9 @@ class CostModel:
         ops = [self._vector("final_norm", 4.0 * sampled * h, 2.0 * sampled * h * ACT_BYTES + h * ACT_BYTES)]
         if sampled:
             ops.append(self._gemm("lm_head", sampled, h, V, ACT_BYTES))  # kept 16-bit under weight-only quant
-            ops.append(self._vector("sampling", 5.0 * sampled * V, 2.0 * sampled * V * LOGIT_BYTES))
+            if self.tp > 1:  # each device has its share of the vocabulary's logits: gathered to sample
+                ops.append(self.collective("logits_gather", "all_gather", sampled * V * self.tp * LOGIT_BYTES))
+            ops.append(self._vector("sampling", 5.0 * sampled * V * self.tp, 2.0 * sampled * V * self.tp * LOGIT_BYTES))
         return ops
 
     def attention_decode_op(self, num_decodes: int, context_tokens: int, kv_slots: int) -> Op:
@@ -559,12 +592,21 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     """One instance of K: its hardware, engine, cost model and memory plan (1/K of the device's
     memory in either mode). The plan says whether it fits; callers decide what a misfit means."""
     profile, engine = resolve_engine(hw, engine)
+    tp = engine.tensor_parallel_size
+    if tp > 1:
+        if tp > hw.node_devices:
+            raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "
+                              f"(node_devices): tensor parallelism runs over the node's fabric")
+        if instances > 1:
+            raise NpusimError(f"--tp {tp} with --instances {instances}: an instance spanning devices does not "
+                              f"share them with another; run one instance per device group")
+        model = tp_shard(model, tp)  # (what each device holds and computes)
     part = instance_hardware(hw, instances, sharing)
     if part is hw:
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

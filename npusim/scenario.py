@@ -237,6 +237,19 @@ def load_check(record: RunRecord) -> dict[str, Any]:
     return out
 
 
+def _comm_share(inst: InstanceRecord, record: RunRecord) -> float:
+    """The collectives' share of a decode iteration at the run's mean batch and mean context:
+    0 on one device."""
+    cost = inst.setup.cost
+    st = inst.stats
+    if cost.tp == 1 or not st.iterations:
+        return 0.0
+    batch = max(1, round(st.batch_tokens_sum / st.iterations))
+    context = max(1, round((record.total_input_tokens + record.total_output_tokens / 2) / max(1, record.completed)))
+    ops = cost.ops(num_decodes=batch, decode_context_tokens=batch * context, decode_kv_slots=batch * context)
+    return sum(o.time_s for o in ops if o.bound == "comm") / sum(o.time_s for o in ops)
+
+
 def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     """The `npusim simulate --json` dictionary of a run."""
     hw, model, max_len = record.hw, record.model, record.max_model_len
@@ -246,7 +259,8 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     per = lambda x: x / duration if duration > 0 else None  # noqa: E731
     insts = record.instances
     busy = sum(i.busy_s * i.power_share for i in insts)
-    joules = hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, duration)
+    tp = insts[0].setup.engine.tensor_parallel_size  # every device of a tensor-parallel instance draws power
+    joules = tp * (hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, duration))
     prefix_caching = insts[0].setup.engine.enable_prefix_caching  # (resolved: the engine's default if unset)
     kv_each = [_kv_summary(i, prefix_caching) for i in insts]
     total_blocks = sum(i.setup.plan.num_blocks for i in insts)
@@ -317,7 +331,10 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "tokens_per_joule": n_out / joules if joules > 0 else None,
             "mean_power_w": joules / duration if duration > 0 else None,
         },
-        "memory": mem,
+        "memory": mem,  # (per device: under tensor parallelism every device holds the same share)
+        "parallel": {"tensor_parallel_size": tp, "devices": tp,  # (instances > 1 share one device)
+                     "memory_per_device_gib": insts[0].setup.plan.device_bytes / 2**30,
+                     "comm_share_of_decode_step": _comm_share(insts[0], record)},
         "load": load_check(record),
         "rejected": [{"id": rid, "reason": why} for rid, why in record.rejected],
         "per_instance": per_instance,

@@ -210,6 +210,15 @@ class HardwareSpec(BaseModel):
     # links
     host_link_gbs: float = Field(gt=0, description="host <-> device bandwidth, used by KV swap")
     chip_link_gbs: float = Field(gt=0, description="aggregate chip-to-chip bandwidth")
+    # The node the device sits in, for tensor parallelism: how many devices share the fabric, and
+    # what one device sends into it (one way), with the fabric's per-step latency and the share of
+    # the link bandwidth collectives reach.
+    node_devices: int = Field(gt=0, description="devices in one node on the fabric below")
+    link_gbs: float = Field(gt=0, description="one-way bandwidth of one device into the node fabric")
+    link_latency_us: float = Field(ge=0, description="latency of one step of a collective")
+    link_efficiency: float = Field(gt=0, le=1, description="share of link_gbs a collective reaches")
+    link_topology: Literal["full-mesh", "switch", "ring"] = Field(
+        description="full-mesh (HCCS) or switch (NVSwitch, PCIe switch): a collective in 2 steps; ring: 2(N-1)")
     # power
     tdp_w: float = Field(gt=0)
     idle_w: float = Field(gt=0)
@@ -651,6 +660,29 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
                       max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-32B"),
 }
 
+def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
+    """What one of `tp` devices holds of `model` under tensor parallelism as Megatron and vLLM
+    split it: the attention heads and the MLP's intermediate dimension divided, the KV heads
+    divided (or, with more devices than KV heads, one replicated on each), the vocabulary of the
+    embedding and the LM head divided (padded up). The hidden size is whole on every device."""
+    if tp == 1:
+        return model
+    if model.num_heads % tp:
+        raise NpusimError(f"--tp {tp}: {model.name}'s {model.num_heads} attention heads do not divide "
+                          f"among {tp} devices")
+    kv = model.num_kv_heads
+    if kv >= tp and kv % tp:
+        raise NpusimError(f"--tp {tp}: {model.name}'s {kv} KV heads do not divide among {tp} devices")
+    if kv < tp and tp % kv:
+        raise NpusimError(f"--tp {tp}: {tp} devices cannot replicate {model.name}'s {kv} KV heads evenly")
+    if model.intermediate_size % tp:
+        raise NpusimError(f"--tp {tp}: {model.name}'s intermediate size {model.intermediate_size} does not "
+                          f"divide among {tp} devices")
+    return model.model_copy(update={
+        "name": f"{model.name}[tp{tp}]", "num_heads": model.num_heads // tp, "num_kv_heads": max(1, kv // tp),
+        "intermediate_size": model.intermediate_size // tp, "vocab_size": ceil_div(model.vocab_size, tp)})
+
+
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 HF_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -769,6 +801,7 @@ class EngineConfig(BaseModel):
     batching: Literal["auto", "continuous", "static"] = "auto"
     weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
     kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
+    tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

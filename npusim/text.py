@@ -116,6 +116,7 @@ def format_summary(r: dict) -> str:
 def hardware_rows(h) -> list[tuple[str, str, str, str]]:
     """A hardware profile as (field, value, kind, source) rows: every number with its provenance."""
     rows = [(field, f"{getattr(h, field):g}", prov.kind, prov.source) for field, prov in h.provenance.items()]
+    rows.append(("link_topology", h.link_topology, "-", "full-mesh or switch: a collective in 2 steps; ring: 2(N-1)"))
     rows.append(("default_engine", h.default_engine, "-", "the engine profile used when none is named"))
     return rows
 

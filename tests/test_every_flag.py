@@ -57,6 +57,9 @@ EFFECTS = {
     "--sharing": (["--instances", "2", "--sharing", "vnpu"],
                   lambda d, b: d["scenario"]["sharing"] == "vnpu"
                   and [p["ai_cores"] for p in d["per_instance"]] == [12, 12]),  # 24 cores, split
+    "--tp": (["--tp", "2", "--hw", "h200"], lambda d, b: d["parallel"]["devices"] == 2
+             and d["energy"]["mean_power_w"] > 1.5 * _run("--hw", "h200")["energy"]["mean_power_w"]
+             and d["memory"]["weights_gib"] < 0.51 * _run("--hw", "h200")["memory"]["weights_gib"]),
     "--no-paging": (["--no-paging"], lambda d, b: d["batching"] == "static" and not d["scenario"]["engine"]["paging"]),
     "--contiguous-policy": (["--no-paging", "--contiguous-policy", "oracle", "--max-model-len", "4096"],
                             lambda d, b: d["kv_cache"]["mean_waste_fraction"]
@@ -149,6 +152,8 @@ STEP_EFFECTS = {
     "--kv-dtype": (["--kv-dtype", "int8", "--batch", "64", "--context", "8000"],
                    lambda d, b: d["device_ms"] < _json(*STEP, "--batch", "64", "--context", "8000")["device_ms"]),
     "--engine": (["--engine", "vllm-eager"], lambda d, b: d["engine"] == "vllm-eager" and d["execution"] == "eager"),
+    "--tp": (["--tp", "2"], lambda d, b: d["tp"] == 2 and d["comm_ms"] > 0 and b["comm_ms"] == 0
+             and d["memory"]["weights_gib"] < 0.51 * b["memory"]["weights_gib"]),
     "--hw": (["--hw", "h100-sxm"], lambda d, b: d["hw"] == "h100-sxm" and d["device_ms"] > b["device_ms"]),
     "--model": (["--model", "llama-3.2-1b"], lambda d, b: d["model"] == "llama-3.2-1b" and d["device_ms"] < b["device_ms"]),
 }

@@ -322,6 +322,7 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "max_model_len": ("1234", lambda s: s.engine.max_model_len == 1234),
     "weight_dtype": ("int8", lambda s: s.engine.weight_dtype == "int8"),
     "kv_dtype": ("int8", lambda s: s.engine.kv_dtype == "int8"),
+    "tp": ("2", lambda s: s.engine.tensor_parallel_size == 2),
     "batching": ("static", lambda s: s.engine.batching == "static"),
     "paging": ("off", lambda s: s.engine.paging is False),
     "contiguous_policy": ("oracle", lambda s: s.contiguous_policy == "oracle"),

@@ -1,0 +1,120 @@
+"""Tensor parallelism: the shard each device holds, the collectives' cost, memory per device, and
+one device unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from npusim.costmodel import CostModel, instance_setup
+from npusim.errors import NpusimError
+from npusim.specs import EngineConfig, ModelSpec, load_hardware, load_model, tp_shard
+
+
+def _json(*args):
+    rc, out, err = run_cli(*args, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_tp1_is_the_single_device_exactly():
+    base = _json("step", "--hw", "h200", "--model", "llama-3.1-8b", "--batch", "16")
+    one = _json("step", "--hw", "h200", "--model", "llama-3.1-8b", "--batch", "16", "--tp", "1")
+    assert one == base and base["comm_ms"] == 0.0
+    sim = _json("simulate", "--requests", "40")
+    assert {k: v for k, v in _json("simulate", "--requests", "40", "--tp", "1").items() if k != "wall_seconds"} \
+        == {k: v for k, v in sim.items() if k != "wall_seconds"}
+
+
+def test_a_shard_divides_heads_mlp_and_vocabulary_and_keeps_the_hidden_size():
+    m = load_model("llama-3.1-70b")
+    s = tp_shard(m, 4)
+    assert (s.num_heads, s.num_kv_heads, s.intermediate_size, s.hidden_size) == (16, 2, 7168, 8192)
+    assert s.vocab_size * 4 >= m.vocab_size
+    # the shards' weights add up to the model's (norms, a few KB, are on every device)
+    assert 4 * s.weight_bytes("bf16") == pytest.approx(m.weight_bytes("bf16"), rel=1e-3)
+    assert s.kv_bytes_per_token("bf16") == m.kv_bytes_per_token("bf16") / 4
+
+
+def test_more_devices_than_kv_heads_replicate_one_kv_head_on_each():
+    m = ModelSpec(name="gqa2", num_layers=2, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
+                  intermediate_size=4096, vocab_size=32000, max_position_embeddings=4096, source="test model")
+    s = tp_shard(m, 4)
+    assert (s.num_heads, s.num_kv_heads) == (4, 1)  # 4 devices hold 4 KV heads: each of the 2 twice
+    assert s.kv_dim * 4 == 2 * m.kv_dim
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--hw", "h200", "--model", "llama-3.1-8b", "--tp", "3"], "--tp 3: llama-3.1-8b's 32 attention heads do not divide among 3"),
+    (["--hw", "h200", "--model", "llama-3.1-8b", "--tp", "16"], "--tp 16 exceeds the 8 devices of one h200 node"),
+    (["--hw", "ascend-910", "--model", "llama-2-13b", "--tp", "8"], "--tp 8 exceeds the 4 devices of one ascend-910 node"),
+    (["--hw", "h200", "--model", "qwen2.5-0.5b", "--tp", "4"], "14 attention heads do not divide among 4"),
+])
+def test_infeasible_layouts_say_why_in_one_line(args, needle):
+    assert_one_line_error("step", args, needle)
+
+
+def test_tp_with_instances_sharing_devices_is_refused():
+    assert_one_line_error("simulate", ["--hw", "h200", "--tp", "2", "--instances", "2", "--requests", "5"],
+                          "--tp 2 with --instances 2")
+
+
+def _cost(hw="h200", tp=2, topology=None):
+    h = load_hardware(hw)
+    if topology:
+        h = h.model_copy(update={"link_topology": topology})
+    return CostModel(h, tp_shard(load_model("llama-3.1-8b"), tp), tp=tp), h
+
+
+@pytest.mark.parametrize("hw", ["h200", "ascend-910b2"])
+def test_all_reduce_time_follows_the_link_bandwidth_and_the_message_size(hw):
+    for tp in (2, 4, 8):
+        cm, h = _cost(hw, tp)
+        beta = h.link_gbs * 1e9 * h.link_efficiency
+        small, large = cm.collective("x", "all_reduce", 1e6), cm.collective("x", "all_reduce", 2e6)
+        # slope: each device's link carries 2(N-1)/N of the message; intercept: 2 steps of latency
+        assert large.time_s - small.time_s == pytest.approx(2 * (tp - 1) / tp * 1e6 / beta, rel=1e-9)
+        assert 2 * small.time_s - large.time_s == pytest.approx(2 * h.link_latency_us * 1e-6, rel=1e-9)
+        gather = cm.collective("x", "all_gather", 1e6)
+        assert gather.time_s == pytest.approx(h.link_latency_us * 1e-6 + (tp - 1) / tp * 1e6 / beta, rel=1e-9)
+    ring, h = _cost(hw, 8, "ring")
+    assert ring.collective("x", "all_reduce", 0.0).time_s == 0.0
+    tiny = ring.collective("x", "all_reduce", 1.0).time_s
+    assert tiny == pytest.approx(2 * 7 * h.link_latency_us * 1e-6, rel=1e-3)  # a ring: 2(N-1) steps
+
+
+def test_each_layer_all_reduces_twice_the_tokens_hidden_states():
+    cm, h = _cost("h200", 2)
+    ops = {o.name: o for o in cm.ops(num_decodes=8, decode_context_tokens=8 * 1000, decode_kv_slots=8 * 1008)}
+    L, hidden = 32, 4096
+    for name in ("all_reduce_attn", "all_reduce_mlp"):
+        assert ops[name].bound == "comm" and ops[name].kernels == L
+        assert ops[name].bytes == pytest.approx(L * 2 * (2 - 1) / 2 * 8 * hidden * 2)
+    assert "logits_gather" in ops
+
+
+def test_tensor_parallel_decode_is_faster_and_pays_more_in_collectives():
+    one = _json("step", "--hw", "h200", "--model", "llama-3.1-8b", "--batch", "32", "--context", "2048")
+    two = _json("step", "--hw", "h200", "--model", "llama-3.1-8b", "--batch", "32", "--context", "2048", "--tp", "2")
+    four = _json("step", "--hw", "h200", "--model", "llama-3.1-8b", "--batch", "32", "--context", "2048", "--tp", "4")
+    assert four["device_ms"] < two["device_ms"] < one["device_ms"]
+    assert two["device_ms"] > one["device_ms"] / 2  # collectives and fixed costs: less than linear
+    assert 0 < two["comm_share"] < four["comm_share"]
+    assert two["memory"]["num_blocks"] > 2 * one["memory"]["num_blocks"]  # half the weights: room for KV
+
+
+def test_a_model_that_fits_no_single_device_fits_across_several():
+    rc, _, err = run_cli("step", "--hw", "h200", "--model", "llama-3.1-70b", "--json")
+    assert rc == 2 and "does not fit" in err
+    d = _json("step", "--hw", "h200", "--model", "llama-3.1-70b", "--tp", "2")
+    assert d["memory"]["fits"] and d["memory"]["weights_gib"] == pytest.approx(131.42 / 2, rel=0.01)
+
+
+def test_instance_setup_prices_the_shard():
+    setup = instance_setup(load_hardware("ascend-910b2"), load_model("qwen3-32b"),
+                           EngineConfig(tensor_parallel_size=4))
+    assert setup.cost.tp == 4 and setup.cost.model.num_heads == 16 and setup.plan.fits
+    with pytest.raises(NpusimError, match="--tp 4 with --instances 2"):
+        instance_setup(load_hardware("ascend-910b2"), load_model("qwen3-32b"), EngineConfig(tensor_parallel_size=4), 2)
