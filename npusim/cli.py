@@ -688,13 +688,15 @@ def engine_show(name: str = typer.Argument(..., help="profile name or path"),
 def model_list() -> None:
     """Models in the zoo."""
     t = Table()
-    for col in ("name", "params (B)", "layers", "hidden", "heads/kv", "KV KiB/token (bf16)", "context"):
+    for col in ("name", "params (B)", "active (B)", "experts", "layers", "hidden", "heads/kv",
+                "KV KiB/token (bf16)", "context"):
         t.add_column(col)
     for name in MODEL_ZOO:
         m = load_model(name)
-        t.add_row(name, f"{m.num_params / 1e9:.2f}", str(m.num_layers), str(m.hidden_size),
-                  f"{m.num_heads}/{m.num_kv_heads}", f"{m.kv_bytes_per_token() / 1024:g}",
-                  str(m.max_position_embeddings))
+        t.add_row(name, f"{m.num_params / 1e9:.2f}", f"{m.active_params / 1e9:.2f}",
+                  f"{m.num_experts}, top {m.experts_per_token}" if m.num_experts else "dense",
+                  str(m.num_layers), str(m.hidden_size), f"{m.num_heads}/{m.num_kv_heads}",
+                  f"{m.kv_bytes_per_token() / 1024:g}", str(m.max_position_embeddings))
     console.print(t)
 
 

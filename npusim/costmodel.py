@@ -128,7 +128,8 @@ class CostModel:
         # which ops this model has, and the kernels an iteration launches outside attention
         self.layer_ops = tuple(o for o in LAYER_OPS if self._has(o))
         dense = [o for o in self.layer_ops if not o.startswith("attention")]
-        self._dense_kernels = model.num_layers * (sum(self.kernels[o] for o in dense) + (2 if tp > 1 else 0))
+        self._dense_kernels = model.num_layers * (sum(self.kernels[o] for o in dense) + (2 if tp > 1 else 0)
+                                                  + (3 if model.num_experts else 0))  # (+ the router's)
         self._step_kernels = sum(self.kernels[o] for o in STEP_OPS)
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
@@ -262,12 +263,40 @@ class CostModel:
             *self._all_reduce("all_reduce_attn", T),
             self._vector("residual_attn", T * h, 3.0 * T * h * ACT_BYTES),
             self._vector("rmsnorm_mlp", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
-            self._gemm("gate_up_proj", T, h, 2 * f, w),
-            self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
-            self._gemm("down_proj", T, f, h, w),
+            *(self._moe_ops(T) if m.num_experts else [
+                self._gemm("gate_up_proj", T, h, 2 * f, w),
+                self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
+                self._gemm("down_proj", T, f, h, w)]),
             *self._all_reduce("all_reduce_mlp", T),
             self._vector("residual_mlp", T * h, 3.0 * T * h * ACT_BYTES),
         ]
+        return ops
+
+    def _moe_ops(self, tokens: int) -> list[Op]:
+        """A mixture-of-experts MLP: the router (a GEMM to the experts' scores, top-k, and the
+        permutation of tokens by expert), then each expert's SwiGLU on the tokens routed to it as
+        grouped GEMMs. With uniform routing, T tokens choosing k of E experts reach
+        E (1 - (1 - k/E)^T) of them on average; each of those experts' weights is read once, and
+        its GEMMs have M = T k / active rows. A grouped GEMM is one kernel over all experts,
+        priced by the roofline (the measured tables time one dense GEMM at a time)."""
+        m, hw = self.model, self.hw
+        h, E, k, fe, w = m.hidden_size, m.num_experts, m.experts_per_token, m.moe_intermediate_size, self._linear_weight_bytes
+        routed = tokens * k
+        active = min(float(E), max(1.0, E * (1.0 - (1.0 - k / E) ** tokens)))
+        rows = max(1, round(routed / active))
+        floor = self.latency
+        # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
+        router = self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")
+        ops = [router]
+        for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
+            flops = 2.0 * routed * n_in * n_out
+            nbytes = active * n_in * n_out * w + routed * (n_in + n_out) * ACT_BYTES
+            eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
+                   * _pad_efficiency(n_in, hw.matmul_tile_k))
+            t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name], self.floor.get(name, floor))
+            ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
+            if name == "gate_up_proj":
+                ops.append(self._vector("silu_mul", 5.0 * routed * fe, 3.0 * routed * fe * ACT_BYTES))
         return ops
 
     def _all_reduce(self, name: str, tokens: int) -> list[Op]:
@@ -509,7 +538,7 @@ def activation_peak_bytes(model: ModelSpec, max_num_batched_tokens: int, max_num
     """Estimate of vLLM's profiled activation peak: a forward pass of max_num_batched_tokens holding
     the MLP input, gate/up output and activation output at once, plus fp32 logits (and a softmax
     copy) for max_num_seqs sampled rows."""
-    T, h, f = max_num_batched_tokens, model.hidden_size, model.intermediate_size
+    T, h, f = max_num_batched_tokens, model.hidden_size, model.mlp_act_width
     mlp = T * (2 * h + 3 * f) * ACT_BYTES
     logits = 2.0 * min(max_num_seqs, T) * model.vocab_size * LOGIT_BYTES
     return mlp + logits

@@ -557,13 +557,42 @@ class ModelSpec(BaseModel):
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k
     max_position_embeddings: int = Field(gt=0)
     source: str = Field(min_length=3)
+    # Mixture of experts (every layer's MLP): num_experts routed experts of moe_intermediate_size,
+    # experts_per_token of them per token, chosen by a router; 0: a dense MLP of intermediate_size.
+    num_experts: int = Field(default=0, ge=0)
+    experts_per_token: int = Field(default=0, ge=0)
+    moe_intermediate_size: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts and self.moe_intermediate_size):
+            raise ValueError(f"an MoE model needs 1 <= experts_per_token <= num_experts ({self.num_experts}) "
+                             f"and moe_intermediate_size > 0")
+        if not self.num_experts and (self.experts_per_token or self.moe_intermediate_size):
+            raise ValueError("experts_per_token and moe_intermediate_size need num_experts > 0")
         return self
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        """The MLP's weights: a dense SwiGLU, or every expert's and the router's."""
+        h = self.hidden_size
+        if self.num_experts:
+            return self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
+        return 3 * h * self.intermediate_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to."""
+        idle = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.moe_intermediate_size
+        return self.num_params - self.num_layers * idle
+
+    @property
+    def mlp_act_width(self) -> int:
+        """The intermediate activations per token: the dense MLP's, or its experts' together."""
+        return self.experts_per_token * self.moe_intermediate_size if self.num_experts else self.intermediate_size
 
     # Parameter counts -------------------------------------------------------------------------
     @property
@@ -579,8 +608,7 @@ class ModelSpec(BaseModel):
         h = self.hidden_size
         qkv = h * (self.q_dim + 2 * self.kv_dim)
         o = self.q_dim * h
-        mlp = 3 * h * self.intermediate_size
-        return qkv + o + mlp
+        return qkv + o + self.mlp_params_per_layer
 
     @property
     def other_params_per_layer(self) -> int:
@@ -613,7 +641,8 @@ class ModelSpec(BaseModel):
         scales = 0.0
         if weight_dtype == "int8":  # one 16-bit scale per output channel
             h, f = self.hidden_size, self.intermediate_size
-            scales = self.num_layers * 2.0 * (self.q_dim + 2 * self.kv_dim + h + 2 * f + h)
+            mlp = self.num_experts * (2 * self.moe_intermediate_size + h) if self.num_experts else 2 * f + h
+            scales = self.num_layers * 2.0 * (self.q_dim + 2 * self.kv_dim + h + mlp)
         return linear * wb + rest * 2.0 + scales
 
     def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> float:
@@ -655,6 +684,19 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "qwen3-8b": dict(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=12288, vocab_size=151936, qk_norm=True,
                      max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-8B"),
+    # Mixture of experts: every layer routes each token to experts_per_token of num_experts.
+    "qwen3-30b-a3b": dict(num_layers=48, hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128,
+                          intermediate_size=6144, vocab_size=151936, qk_norm=True, num_experts=128,
+                          experts_per_token=8, moe_intermediate_size=768, max_position_embeddings=40960,
+                          source=_HF + "Qwen/Qwen3-30B-A3B"),
+    "qwen3-235b-a22b": dict(num_layers=94, hidden_size=4096, num_heads=64, num_kv_heads=4, head_dim=128,
+                            intermediate_size=12288, vocab_size=151936, qk_norm=True, num_experts=128,
+                            experts_per_token=8, moe_intermediate_size=1536, max_position_embeddings=40960,
+                            source=_HF + "Qwen/Qwen3-235B-A22B"),
+    "mixtral-8x7b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=32000, num_experts=8, experts_per_token=2,
+                         moe_intermediate_size=14336, max_position_embeddings=32768,
+                         source=_HF + "mistralai/Mixtral-8x7B-v0.1"),
     "qwen3-32b": dict(num_layers=64, hidden_size=5120, num_heads=64, num_kv_heads=8, head_dim=128,
                       intermediate_size=25600, vocab_size=151936, qk_norm=True,
                       max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-32B"),
@@ -675,21 +717,29 @@ def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
         raise NpusimError(f"--tp {tp}: {model.name}'s {kv} KV heads do not divide among {tp} devices")
     if kv < tp and tp % kv:
         raise NpusimError(f"--tp {tp}: {tp} devices cannot replicate {model.name}'s {kv} KV heads evenly")
-    if model.intermediate_size % tp:
+    if not model.num_experts and model.intermediate_size % tp:
         raise NpusimError(f"--tp {tp}: {model.name}'s intermediate size {model.intermediate_size} does not "
                           f"divide among {tp} devices")
-    return model.model_copy(update={
+    if model.moe_intermediate_size % tp:
+        raise NpusimError(f"--tp {tp}: {model.name}'s expert size {model.moe_intermediate_size} does not "
+                          f"divide among {tp} devices")
+    return model.model_copy(update={  # (each expert split as a dense MLP is: vLLM's TP for MoE)
         "name": f"{model.name}[tp{tp}]", "num_heads": model.num_heads // tp, "num_kv_heads": max(1, kv // tp),
-        "intermediate_size": model.intermediate_size // tp, "vocab_size": ceil_div(model.vocab_size, tp)})
+        # (an all-MoE model has no dense MLP: its intermediate_size prices nothing)
+        "intermediate_size": model.intermediate_size if model.num_experts else model.intermediate_size // tp,
+        "vocab_size": ceil_div(model.vocab_size, tp), "moe_intermediate_size": model.moe_intermediate_size // tp})
 
 
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 HF_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json of the Llama, Mistral, Qwen2 or Qwen3 families."""
     family = cfg.get("model_type")
+    if family in ("deepseek_v2", "deepseek_v3"):
+        raise NpusimError(f"{where}: {family} uses multi-head latent attention (MLA), which npusim does not "
+                          "model yet (its KV cache and attention differ from GQA)")
     if family not in HF_FAMILIES:
         raise NpusimError(f"{where}: model_type must be one of {', '.join(HF_FAMILIES)}, got {family!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -707,14 +757,32 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     if cfg.get("quantization_config"):
         raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
                           "--weight-dtype (bf16, fp16, int8, int4); give the unquantized config and that flag")
-    if cfg.get("use_sliding_window") or (family == "mistral" and cfg.get("sliding_window")):
+    if cfg.get("use_sliding_window") or (family in ("mistral", "mixtral") and cfg.get("sliding_window")):
         raise NpusimError(f"{where}: sliding-window attention (sliding_window {cfg.get('sliding_window')}) is "
                           "not modelled: npusim prices full attention over the whole context")
     moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
            if cfg.get(k)]
-    if moe:
-        raise NpusimError(f"{where}: a mixture-of-experts model ({', '.join(moe)}): npusim prices dense "
-                          "models only so far")
+    experts = {}
+    if family == "qwen3_moe":
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            v = cfg.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+            raise NpusimError(f"{where}: decoder_sparse_step/mlp_only_layers mix dense and MoE layers, which "
+                              "npusim does not model (every layer is MoE or none)")
+        experts = dict(num_experts=cfg["num_experts"], experts_per_token=cfg["num_experts_per_tok"],
+                       moe_intermediate_size=cfg["moe_intermediate_size"])
+    elif family == "mixtral":
+        for key in ("num_local_experts", "num_experts_per_tok"):
+            v = cfg.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+        experts = dict(num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"],
+                       moe_intermediate_size=cfg["intermediate_size"])
+    elif moe:
+        raise NpusimError(f"{where}: a mixture-of-experts {family} model ({', '.join(moe)}): npusim reads "
+                          "qwen3_moe and mixtral configs")
     # The checkpoint's dtype (transformers writes torch_dtype, or dtype since 4.56). Engines serve
     # 16- and 32-bit checkpoints in 16 bits (vLLM's dtype "auto": fp32 and fp16 as fp16, bf16 as
     # bf16), which --weight-dtype prices; anything else is a format npusim does not price.
@@ -746,7 +814,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         vocab_size=cfg["vocab_size"],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        **experts,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         source=f"{where} ({family}{', checkpoint ' + dtype if dtype else ''})",
     )

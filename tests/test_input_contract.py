@@ -149,7 +149,7 @@ def specs(tmp_path):
 SPEC_BAD = [
     ("step --hw {d}/inf_bw.yaml --model llama-3.1-8b", "memory_bandwidth_gbs: input should be a finite number"),
     ("simulate {d}/twice.yaml", "twice.yaml: malformed YAML at line 3: key 'hw' given twice (first at line 1)"),
-    ("step --hw h200 --model {d}/moe.json", "a mixture-of-experts model (num_experts)"),
+    ("step --hw h200 --model {d}/moe.json", "a mixture-of-experts qwen2 model (num_experts): npusim reads qwen3_moe and mixtral"),
     ("step --hw h200 --model {d}/fp8.json", "torch_dtype 'float8_e4m3fn' is not a dtype npusim prices"),
     ("step --hw h200 --model {d}/newer.json", "dtype 16 is not a dtype npusim prices"),
     ("step --hw h200 --model {d}/odd.json", "hidden_size 1000 is not a multiple of num_attention_heads 16"),

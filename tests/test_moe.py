@@ -1,0 +1,111 @@
+"""Mixture-of-experts models: parameter counts checked by hand against the published ones, the
+router and grouped expert GEMMs, the memory of every expert, and the HF configs read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from npusim.costmodel import CostModel
+from npusim.errors import NpusimError
+from npusim.specs import ModelSpec, load_hardware, load_model, model_from_hf_config, tp_shard
+
+
+@pytest.mark.parametrize("name, total_b, active_b", [
+    # published: Qwen3 model cards (30.5 B / 3.3 B, 235 B / 22 B); Mixtral paper (46.7 B / 12.9 B)
+    ("qwen3-30b-a3b", 30.5, 3.3), ("qwen3-235b-a22b", 235.0, 22.0), ("mixtral-8x7b", 46.7, 12.9)])
+def test_parameter_counts_match_the_published_ones(name, total_b, active_b):
+    m = load_model(name)
+    assert m.num_params / 1e9 == pytest.approx(total_b, rel=0.01)
+    assert m.active_params / 1e9 == pytest.approx(active_b, rel=0.02)
+
+
+def test_qwen3_30b_a3b_by_hand():
+    m = load_model("qwen3-30b-a3b")
+    h, f, E, L = 2048, 768, 128, 48
+    attention = h * (32 * 128 + 2 * 4 * 128) + 32 * 128 * h
+    experts = E * 3 * h * f + h * E  # and the router
+    assert m.linear_params_per_layer == attention + experts
+    assert m.kv_bytes_per_token("bf16") == 2 * L * 4 * 128 * 2  # GQA: 4 KV heads of 128
+    # the memory plan holds every expert, not only the active ones
+    assert m.weight_bytes("bf16") == pytest.approx(2.0 * m.num_params, rel=1e-6)
+
+
+def _dense_and_one_expert(f=4096):
+    common = dict(num_layers=2, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128, vocab_size=32000,
+                  max_position_embeddings=4096, source="test model")
+    dense = ModelSpec(name="dense", intermediate_size=f, **common)
+    moe = ModelSpec(name="moe", intermediate_size=f, num_experts=1, experts_per_token=1, moe_intermediate_size=f,
+                    **common)
+    return dense, moe
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 2048])
+def test_every_token_on_one_expert_costs_the_dense_ffn_of_that_size(tokens):
+    hw = load_hardware("ascend-910b2")  # (the roofline: no measured tables on this device)
+    dense, moe = _dense_and_one_expert()
+    d = {o.name: o for o in CostModel(hw, dense).layer_dense_ops(tokens)}
+    m = {o.name: o for o in CostModel(hw, moe).layer_dense_ops(tokens)}
+    for name in ("gate_up_proj", "silu_mul", "down_proj"):
+        assert m[name].time_s == pytest.approx(d[name].time_s, rel=1e-12), name
+        assert m[name].flops == pytest.approx(d[name].flops) and m[name].bytes == pytest.approx(d[name].bytes)
+    assert set(m) - set(d) == {"moe_router"}
+
+
+def test_decode_reads_the_experts_its_tokens_reach():
+    hw = load_hardware("h200")
+    cm = CostModel(hw, load_model("qwen3-30b-a3b"))
+    m = cm.model
+    one_expert = 2 * m.hidden_size * 2 * m.moe_intermediate_size  # gate_up bytes of one expert, bf16
+    def gate_up(tokens):
+        return next(o for o in cm.layer_dense_ops(tokens) if o.name == "gate_up_proj")
+    # one token reaches its 8 experts; many reach nearly all 128
+    assert gate_up(1).bytes == pytest.approx(8 * one_expert + 8 * (2048 + 1536) * 2)
+    assert 120 * one_expert < gate_up(256).bytes < 128 * one_expert + 256 * 8 * (2048 + 1536) * 2
+    assert gate_up(1).time_s < gate_up(32).time_s < gate_up(256).time_s
+    # a decode step of an MoE model with 3.3 B active parameters at batch 1 reads its active weights
+    step = cm.step_time(num_decodes=1, decode_context_tokens=1000, decode_kv_slots=1008)
+    dense_3b = CostModel(hw, load_model("llama-3.2-3b")).step_time(num_decodes=1, decode_context_tokens=1000,
+                                                                    decode_kv_slots=1008)
+    assert 0.5 * dense_3b < step < 3 * dense_3b
+
+
+def test_tensor_parallel_splits_each_expert():
+    s = tp_shard(load_model("qwen3-30b-a3b"), 4)
+    assert (s.num_experts, s.moe_intermediate_size, s.num_kv_heads) == (128, 192, 1)
+    with pytest.raises(NpusimError, match="expert size 768 does not divide among 5"):
+        tp_shard(load_model("qwen3-30b-a3b").model_copy(update={"num_heads": 40, "num_kv_heads": 5}), 5)
+
+
+QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "vocab_size": 151936,
+             "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+             "max_position_embeddings": 40960, "decoder_sparse_step": 1, "mlp_only_layers": [],
+             "tie_word_embeddings": False}
+
+
+def test_hf_qwen3_moe_and_mixtral_configs_are_read():
+    m = model_from_hf_config(QWEN3_MOE, "q", "config.json")
+    z = load_model("qwen3-30b-a3b")
+    assert (m.num_experts, m.experts_per_token, m.moe_intermediate_size, m.qk_norm) == (128, 8, 768, True)
+    assert m.num_params == z.num_params
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
+               "num_experts_per_tok": 2, "max_position_embeddings": 32768, "sliding_window": None}
+    x = model_from_hf_config(mixtral, "mixtral", "config.json")
+    assert x.num_params == load_model("mixtral-8x7b").num_params
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"mlp_only_layers": [0, 1]}, "mix dense and MoE layers"),
+    ({"decoder_sparse_step": 2}, "mix dense and MoE layers"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a whole number > 0"),
+    ({"model_type": "deepseek_v3"}, "multi-head latent attention (MLA)"),
+])
+def test_moe_configs_npusim_cannot_price_are_refused(change, needle, tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({**QWEN3_MOE, **change}))
+    rc, _, err = run_cli("step", "--hw", "h200", "--model", str(p))
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
