@@ -177,6 +177,7 @@ class Instance:
         self.index = index
         self.cost = setup.cost
         self.lock = device_lock
+        self.outstanding = 0
         if engine.paging:
             pool = PagedPool(setup.plan, engine)
         else:
@@ -191,6 +192,7 @@ class Instance:
         self.want_block_map = sim.want_block_map
 
     def submit(self, r: Request) -> None:
+        self.outstanding += 1  # (sent here and not finished: what a least-outstanding router reads)
         self.sched.submit(r)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
@@ -207,6 +209,7 @@ class Instance:
             if batch is None:
                 # Work waits but nothing can be admitted into an empty pool. capacity_problem()
                 # normally rejects such requests at arrival.
+                self.outstanding -= 1
                 self.sim.reject(sched.drop_head(), "could not be admitted into an empty KV pool")
                 continue
             if check:
@@ -267,7 +270,8 @@ class Simulation:
                  sharing: str, contiguous_policy: str = "max", max_concurrency: int | None = None,
                  want_block_map: bool = False, progress: Callable[[int], None] | None = None,
                  check_invariants: bool = False,
-                 slo: tuple[float | None, float | None, float | None] | None = None):
+                 slo: tuple[float | None, float | None, float | None] | None = None,
+                 router: str = "round-robin"):
         self.env = simpy.Environment()
         self.want_block_map = want_block_map
         self.progress = progress
@@ -275,8 +279,10 @@ class Simulation:
         self.slo = slo  # (ttft, tpot, e2el) seconds a request must meet to count as goodput
         self._in_flight = 0
         k = len(setups)
+        # "devices": each instance on a device of its own (data-parallel replicas)
         lock = simpy.Resource(self.env, capacity=1) if (sharing == "time-slice" and k > 1) else None
-        share = 1.0 if sharing == "time-slice" else 1.0 / k
+        share = 1.0 if sharing in ("time-slice", "devices") else 1.0 / k
+        self.router = router
         self.record = RunRecord(instances=[])
         self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share)
                           for i, s in enumerate(setups)]
@@ -292,6 +298,7 @@ class Simulation:
             r.on_done()
 
     def complete(self, r: Request, inst: Instance) -> None:
+        inst.outstanding -= 1
         now = self.env.now
         r.t_done = now
         rec = self.record
@@ -328,8 +335,11 @@ class Simulation:
         self._in_flight += 1
         if self._in_flight > self.record.max_in_flight:
             self.record.max_in_flight = self._in_flight
-        inst = self.instances[self._rr % len(self.instances)]
-        self._rr += 1
+        if self.router == "least-outstanding":  # the replica with the fewest requests in flight
+            inst = min(self.instances, key=lambda i: i.outstanding)
+        else:
+            inst = self.instances[self._rr % len(self.instances)]
+            self._rr += 1
         problem = inst.sched.capacity_problem(r)
         if problem:
             self.reject(r, problem)

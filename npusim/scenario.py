@@ -55,9 +55,19 @@ class Scenario(BaseModel):
     contiguous_policy: Literal["max", "oracle"] = "max"
     goodput: GoodputSLO | None = None
     seed: int = Field(default=0, ge=0)
+    # data-parallel replicas: dp copies of the instance, each on devices of its own, behind a router
+    dp: int = Field(default=1, gt=0, le=1024)
+    router: Literal["round-robin", "least-outstanding"] = "round-robin"
 
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
+        if self.dp > 1 and self.instances > 1:
+            raise ValueError("dp replicas each own their devices; instances > 1 shares one device between "
+                             "instances: give one or the other")
+        if self.dp == 1 and "router" in self.model_fields_set and self.router != "round-robin" \
+                and self.instances == 1:
+            raise ValueError("router sends requests between replicas or instances: it needs dp >= 2 "
+                             "(or instances >= 2)")
         if self.sharing == "vnpu" and self.instances == 1:
             raise ValueError("sharing vnpu splits the device between instances: it needs instances >= 2")
         if self.contiguous_policy == "oracle" and self.engine.paging:
@@ -140,7 +150,10 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     hw = hw or load_hardware(sc.hw)
     model = model or load_model(sc.model)
     batching_mode(sc.engine)
-    setups = setup_instances(hw, model, sc.engine, sc.instances, sc.sharing)
+    if sc.dp > 1:  # replicas: each a whole instance on its own device(s)
+        setups = setup_instances(hw, model, sc.engine, 1, sc.sharing) * sc.dp
+    else:
+        setups = setup_instances(hw, model, sc.engine, sc.instances, sc.sharing)
     eng = setups[0].engine  # the profile's defaults filled in
     max_len = resolve_max_model_len(model, eng, setups[0].plan)
     specs = make_requests(sc.workload, sc.seed)
@@ -153,8 +166,8 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     if sc.goodput is not None:
         g = sc.goodput
         slo = tuple(None if v is None else v / 1e3 for v in (g.ttft_ms, g.tpot_ms, g.e2el_ms))
-    sim = Simulation(setups, eng, max_len, sc.sharing, sc.contiguous_policy,
-                     sc.workload.max_concurrency, want_block_map, tick, check_invariants, slo)
+    sim = Simulation(setups, eng, max_len, "devices" if sc.dp > 1 else sc.sharing, sc.contiguous_policy,
+                     sc.workload.max_concurrency, want_block_map, tick, check_invariants, slo, sc.router)
     record = sim.run(specs)
     record.hw, record.model, record.max_model_len = hw, model, max_len
     return record
@@ -258,9 +271,12 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     itl = record.itl
     per = lambda x: x / duration if duration > 0 else None  # noqa: E731
     insts = record.instances
-    busy = sum(i.busy_s * i.power_share for i in insts)
     tp = insts[0].setup.engine.tensor_parallel_size  # every device of a tensor-parallel instance draws power
-    joules = tp * (hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, duration))
+    if sc.dp > 1:  # every replica's devices: idle power all along, the rest while they compute
+        joules = tp * sum(hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(i.busy_s, duration) for i in insts)
+    else:
+        busy = sum(i.busy_s * i.power_share for i in insts)
+        joules = tp * (hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, duration))
     prefix_caching = insts[0].setup.engine.enable_prefix_caching  # (resolved: the engine's default if unset)
     kv_each = [_kv_summary(i, prefix_caching) for i in insts]
     total_blocks = sum(i.setup.plan.num_blocks for i in insts)
@@ -332,7 +348,8 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "mean_power_w": joules / duration if duration > 0 else None,
         },
         "memory": mem,  # (per device: under tensor parallelism every device holds the same share)
-        "parallel": {"tensor_parallel_size": tp, "devices": tp,  # (instances > 1 share one device)
+        "parallel": {"tensor_parallel_size": tp, "data_parallel_size": sc.dp, "router": sc.router,
+                     "devices": tp * sc.dp,  # (instances > 1 share one device)
                      "memory_per_device_gib": insts[0].setup.plan.device_bytes / 2**30,
                      "comm_share_of_decode_step": _comm_share(insts[0], record)},
         "load": load_check(record),

@@ -75,7 +75,7 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "gpu_memory_utilization": ("engine", "gpu_memory_utilization", None),
     "num_blocks": ("engine", "num_blocks", None), "max_model_len": ("engine", "max_model_len", None),
     "weight_dtype": ("engine", "weight_dtype", None), "kv_dtype": ("engine", "kv_dtype", None),
-    "tp": ("engine", "tensor_parallel_size", None),
+    "tp": ("engine", "tensor_parallel_size", None), "dp": (None, "dp", None), "router": (None, "router", None),
     "batching": ("engine", "batching", None), "no_paging": ("engine", "paging", _flag),
     "no_chunked_prefill": ("engine", "enable_chunked_prefill", _flag),
     "prefix_caching": ("engine", "enable_prefix_caching", None),
@@ -86,7 +86,8 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "max_concurrency": ("workload", "max_concurrency", None), "trace": ("workload", "trace", None),
     "shared_prefix_len": ("workload", "shared_prefix_len", None),
 }
-CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap")}
+CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap"),
+           "router": ("round-robin", "least-outstanding")}
 
 
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":

@@ -71,6 +71,7 @@ GRID_SETTINGS: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "gpu_memory_utilization": (_float, "memory fractions"), "num_blocks": (_ints(1), "KV block counts"),
     "max_model_len": (_ints(1), "max model lengths"), "weight_dtype": (_text, "weight dtypes"),
     "kv_dtype": (_text, "KV dtypes"), "tp": (_ints(1), "tensor-parallel sizes"),
+    "dp": (_ints(1), "data-parallel replicas"), "router": (_text, "round-robin,least-outstanding"),
     "batching": (_text, "auto,continuous,static"),
     "paging": (_on_off, "on,off (off: contiguous reservation)"),
     "contiguous_policy": (_text, "max,oracle (with paging off)"),
@@ -116,6 +117,8 @@ def _not_applicable(params: dict[str, Any], data: dict) -> set[str]:
     instances = params.get("instances", data.get("instances", 1))
     paging = params.get("paging", data.get("engine", {}).get("paging", True))
     na = {"sharing"} if instances == 1 else set()
+    if params.get("dp", data.get("dp", 1)) == 1 and instances == 1:
+        na.add("router")
     na.add("contiguous_policy" if paging else "prefix_caching")
     return na & set(params)
 

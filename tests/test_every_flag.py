@@ -60,6 +60,11 @@ EFFECTS = {
     "--tp": (["--tp", "2", "--hw", "h200"], lambda d, b: d["parallel"]["devices"] == 2
              and d["energy"]["mean_power_w"] > 1.5 * _run("--hw", "h200")["energy"]["mean_power_w"]
              and d["memory"]["weights_gib"] < 0.51 * _run("--hw", "h200")["memory"]["weights_gib"]),
+    "--dp": (["--dp", "2"], lambda d, b: d["parallel"]["devices"] == 2 and len(d["per_instance"]) == 2
+             and d["duration"] < b["duration"]),
+    "--router": (["--dp", "2", "--router", "least-outstanding", "--rate", "20", "--requests", "40"],
+                 lambda d, b: d["parallel"]["router"] == "least-outstanding"
+                 and d["scenario"]["router"] == "least-outstanding"),
     "--no-paging": (["--no-paging"], lambda d, b: d["batching"] == "static" and not d["scenario"]["engine"]["paging"]),
     "--contiguous-policy": (["--no-paging", "--contiguous-policy", "oracle", "--max-model-len", "4096"],
                             lambda d, b: d["kv_cache"]["mean_waste_fraction"]

@@ -118,3 +118,41 @@ def test_instance_setup_prices_the_shard():
     assert setup.cost.tp == 4 and setup.cost.model.num_heads == 16 and setup.plan.fits
     with pytest.raises(NpusimError, match="--tp 4 with --instances 2"):
         instance_setup(load_hardware("ascend-910b2"), load_model("qwen3-32b"), EngineConfig(tensor_parallel_size=4), 2)
+
+
+# --------------------------------------------------------------------------- data parallel
+
+def test_dp1_is_one_instance_and_dp_replicas_multiply_a_saturated_throughput():
+    base = _json("simulate", "--requests", "400", "--rate", "inf", "--input-len", "512", "--output-len", "64")
+    assert {k: v for k, v in _json("simulate", "--requests", "400", "--rate", "inf", "--input-len", "512",
+                                   "--output-len", "64", "--dp", "1").items() if k != "wall_seconds"} \
+        == {k: v for k, v in base.items() if k != "wall_seconds"}
+    two = _json("simulate", "--requests", "800", "--rate", "inf", "--input-len", "512", "--output-len", "64",
+                "--dp", "2")
+    # two devices, each with the same 400 requests as the one above: twice the tokens in the same time
+    assert two["output_throughput"] == pytest.approx(2 * base["output_throughput"], rel=0.02)
+    assert two["parallel"]["devices"] == 2 and [p["completed"] for p in two["per_instance"]] == [400, 400]
+    assert two["energy"]["mean_power_w"] == pytest.approx(2 * base["energy"]["mean_power_w"], rel=0.05)
+
+
+def test_least_outstanding_steers_around_a_busy_replica(tmp_path):
+    # one long request first, then short ones: round robin still sends half to its replica
+    trace = tmp_path / "t.csv"
+    rows = ["0,2000,1500"] + [f"{0.5 + 0.05 * i:.2f},100,20" for i in range(40)]
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" + "\n".join(rows) + "\n")
+    args = ("simulate", "--trace", str(trace), "--dp", "2", "--max-num-seqs", "4")
+    rr = _json(*args)
+    lo = _json(*args, "--router", "least-outstanding")
+    assert [p["completed"] for p in rr["per_instance"]] == [21, 20]
+    first, second = (p["completed"] for p in lo["per_instance"])
+    assert second > first  # the replica holding the long request gets fewer of the short ones
+    assert lo["mean_ttft_ms"] <= rr["mean_ttft_ms"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dp", "2", "--instances", "2"], "dp replicas each own their devices"),
+    (["--router", "least-outstanding"], "router sends requests between replicas or instances: it needs dp >= 2"),
+    (["--dp", "2", "--router", "random"], "--router must be round-robin or least-outstanding"),
+])
+def test_data_parallel_contradictions_are_refused(args, needle):
+    assert_one_line_error("simulate", ["--requests", "5", *args], needle)

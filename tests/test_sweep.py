@@ -323,6 +323,8 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "weight_dtype": ("int8", lambda s: s.engine.weight_dtype == "int8"),
     "kv_dtype": ("int8", lambda s: s.engine.kv_dtype == "int8"),
     "tp": ("2", lambda s: s.engine.tensor_parallel_size == 2),
+    "dp": ("3", lambda s: s.dp == 3),
+    "router": ("least-outstanding", lambda s: s.router == "least-outstanding"),
     "batching": ("static", lambda s: s.engine.batching == "static"),
     "paging": ("off", lambda s: s.engine.paging is False),
     "contiguous_policy": ("oracle", lambda s: s.contiguous_policy == "oracle"),
@@ -339,7 +341,7 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "shared_prefix_len": ("64", lambda s: s.workload.shared_prefix_len == 64),
 }
 # settings a sample needs beside it to be a valid scenario
-NEEDS = {"sharing": {"instances": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
+NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
          "preemption": {}, "trace": {}}
 
 
