@@ -135,6 +135,40 @@ class PrefillAttentionTable:
         return flops / rate
 
 
+class GroupedGemmTable:
+    """Measured grouped expert GEMMs (one kernel over every expert that got tokens) by expert
+    layout (experts, top-k, hidden, expert size) and op, over the number of tokens routed."""
+
+    def __init__(self, rows: list[dict]):
+        by_shape: dict[tuple, dict[int, float]] = {}
+        for r in rows:
+            for op, key in (("gate_up_proj", "gate_up_seconds"), ("down_proj", "down_seconds")):
+                if key in r:
+                    shape = (r["experts"], r["top_k"], r["hidden"], r["expert_size"], op)
+                    by_shape.setdefault(shape, {})[r["tokens"]] = r[key]
+        self.curves = {s: (sorted(c), [c[t] for t in sorted(c)]) for s, c in by_shape.items()}
+
+    def time(self, op: str, experts: int, top_k: int, hidden: int, expert_size: int, tokens: int,
+             roofline) -> float | None:
+        """Seconds of the op at `tokens`: the measured layout's curve (or the nearest layout's,
+        carried by `roofline(experts, top_k, hidden, expert_size, tokens)`), log-log interpolated;
+        beyond the measured tokens, the edge carried by the roofline."""
+        keys = [s for s in self.curves if s[4] == op]
+        if not keys:
+            return None
+        want = (experts, top_k, hidden, expert_size)
+        key = min(keys, key=lambda s: sum(math.log(a / b) ** 2 for a, b in zip(s[:4], want)))
+        ts_tok, ts = self.curves[key]
+        if tokens < ts_tok[0] or tokens > ts_tok[-1]:
+            edge, t_edge = (ts_tok[0], ts[0]) if tokens < ts_tok[0] else (ts_tok[-1], ts[-1])
+            t = t_edge * roofline(*key[:4], tokens) / roofline(*key[:4], edge)
+        else:
+            t = _interp_loglog(ts_tok, ts, tokens)
+        if key[:4] != want:
+            t *= roofline(*want, tokens) / roofline(*key[:4], tokens)
+        return t
+
+
 class ChainTable:
     """Least time of one small dependent kernel of an op (a chain replayed from a graph), by the
     tensor's rows and columns: a normalisation, for one, takes longer the wider its rows are."""
@@ -172,10 +206,14 @@ class DeviceTables:
             # rows that carry an error instead of a time (a kernel that did not run) are left out
             def timed(key):
                 return [r for r in data.get(key, []) if "seconds" in r and r.get("dtype", "bf16") == "bf16"]
+
+            def timed_any(key):  # (rows with several times, e.g. a grouped GEMM's two ops)
+                return [r for r in data.get(key, []) if r.get("dtype", "bf16") == "bf16"]
             self.gemm = GemmTable(timed("gemm_sweep"))
             self.decode_attention = DecodeAttentionTable(timed("decode_attention"))
             self.prefill_attention = PrefillAttentionTable(timed("prefill_attention"))
             self.chains = ChainTable(data.get("kernel_chain", []))
+            self.grouped_gemm = GroupedGemmTable(timed_any("moe_grouped_gemm"))
         except (KeyError, TypeError, ZeroDivisionError) as e:
             raise NpusimError(f"{where}: malformed calibration table ({e!r})") from None
         if not self.gemm.curves:
@@ -183,7 +221,7 @@ class DeviceTables:
         self.has_prefill = bool(self.prefill_attention.curves)
 
 
-SECTIONS = ("gemm_sweep", "decode_attention", "prefill_attention", "kernel_chain")
+SECTIONS = ("gemm_sweep", "decode_attention", "prefill_attention", "kernel_chain", "moe_grouped_gemm")
 
 
 @lru_cache(maxsize=16)
@@ -207,7 +245,9 @@ def check_measured_times(p, data: dict) -> None:
         if not isinstance(rows, list):
             continue
         for i, r in enumerate(rows):
-            if isinstance(r, dict) and "seconds" in r:
-                t = r["seconds"]
+            if not isinstance(r, dict):
+                continue
+            for key in [key for key in r if key == "seconds" or key.endswith("_seconds")]:
+                t = r[key]
                 if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
-                    raise NpusimError(f"{p}: {k}[{i}].seconds must be a time > 0, got {t!r}")
+                    raise NpusimError(f"{p}: {k}[{i}].{key} must be a time > 0, got {t!r}")

@@ -288,16 +288,32 @@ class CostModel:
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
         router = self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")
         ops = [router]
+        table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
             flops = 2.0 * routed * n_in * n_out
             nbytes = active * n_in * n_out * w + routed * (n_in + n_out) * ACT_BYTES
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name], self.floor.get(name, floor))
+            if table is not None:  # this device's grouped GEMMs were measured: their time, carried
+                measured = table.time(name, E, k, h, fe, tokens, self._grouped_roofline(name))
+                if measured is not None:
+                    t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw else 1.0)
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * routed * fe, 3.0 * routed * fe * ACT_BYTES))
         return ops
+
+    def _grouped_roofline(self, op: str):
+        """The datasheet roofline of a grouped expert GEMM (bf16), as a function of the layout and
+        the tokens: only a ratio, to carry a measured layout's time to another."""
+        def roofline(E, k, h, f, tokens):
+            n_in, n_out = (h, 2 * f) if op == "gate_up_proj" else (f, h)
+            routed = tokens * k
+            active = min(float(E), max(1.0, E * (1.0 - (1.0 - k / E) ** tokens)))
+            nbytes = active * n_in * n_out * ACT_BYTES + routed * (n_in + n_out) * ACT_BYTES
+            return max(2.0 * routed * n_in * n_out / self._peak, nbytes / self._peak_bw)
+        return roofline
 
     def _all_reduce(self, name: str, tokens: int) -> list[Op]:
         """Row-parallel o_proj and down_proj leave partial sums on every device: an all-reduce of

@@ -109,3 +109,60 @@ def test_moe_configs_npusim_cannot_price_are_refused(change, needle, tmp_path):
     p.write_text(json.dumps({**QWEN3_MOE, **change}))
     rc, _, err = run_cli("step", "--hw", "h200", "--model", str(p))
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def _rows(layout, times):
+    E, k, h, f = layout
+    return [{"experts": E, "top_k": k, "hidden": h, "expert_size": f, "tokens": t, "dtype": "bf16",
+             "gate_up_seconds": s, "down_seconds": s / 2} for t, s in times.items()]
+
+
+def test_grouped_gemm_table_interpolates_its_layout_and_carries_others_by_the_roofline():
+    from npusim.calibration import GroupedGemmTable
+
+    table = GroupedGemmTable(_rows((8, 2, 4096, 14336), {1: 100e-6, 16: 400e-6, 256: 400e-6, 4096: 3200e-6}))
+    calls = []
+
+    def roofline(E, k, h, f, tokens):
+        calls.append((E, tokens))
+        return E * h * f * (1 + tokens / 1000)
+
+    # a measured point, and log-log between two
+    assert table.time("gate_up_proj", 8, 2, 4096, 14336, 16, roofline) == pytest.approx(400e-6)
+    assert table.time("down_proj", 8, 2, 4096, 14336, 16, roofline) == pytest.approx(200e-6)
+    assert table.time("gate_up_proj", 8, 2, 4096, 14336, 4, roofline) == pytest.approx(200e-6, rel=1e-9)
+    # another layout: the nearest measured one, times the roofline's ratio at the same tokens
+    other = table.time("gate_up_proj", 16, 2, 4096, 14336, 16, roofline)
+    assert other == pytest.approx(400e-6 * roofline(16, 2, 4096, 14336, 16) / roofline(8, 2, 4096, 14336, 16))
+    # past the measured tokens: the edge, carried by the roofline
+    far = table.time("gate_up_proj", 8, 2, 4096, 14336, 8192, roofline)
+    assert far == pytest.approx(3200e-6 * roofline(8, 2, 4096, 14336, 8192) / roofline(8, 2, 4096, 14336, 4096))
+    assert table.time("qkv_proj", 8, 2, 4096, 14336, 16, roofline) is None
+
+
+def test_a_device_with_measured_grouped_gemms_prices_moe_layers_from_them(tmp_path):
+    import yaml
+
+    from npusim.specs import HW_PROFILE_DIR
+
+    meas = tmp_path / "moe.json"
+    meas.write_text(json.dumps({"moe_grouped_gemm": _rows((128, 8, 2048, 768), {1: 50e-6, 4096: 900e-6}),
+                                "gemm_sweep": [{"m": 1, "n": 4096, "k": 4096, "dtype": "bf16", "seconds": 1e-5}]}))
+    data = yaml.safe_load((HW_PROFILE_DIR / "ascend-910b2.yaml").read_text())
+    data["calibration_files"] = [str(meas)]
+    (tmp_path / "hw.yaml").write_text(yaml.safe_dump(data))
+    hw = load_hardware(str(tmp_path / "hw.yaml"))
+    cm = CostModel(hw, load_model("qwen3-30b-a3b"))
+    ops = {o.name: o for o in cm.layer_dense_ops(1)}
+    assert ops["gate_up_proj"].time_s == pytest.approx(50e-6) and ops["down_proj"].time_s == pytest.approx(25e-6)
+    plain = CostModel(load_hardware("ascend-910b2"), load_model("qwen3-30b-a3b"))
+    assert {o.name: o for o in plain.layer_dense_ops(1)}["gate_up_proj"].time_s != pytest.approx(50e-6)
+
+
+def test_a_bad_grouped_gemm_time_is_refused(tmp_path):
+    from npusim.calibration import check_measured_times
+
+    rows = _rows((8, 2, 64, 64), {1: 1e-5})
+    rows[0]["down_seconds"] = -1.0
+    with pytest.raises(NpusimError, match=r"moe_grouped_gemm\[0\].down_seconds must be a time > 0"):
+        check_measured_times("m.json", {"moe_grouped_gemm": rows})
