@@ -196,7 +196,7 @@ def simulate(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
-    router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding: how requests reach replicas"),
+    router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware (a shared prefix's requests to one replica): how requests reach replicas"),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),
     seed: Optional[int] = typer.Option(None, "--seed", min=0),
     as_json: bool = typer.Option(False, "--json", help="print JSON (keys as vllm bench serve --save-result)"),

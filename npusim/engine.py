@@ -335,8 +335,14 @@ class Simulation:
         self._in_flight += 1
         if self._in_flight > self.record.max_in_flight:
             self.record.max_in_flight = self._in_flight
-        if self.router == "least-outstanding":  # the replica with the fewest requests in flight
+        if self.router in ("least-outstanding", "prefix-aware"):  # the fewest requests in flight
             inst = min(self.instances, key=lambda i: i.outstanding)
+            if self.router == "prefix-aware" and r.prefix_group >= 0:
+                # a shared prefix's requests go to one replica, where it is cached, while that
+                # replica is not far busier than the least busy (then balance wins)
+                home = self.instances[r.prefix_group % len(self.instances)]
+                if home.outstanding <= 2 * inst.outstanding + 4:
+                    inst = home
         else:
             inst = self.instances[self._rr % len(self.instances)]
             self._rr += 1

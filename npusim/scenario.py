@@ -57,7 +57,7 @@ class Scenario(BaseModel):
     seed: int = Field(default=0, ge=0)
     # data-parallel replicas: dp copies of the instance, each on devices of its own, behind a router
     dp: int = Field(default=1, gt=0, le=1024)
-    router: Literal["round-robin", "least-outstanding"] = "round-robin"
+    router: Literal["round-robin", "least-outstanding", "prefix-aware"] = "round-robin"
 
     @model_validator(mode="after")
     def _check(self) -> "Scenario":

@@ -87,7 +87,7 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "shared_prefix_len": ("workload", "shared_prefix_len", None),
 }
 CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap"),
-           "router": ("round-robin", "least-outstanding")}
+           "router": ("round-robin", "least-outstanding", "prefix-aware")}
 
 
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":

@@ -71,7 +71,7 @@ GRID_SETTINGS: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "gpu_memory_utilization": (_float, "memory fractions"), "num_blocks": (_ints(1), "KV block counts"),
     "max_model_len": (_ints(1), "max model lengths"), "weight_dtype": (_text, "weight dtypes"),
     "kv_dtype": (_text, "KV dtypes"), "tp": (_ints(1), "tensor-parallel sizes"),
-    "dp": (_ints(1), "data-parallel replicas"), "router": (_text, "round-robin,least-outstanding"),
+    "dp": (_ints(1), "data-parallel replicas"), "router": (_text, "round-robin,least-outstanding,prefix-aware"),
     "batching": (_text, "auto,continuous,static"),
     "paging": (_on_off, "on,off (off: contiguous reservation)"),
     "contiguous_policy": (_text, "max,oracle (with paging off)"),

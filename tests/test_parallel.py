@@ -152,7 +152,19 @@ def test_least_outstanding_steers_around_a_busy_replica(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--dp", "2", "--instances", "2"], "dp replicas each own their devices"),
     (["--router", "least-outstanding"], "router sends requests between replicas or instances: it needs dp >= 2"),
-    (["--dp", "2", "--router", "random"], "--router must be round-robin or least-outstanding"),
+    (["--dp", "2", "--router", "random"], "--router must be round-robin or least-outstanding or prefix-aware"),
 ])
 def test_data_parallel_contradictions_are_refused(args, needle):
     assert_one_line_error("simulate", ["--requests", "5", *args], needle)
+
+
+def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_and_hits_its_cache(tmp_path):
+    sc = tmp_path / "s.yaml"
+    sc.write_text("dp: 2\nworkload: {num_requests: 240, rate: 6.0, shared_prefix_len: 2048, shared_prefix_groups: 40,\n"
+                  "           input_len: {kind: fixed, value: 2300}, output_len: {kind: fixed, value: 64}}\n")
+    rr = _json("simulate", str(sc))
+    pa = _json("simulate", str(sc), "--router", "prefix-aware")
+    # round robin computes each of the 40 prefixes on both replicas; prefix-aware on one
+    assert pa["kv_cache"]["prefix_cache_hit_rate"] > rr["kv_cache"]["prefix_cache_hit_rate"] + 0.05
+    assert pa["mean_ttft_ms"] < rr["mean_ttft_ms"]
+    assert min(p["completed"] for p in pa["per_instance"]) > 0.3 * 240  # and the load still spreads
