@@ -56,7 +56,7 @@ DEFAULTS = {
 URL_SETTINGS = {"hw": str, "engine": str, "model": str, "weight_dtype": str, "kv_dtype": str, "block_size": int,
                 "batch": int, "context": int, "instances": int, "sharing": str, "gpu_memory_utilization": float}
 UPLOAD_LIMIT_BYTES = {"hardware": 1 << 20, "model": 1 << 20, "trace": 32 << 20}
-PROVENANCE = "Hardware numbers and their sources: the Hardware tab, or `npusim hw show NAME`."
+PROVENANCE = "Every hardware and engine number with its source: the Hardware tab, or `npusim hw show NAME`."
 
 
 # --------------------------------------------------------------------------- cached computations
@@ -345,9 +345,10 @@ def headline(p: dict, mem: dict, s: dict) -> None:
                       help=f"one {s['context']}-token prompt alone on an idle instance: {t['iterations']} "
                            f"prefill iteration(s) of up to {t['chunk_tokens']} tokens; queueing under load "
                            f"adds to it (Simulate tab)")
-    bottom[0].metric(f"Max batch that fits{each}", f"{p['max_batch']:,}",
+    each = " / instance" if s["instances"] > 1 else ""
+    bottom[0].metric(f"Max batch{each}", f"{p['max_batch']:,}",
                      help=f"sequences of {s['context']} tokens the KV pool holds")
-    bottom[1].metric(f"KV capacity{each} (tokens)", f"{p['num_blocks'] * s['block_size']:,}",
+    bottom[1].metric("KV capacity / instance" if each else "KV capacity (tokens)", f"{p['num_blocks'] * s['block_size']:,}",
                      help=f"{p['num_blocks']} blocks of {s['block_size']} tokens = "
                           f"{gib(mem['kv_blocks_bytes']):.2f} GiB")
     bottom[2].metric("Weights (GiB)", f"{p['weights_gib']:.2f}", help=f"{s['weight_dtype']} weights of one instance")
@@ -377,13 +378,17 @@ def what_fits(p: dict, s: dict) -> list[str]:
         variants.append(("int8 KV cache", dict(kv_dtype="int8")))
     if s["instances"] > 1:
         variants.append(("one instance", dict(instances=1)))
+    for util in (0.95, 0.98):
+        if util > s["utilization"]:
+            variants.append((f"gpu_memory_utilization {util:g}", dict(utilization=util)))
     for label, change in variants:
         try:
             q = point_of(s, **change)
         except NpusimError:
             continue
         if q["feasible"]:
-            out.append(f"{label}: fits, {q['tokens_per_s']:,.0f} tokens/s, max batch {q['max_batch']:,}")
+            out.append(f"{label}: fits, max batch {q['max_batch']:,}, {q['tokens_per_s']:,.0f} tokens/s at batch "
+                       f"{s['batch']}")
     if len(out) < 3:  # other devices, with their own engine and recommended page
         for hw in known_hardware():
             if hw == s["hw_name"]:
@@ -432,10 +437,8 @@ def memory_chart(mem: dict, s: dict) -> go.Figure:
                     hovertemplate=f"{name}: %{{x:.2f}} GiB<extra></extra>")
     fig.add_vline(x=gib(mem["usable_bytes"]), line_dash="dash")
     fig.add_vline(x=gib(device), line_color="black")
-    share = f" (1/{s['instances']} of the device each)" if s["instances"] > 1 else ""
-    fig.update_layout(barmode="stack", title=f"Memory{share}",
-                      xaxis_title="GiB", height=300, margin=dict(t=60, b=10),
-                      legend=dict(orientation="h", x=0, y=-0.45, yanchor="top"))
+    fig.update_layout(barmode="stack", title="Memory (GiB)", height=300, margin=dict(t=60, b=10),
+                      legend=dict(orientation="h", x=0, y=-0.25, yanchor="top"))
     return fig
 
 
@@ -504,8 +507,10 @@ def decode_section(s: dict) -> dict:
             st.info("No per-op breakdown: the configuration does not run as set.")
     with right:
         st.plotly_chart(memory_chart(mem, s), width="stretch", key="memory_chart")
-        st.caption(f"Usable {gib(mem['usable_bytes']):.1f} of {gib(mem['device_bytes']):.1f} GiB (dashed line: "
-                   f"gpu_memory_utilization). {mem['verdict']}")
+        share = f"One instance's 1/{s['instances']} of the device. " if s["instances"] > 1 else ""
+        verdict = mem["verdict"][:1].upper() + mem["verdict"][1:]
+        st.caption(f"{share}Usable {gib(mem['usable_bytes']):.1f} of {gib(mem['device_bytes']):.1f} GiB (dashed "
+                   f"line: gpu_memory_utilization). {verdict}")
     rows = None
     if p["max_batch"] >= 1:
         rows = compute_sweep(s["hw_name"], s["model_name"], s["context"], s["instances"], s["sharing"],
@@ -530,9 +535,12 @@ def page_size_section(s: dict) -> None:
         rows.append({"block": b, "waste": 1 - (s["context"] + 1) / slots, "tpot": q["tpot_ms"],
                      "max_batch": q["max_batch"], "feasible": q["feasible"]})
     df = pd.DataFrame(rows)
-    labels = [f"{b}{' (recommended)' if b == recommended else ''}" for b in df["block"]]
+    if not df["feasible"].any():
+        st.info("No page size makes this configuration fit: see the Decode tab for what would.")
+        return
+    labels = [f"{b}{' (rec.)' if b == recommended else ''}" for b in df["block"]]
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"KV padding of one {s['context']}-token sequence", "TPOT (ms) at your batch", "Max batch that fits"))
+        f"KV padding: {s['context']} tokens + 1 being made", "TPOT (ms) at your batch", "Max batch that fits"))
     colours = ["#2ca02c" if b == recommended else "#7f7f7f" for b in df["block"]]
     fig.add_bar(x=labels, y=df["waste"] * 100, marker_color=colours, row=1, col=1,
                 hovertemplate="%{x}: %{y:.2f} % of the slots<extra></extra>")
@@ -549,8 +557,6 @@ def page_size_section(s: dict) -> None:
                f"costs bandwidth in each decode step and memory that holds fewer sequences. Under real "
                f"traffic the mean padding is about half a page per sequence: `npusim kv-study` and "
                f"`npusim sweep --block-size ...` measure it on a workload.")
-    if not df["feasible"].any():
-        st.info("No page size makes this configuration fit: see the Decode tab for what would.")
 
 
 def roofline_section(s: dict, p: dict) -> None:
@@ -573,23 +579,25 @@ def roofline_section(s: dict, p: dict) -> None:
                     y=[x[0] * bw / 1e12, roofs["vector_tflops"], roofs["vector_tflops"]], mode="lines",
                     line=dict(color="grey", dash="dot"), name=f"vector peak {roofs['vector_tflops']:g} TFLOP/s")
     df = df.sort_values("intensity")
+    total = df["time_ms"].sum()  # (ops under 3 % of the time are drawn, labelled on hover only)
     spots = ("top center", "bottom center", "middle right", "middle left")  # (neighbours' labels apart)
     df["where"] = [spots[i % len(spots)] for i in range(len(df))]
     for bound, colour in BOUND_COLOURS.items():
         part = df[df["bound"] == bound]
         if not part.empty:
-            fig.add_scatter(x=part["intensity"], y=part["tflops"], mode="markers+text", text=part["name"],
-                            textposition=list(part["where"]), textfont=dict(size=10),
+            labels = [n if t >= 0.03 * total else "" for n, t in zip(part["name"], part["time_ms"])]
+            fig.add_scatter(x=part["intensity"], y=part["tflops"], mode="markers+text", text=labels,
+                            customdata=part["name"], textposition=list(part["where"]), textfont=dict(size=10),
                             marker=dict(size=9, color=colour), name=f"{bound}-bound ops",
-                            hovertemplate="%{text}: %{x:.2f} FLOP/byte, %{y:.2f} TFLOP/s<extra></extra>")
-    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP per byte moved)")
-    fig.update_yaxes(type="log", title="attained TFLOP/s")
+                            hovertemplate="%{customdata}: %{x:.2f} FLOP/byte, %{y:.2f} TFLOP/s<extra></extra>")
+    fig.update_xaxes(type="log", dtick=1, title="arithmetic intensity (FLOP per byte moved)")
+    fig.update_yaxes(type="log", dtick=1, title="attained TFLOP/s")
     fig.update_layout(title=f"Roofline of one decode iteration on {roofs['name']}", height=520,
                       margin=dict(t=50, b=10), legend=dict(orientation="h", x=0, y=-0.15, yanchor="top"))
     st.plotly_chart(fig, width="stretch", key="roofline_chart")
     st.caption("Each op at the FLOPs and bytes the cost model charges it and the time it prices: ops far "
                "below both ceilings pay fixed kernel costs (latency), not work. Ops with no FLOPs (copies, "
-               "KV writes) are not drawn.")
+               "KV writes, collectives) are not drawn; ops under 3 % of the iteration are named on hover.")
 
 
 # --------------------------------------------------------------------------- compare
@@ -631,11 +639,13 @@ def compare_section(s: dict, current: dict) -> None:
         q = point_of(s, instances=instances, sharing=sharing)
         rows.append((label, "yes" if q["feasible"] else "no", _cell(q["tokens_per_s"], ",.1f"),
                      _cell(q["tpot_ms"], ".2f"), _cell(q["max_batch"], ",d"), q["reason"] or q["regime"]))
-    st.dataframe(pd.DataFrame(rows, columns=["sharing", "fits", "tokens/s (all)", "TPOT (ms)",
+    st.dataframe(pd.DataFrame(rows, columns=["layout", "fits", "tokens/s (all)", "TPOT (ms)",
                                              "max batch per instance", "why"]),
-                 hide_index=True, width="stretch", key="sharing_table")
-    st.caption(f"Batch {s['batch']} per instance at context {s['context']}, from the analytical model; the "
-               f"Capacity tab finds the load each one sustains under an SLO.")
+                 hide_index=True, width="stretch", key="sharing_table",
+                 column_config={"why": st.column_config.TextColumn(width="large")})
+    st.caption(f"Batch {s['batch']} per instance at context {s['context']} (two instances hold twice the "
+               f"sequences of one), from the analytical model; the Capacity tab finds the load each one "
+               f"sustains under an SLO.")
 
 
 # --------------------------------------------------------------------------- simulate
@@ -675,7 +685,9 @@ def workload_inputs() -> dict:
 
 def simulate_section(s: dict) -> None:
     st.caption("Runs the discrete-event simulator on a workload with this configuration; the engine runs at "
-               "most `batch` sequences per instance (max_num_seqs). Results are keyed like `vllm bench serve`.")
+               "most `batch` sequences per instance (max_num_seqs), so its activation reserve, and with it the "
+               "KV block count, differ a little from the Decode tab's (which sizes for vLLM's 256). Results "
+               "are keyed like `vllm bench serve`.")
     w = workload_inputs()
     args = (s["hw_name"], s["model_name"], s["instances"], s["sharing"], s["block_size"], s["weight_dtype"],
             s["kv_dtype"], s["utilization"], s["batch"], w["requests"], w["prompt"], w["output"], w["rate"],
@@ -709,7 +721,8 @@ def simulate_section(s: dict) -> None:
     for i, fig in enumerate(report_figures(run)):
         st.plotly_chart(fig, width="stretch", key=f"sim_fig_{i}")
     table = results_table(r)
-    st.dataframe(table, hide_index=True, width="stretch", height=35 * (len(table) + 1) + 3, key="sim_table")
+    st.dataframe(table, hide_index=True, width="stretch", height=35 * (len(table) + 1) + 3, key="sim_table",
+                 column_config={"value": st.column_config.TextColumn(width="large")})
     d1, d2, d3 = st.columns(3)
     d1.download_button("Download JSON", json.dumps(r, indent=2), file_name="npusim-result.json",
                        mime="application/json", key="dl_json")
@@ -759,14 +772,19 @@ def capacity_section(s: dict) -> None:
              c["bound_by"], c["reason"] or "") for c in result["configs"]]
     st.dataframe(pd.DataFrame(rows, columns=["instances", "sharing", "max rate (req/s)", "p99 TTFT ms", "p99 TPOT ms",
                                              "output tok/s", "bound by", "why"]),
-                 hide_index=True, width="stretch", key="capacity_table")
+                 hide_index=True, width="stretch", key="capacity_table",
+                 column_config={"why": st.column_config.TextColumn(width="large")})
     best = result["best"]
     if best:
-        st.success(f"Most load: {best['point']} sustains {best['max_rate']:.3f} req/s")
+        named = ", ".join(part.replace("=", " ") for part in best["point"].split() if part.split("=")[0] in
+                          ("instances", "sharing"))
+        st.success(f"Most load: {named} sustains {best['max_rate']:.3f} req/s")
     else:
-        st.error("No configuration meets the SLOs.")
-    st.plotly_chart(capacity_figure(result), width="stretch", key="capacity_chart")
-    st.caption(result["requests_note"])
+        reasons = [c["reason"] for c in result["configs"] if c["reason"]]
+        st.error("No configuration meets the SLOs" + (f": {reasons[0]}" if reasons else "."))
+    if any(c["evaluations"] for c in result["configs"]):
+        st.plotly_chart(capacity_figure(result), width="stretch", key="capacity_chart")
+        st.caption(result["requests_note"].replace("quadruple --requests", "quadruple the requests per run"))
 
 
 # --------------------------------------------------------------------------- hardware
@@ -776,8 +794,10 @@ def hardware_section(s: dict) -> None:
 
     h = load_hardware(s["hw_name"])
     st.subheader(f"{h.name}: {h.description}")
-    st.dataframe(pd.DataFrame(hardware_rows(h), columns=["field", "value", "kind", "source"]), hide_index=True,
-                 width="stretch", key="hw_table")
+    rows = hardware_rows(h)
+    st.dataframe(pd.DataFrame(rows, columns=["field", "value", "kind", "source"]), hide_index=True,
+                 width="stretch", key="hw_table", height=35 * (len(rows) + 1) + 3,
+                 column_config={"source": st.column_config.TextColumn(width="large")})
     if h.calibration_files:
         st.markdown("**Calibrated from these measurements** (`hw_profiles/measurements/`): the device "
                     "tables price each op from them; `benchmarks/validate_steps.py` reports the error on "
@@ -786,8 +806,10 @@ def hardware_section(s: dict) -> None:
             st.caption(f"{Path(name).name}: {_measurement_summary(Path(name))}")
     e = load_engine_profile(s["engine"])
     st.subheader(f"Engine {e.name} ({e.execution}): {e.description}")
-    st.dataframe(pd.DataFrame(engine_rows(e), columns=["field", "value", "kind", "source"]), hide_index=True,
-                 width="stretch", key="engine_table")
+    rows = engine_rows(e)
+    st.dataframe(pd.DataFrame(rows, columns=["field", "value", "kind", "source"]), hide_index=True,
+                 width="stretch", key="engine_table", height=35 * (len(rows) + 1) + 3,
+                 column_config={"source": st.column_config.TextColumn(width="large")})
 
 
 def _measurement_summary(path: Path) -> str:

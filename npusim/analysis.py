@@ -194,7 +194,9 @@ def _time_split(cm: CostModel, ops: list[Op]) -> tuple[float, float, float, floa
         lat = o.kernels * cm.latency
         body = o.time_s - lat
         latency += lat
-        if body > (o.bytes / cm.bw) * (1 + 1e-9):
+        # by the op's own bound (its FLOPs against its bytes at the device's rates): a measured
+        # kernel slower than the bandwidth roofline is still a memory-bound one
+        if o.bound == "compute":
             compute += body
         else:
             memory += body

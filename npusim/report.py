@@ -26,8 +26,8 @@ def _timeline_figure(run: RunRecord) -> go.Figure:
         used = [p[3] / c if c else 0.0 for p, c in zip(pts, cap)]
         waste = [(p[1] - p[2]) / p[1] if p[1] else 0.0 for p in pts]
         tag = f"instance {inst.index}"
-        fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used fraction", mode="lines"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=t, y=waste, name=f"{tag}: waste fraction", mode="lines",
+        fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used (share of the pool)", mode="lines"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=t, y=waste, name=f"{tag}: waste (share of its allocated slots)", mode="lines",
                                  line=dict(dash="dot")), row=1, col=1)
         bt = inst.batch_series
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[1] for b in bt], name=f"{tag}: running",
@@ -35,7 +35,7 @@ def _timeline_figure(run: RunRecord) -> go.Figure:
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[2] for b in bt], name=f"{tag}: waiting",
                                  mode="lines", line=dict(dash="dot")), row=2, col=1)
     fig.update_xaxes(title_text="simulated time (s)", row=2, col=1)
-    fig.update_yaxes(range=[0, 1.02], title_text="fraction of the KV pool", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title_text="fraction", row=1, col=1)
     fig.update_yaxes(title_text="requests", row=2, col=1)
     fig.update_layout(height=620, margin=dict(t=50, l=60, r=20, b=40))
     return fig

@@ -577,15 +577,20 @@ def capacity_figure(result: dict[str, Any]):
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[f"p99 {m.upper()} (ms)" for m in metrics])
     for k, cfg in enumerate(result["configs"]):
         evals = cfg["evaluations"]
+        label = ", ".join(part.replace("=", " ") for part in cfg["point"].split())
         for col, m in enumerate(metrics, start=1):
             fig.add_trace(go.Scatter(x=[e["rate"] for e in evals], y=[e[f"{m}_p99_ms"] for e in evals],
-                                     mode="lines+markers", name=cfg["point"], legendgroup=cfg["point"],
-                                     showlegend=col == 1, line=dict(color=_color(k))), row=1, col=col)
+                                     mode="lines+markers", name=label, legendgroup=cfg["point"],
+                                     marker=dict(size=9), showlegend=col == 1, line=dict(color=_color(k))),
+                          row=1, col=col)
     for col, m in enumerate(metrics, start=1):
-        fig.add_hline(y=result["slo"][f"{m}_p99_ms"], line_dash="dash", line_color="black",
-                      annotation_text="SLO", row=1, col=col)
+        slo = result["slo"][f"{m}_p99_ms"]
+        # (the line without plotly's annotation, which lands at 10^y on a log axis: plotly.py #2580)
+        fig.add_hline(y=slo, line_dash="dash", line_color="black", row=1, col=col)
+        fig.add_annotation(text=f"SLO {slo:g} ms", x=1, xref=f"x{col if col > 1 else ''} domain", xanchor="right",
+                           y=math.log10(slo), yref=f"y{col if col > 1 else ''}", yanchor="bottom", showarrow=False)
         fig.update_xaxes(title_text="arrival rate (req/s)", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
+        fig.update_yaxes(type="log", dtick=1, row=1, col=col)
     fig.update_layout(title="Load against p99 latency (dashed: the SLO)", legend=dict(orientation="h", y=-0.25),
                       margin=dict(b=120))
     return fig

@@ -89,9 +89,14 @@ def overload_warning(r: dict) -> str | None:
     load = r.get("load") or {}
     if not load.get("overloaded"):
         return None
+    why = ""
+    seqs = r["scenario"]["engine"].get("max_num_seqs")
+    if seqs and any(p["max_batch"] >= seqs for p in r.get("per_instance", [])) and \
+            r["kv_cache"]["peak_used_fraction"] < 0.9:
+        why = f"; the batch is capped at max_num_seqs {seqs} with the KV pool at most {r['kv_cache']['peak_used_fraction']:.0%} used"
     return (f"overloaded: requests in the system grew from {load['in_system_first_third']:.1f} to "
             f"{load['in_system_last_third']:.1f} over the arrivals ({load['offered_rate']:.2f} req/s "
-            f"offered, {r['request_throughput']:.2f} served); latencies grow with the run's length")
+            f"arrived, {r['request_throughput']:.2f} served){why}; latencies grow with the run's length")
 
 
 def format_summary(r: dict) -> str:

@@ -99,7 +99,7 @@ def test_batch_beyond_memory_names_the_cap():
     errors = [e.value for e in at.error]
     assert errors and "max batch" in errors[0]
     assert not any("tok/s" in m.label for m in at.metric)
-    assert len(at.get("plotly_chart")) == 3  # memory, the batch sweep up to the cap, page sizes
+    assert len(at.get("plotly_chart")) == 2  # memory, the batch sweep up to the cap (no page size fits)
     infos = [i.value for i in at.info]
     assert any("What would fit" in i and "batch" in i for i in infos)
 
@@ -210,8 +210,8 @@ def test_pinned_configuration_is_compared_with_the_current_one():
     assert frames
     row = frames[0][frames[0]["metric"] == "Max batch that fits"].iloc[0]
     assert number(row["B (now)"]) > number(row["A (pinned)"])  # int8 weights leave room for more KV
-    sharing = [d.value for d in at.dataframe if "sharing" in d.value.columns and "fits" in d.value.columns][0]
-    assert list(sharing["sharing"]) == ["1 instance", "2 instances, time-sliced", "2 vNPUs"]
+    sharing = [d.value for d in at.dataframe if "layout" in d.value.columns and "fits" in d.value.columns][0]
+    assert list(sharing["layout"]) == ["1 instance", "2 instances, time-sliced", "2 vNPUs"]
 
 
 def test_simulation_warns_when_overloaded_and_offers_downloads():
