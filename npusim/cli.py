@@ -308,16 +308,18 @@ def _progress(total: int, label: str, enabled: bool):
     return bar
 
 
-def _points_note(grid: dict, data: dict) -> int:
-    """The number of points; says on stderr what settings that do not apply removed."""
+def _points_note(grid: dict, data: dict) -> tuple[int, str | None]:
+    """The number of points, and a note (for stderr, once the run is done) on what settings that
+    do not apply removed."""
     from npusim.sweep import expand
 
     points, dropped = expand(grid, data)
+    note = None
     if dropped:
-        print(f"npusim: note: {dropped} point(s) of the grid repeat others and run once: sharing applies to "
-              f"2 or more instances, contiguous_policy to paging off, prefix_caching to paging on",
-              file=sys.stderr)
-    return len(points)
+        note = (f"npusim: note: {dropped} point(s) of the grid repeat others and ran once: sharing applies to "
+                f"2 or more instances, contiguous_policy to paging off, prefix_caching to paging on, router "
+                f"to replicas")
+    return len(points), note
 
 
 def _sweep_body(given: dict) -> None:
@@ -327,7 +329,8 @@ def _sweep_body(given: dict) -> None:
     data, grid = _grid_from(given, scenario)
     fixed = {"seed": given["seed"], "goodput": given["goodput"] or None}
     check_out(out, resume)
-    total = _points_note(grid, data) - skipped_points(grid, data, out, resume)
+    total, note = _points_note(grid, data)
+    total -= skipped_points(grid, data, out, resume)
     bar = _progress(total, "sweep", sys.stderr.isatty() and not as_json)
     failed = 0
 
@@ -350,6 +353,8 @@ def _sweep_body(given: dict) -> None:
     finally:
         if bar is not None:
             bar.stop()
+    if note:
+        print(note, file=sys.stderr)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "infeasible", "failed")}
     if as_json:
         _print_json({"rows": rows, **counts})
@@ -390,9 +395,16 @@ def _capacity_body(given: dict) -> None:
             raise NpusimError(f"--slo-{m}-p99-ms must be a positive number of milliseconds, got {v}")
     if plot is not None and not plot.strip().lower().endswith((".html", ".htm")):
         raise NpusimError(f"--plot {plot!r}: give an .html file to write")
+    if plot is not None:
+        from pathlib import Path
+        if Path(plot).is_dir():
+            raise NpusimError(f"--plot {plot} is a folder: give an .html file to write")
+        if not Path(plot).resolve().parent.is_dir():
+            raise NpusimError(f"--plot {plot}: the folder {Path(plot).resolve().parent} does not exist")
     requests = given.pop("requests")  # (one count for every run, not a grid setting here)
     data, grid = _grid_from(given, scenario)
-    bar = _progress(_points_note(grid, data), "capacity", sys.stderr.isatty() and not as_json)
+    total, note = _points_note(grid, data)
+    bar = _progress(total, "capacity", sys.stderr.isatty() and not as_json)
 
     def on_config(res):
         if bar is not None:
@@ -405,6 +417,8 @@ def _capacity_body(given: dict) -> None:
     finally:
         if bar is not None:
             bar.stop()
+    if note:
+        print(note, file=sys.stderr)
     if plot:
         capacity_figure(result).write_html(plot, include_plotlyjs=True)
     if as_json:

@@ -24,6 +24,9 @@ from npusim.specs import EngineConfig, HardwareSpec, ModelSpec, batching_mode
 from npusim.workload import RequestSpec
 
 
+LOAD_BINS = 200  # bins of the arrival window for the load check
+
+
 class LatencyHistogram:
     """Latencies in log-spaced bins (0.1 % wide): exact count and mean, quantiles to 0.1 %, and
     memory that does not grow with the number of samples."""
@@ -164,6 +167,11 @@ class RunRecord:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     good: int = 0  # requests that met every SLO given (goodput)
     max_in_flight: int = 0  # most requests sent and not yet finished at once
+    # arrivals and completions over the arrival window in LOAD_BINS equal bins: a system that
+    # keeps up completes, after its warm-up, about as many as arrive (scenario.load_check)
+    arrival_span: float = 0.0
+    arrival_bins: list = field(default_factory=list)
+    completion_bins: list = field(default_factory=list)
 
 
 class Instance:
@@ -311,6 +319,8 @@ class Simulation:
         rec.total_input_tokens += r.prompt_len
         rec.total_output_tokens += r.output_len
         rec.duration = max(rec.duration, now)
+        if now <= rec.arrival_span:
+            rec.completion_bins[min(LOAD_BINS - 1, int(now / rec.arrival_span * LOAD_BINS))] += 1
         rec.first_done = min(rec.first_done, now)
         rec.last_arrival_done = max(rec.last_arrival_done, r.arrival)
         ttft, e2el = r.t_first - r.submit, now - r.submit
@@ -374,6 +384,15 @@ class Simulation:
         self._dispatch(r)
 
     def run(self, specs: Iterable[RequestSpec]) -> RunRecord:
+        arrivals = getattr(specs, "arrivals", None)
+        if arrivals is not None and len(arrivals) and self.limit is None and arrivals[-1] > 0:
+            import bisect
+
+            rec, span = self.record, arrivals[-1]  # (the stream's arrivals are in order)
+            edges = [bisect.bisect_left(arrivals, span * i / LOAD_BINS) for i in range(LOAD_BINS)] + [len(arrivals)]
+            rec.arrival_span = span
+            rec.arrival_bins = [b - a for a, b in zip(edges, edges[1:])]
+            rec.completion_bins = [0] * LOAD_BINS
         for inst in self.instances:
             self.env.process(inst.loop())
         counted = _Counted(specs)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from npusim.costmodel import InstanceSetup, MemoryPlan, instance_setup
-from npusim.engine import InstanceRecord, LatencySummary, RunRecord, Simulation, percentile
+from npusim.engine import LOAD_BINS, InstanceRecord, LatencySummary, RunRecord, Simulation, percentile
 from npusim.errors import NpusimError
 from npusim.specs import (EngineConfig, HardwareSpec, ModelSpec, _validate, batching_mode, load_hardware,
                           load_mapping, load_model)
@@ -64,8 +64,7 @@ class Scenario(BaseModel):
         if self.dp > 1 and self.instances > 1:
             raise ValueError("dp replicas each own their devices; instances > 1 shares one device between "
                              "instances: give one or the other")
-        if self.dp == 1 and "router" in self.model_fields_set and self.router != "round-robin" \
-                and self.instances == 1:
+        if self.dp == 1 and "router" in self.model_fields_set and self.instances == 1:
             raise ValueError("router sends requests between replicas or instances: it needs dp >= 2 "
                              "(or instances >= 2)")
         if self.sharing == "vnpu" and self.instances == 1:
@@ -223,30 +222,52 @@ def _kv_summary(inst: InstanceRecord, prefix_caching: bool) -> dict[str, Any]:
 
 
 def load_check(record: RunRecord) -> dict[str, Any]:
-    """Whether the system kept up with the arrivals: the requests in the system (running and
-    waiting, all instances), averaged over the iterations of the first and of the last third of
-    the arrival window. In a stable system that count is stationary (Little's law: rate x mean
-    latency); one that keeps growing (the last third's mean at least twice the first's, and 2
-    requests more) means the offered load exceeds what is served, and the run's latencies grow
-    with its length."""
-    end = record.last_arrival_done
-    out = {"arrival_span_s": end, "offered_rate": None, "in_system_first_third": None,
-           "in_system_last_third": None, "overloaded": False}
-    if not end > 0:  # everything at once (or one request): no arrival process to keep up with
+    """Whether the system kept up with its arrivals, after its warm-up (the first third of the
+    arrival window, or two mean service times, a request's latency less its wait, if longer):
+    over the rest of the window,
+    the completions against the arrivals (a stable system completes about as many as arrive) and
+    the requests in the system, running and waiting, in its first and second half (stationary in
+    a stable system, by Little's law). Overloaded: under 90 % of the arrivals completed while the
+    count in the system did not fall; then the run's latencies grow with its length. A run too
+    short for its latencies (warm-up past 3/4 of the window) is judged by the queue at its last
+    arrival. Not judged for a closed loop (--max-concurrency) or everything at once."""
+    span, bins = record.arrival_span, LOAD_BINS
+    out = {"arrival_span_s": record.last_arrival_done, "judged_from_s": None, "offered_rate": None,
+           "served_fraction": None, "in_system_first_half": None, "in_system_second_half": None,
+           "overloaded": False}
+    if not span > 0 or not record.e2el.n:
         return out
-    first, last = [], []
+    # a request's service once it started (its end-to-end latency less its wait for a first token)
+    service = max(0.0, (record.e2el.total - record.ttft.total) / record.e2el.n)
+    warm = max(span / 3, 2 * service)
+    if warm > 0.75 * span:
+        # too short a run to see a steady state: judged by the queue left at the last arrival
+        # (a quarter of all requests still waiting to start is a load that was not kept up with)
+        waiting = 0
+        for inst in record.instances:
+            at_end = [w for t, _, w in inst.batch_series if t <= span]
+            waiting += at_end[-1] if at_end else 0
+        arrived = sum(record.arrival_bins)
+        out.update(offered_rate=arrived / span, overloaded=waiting >= 0.25 * arrived)
+        return out
+    b0 = min(bins - 1, int(warm / span * bins))
+    w0 = b0 * span / bins
+    arrived = sum(record.arrival_bins[b0:])
+    if not arrived:
+        return out
+    served = sum(record.completion_bins[b0:]) / arrived
+    mid = (w0 + span) / 2
+    first, second = [], []
     for inst in record.instances:
         for t, running, waiting in inst.batch_series:
-            if t <= end / 3:
+            if w0 <= t < mid:
                 first.append(running + waiting)
-            elif 2 * end / 3 <= t <= end:
-                last.append(running + waiting)
-    if not first or not last:
-        return out
-    w1, w3 = sum(first) / len(first), sum(last) / len(last)
-    arrived = record.completed + len(record.rejected)
-    out.update(offered_rate=(arrived - 1) / end if arrived > 1 else None, in_system_first_third=w1,
-               in_system_last_third=w3, overloaded=w3 >= 2 * w1 + 2)
+            elif mid <= t <= span:
+                second.append(running + waiting)
+    n1 = sum(first) / len(first) if first else 0.0
+    n2 = sum(second) / len(second) if second else 0.0
+    out.update(judged_from_s=w0, offered_rate=arrived / (span - w0), served_fraction=served,
+               in_system_first_half=n1, in_system_second_half=n2, overloaded=served < 0.9 and n2 >= n1)
     return out
 
 

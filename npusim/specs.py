@@ -763,6 +763,13 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
            if cfg.get(k)]
     experts = {}
+    if cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
+        raise NpusimError(f"{where}: shared experts (shared_expert_intermediate_size / n_shared_experts) are not "
+                          "modelled yet: npusim prices routed experts only")
+    foreign = {"qwen3_moe": ("num_local_experts",), "mixtral": ("num_experts", "moe_intermediate_size")}.get(family, ())
+    stray = [k for k in foreign if k in cfg]
+    if stray:
+        raise NpusimError(f"{where}: {', '.join(stray)} is not a {family} key (it would be ignored)")
     if family == "qwen3_moe":
         for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             v = cfg.get(key)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from npusim.engine import percentile
 from npusim.errors import NpusimError
 from npusim.settings import SIMULATE_FIELDS, _parse_rate, apply_flags
 
@@ -25,10 +25,9 @@ from npusim.settings import SIMULATE_FIELDS, _parse_rate, apply_flags
 
 def _ints(minimum: int) -> Callable[[str, str], int]:
     def parse(flag: str, text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise NpusimError(f"--{flag}: {text!r} is not a whole number") from None
+        if not re.fullmatch(r"[0-9]+", text):  # (int() would take "1_6" and other scripts' digits)
+            raise NpusimError(f"--{flag}: {text!r} is not a whole number")
+        value = int(text)
         if value < minimum:
             raise NpusimError(f"--{flag}: {value} must be >= {minimum}")
         return value
@@ -36,13 +35,25 @@ def _ints(minimum: int) -> Callable[[str, str], int]:
 
 
 def _float(flag: str, text: str) -> float:
+    if not re.fullmatch(r"[0-9.eE+-]+|nan|inf|-inf", text.lower()):
+        raise NpusimError(f"--{flag}: {text!r} is not a number")
     try:
         value = float(text)
     except ValueError:
         raise NpusimError(f"--{flag}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise NpusimError(f"--{flag}: {text!r} must be finite")
+    if flag == "burstiness" and value < 0.001:  # (simulate's own bound)
+        raise NpusimError(f"--burstiness: {value} must be >= 0.001")
     return value
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(flag: str, text: str) -> str:
+        if text not in allowed:
+            raise NpusimError(f"--{flag} takes {','.join(allowed)}, got {text!r}")
+        return text
+    return parse
 
 
 def _text(flag: str, text: str) -> str:
@@ -65,18 +76,19 @@ def _on_off(flag: str, text: str) -> bool:
 # --prefix-caching) become `paging`, `chunked_prefill` and `prefix_caching` taking on,off.
 GRID_SETTINGS: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "hw": (_text, "hardware profiles"), "model": (_text, "models"), "engine": (_text, "engine profiles"),
-    "instances": (_ints(1), "model instances on the device"), "sharing": (_text, "time-slice,vnpu"),
+    "instances": (_ints(1), "model instances on the device"),
+    "sharing": (_choice("time-slice", "vnpu"), "time-slice,vnpu"),
     "block_size": (_ints(1), "KV page sizes in tokens"), "max_num_seqs": (_ints(1), "batch limits"),
     "max_num_batched_tokens": (_ints(1), "token budgets per iteration"),
     "gpu_memory_utilization": (_float, "memory fractions"), "num_blocks": (_ints(1), "KV block counts"),
     "max_model_len": (_ints(1), "max model lengths"), "weight_dtype": (_text, "weight dtypes"),
     "kv_dtype": (_text, "KV dtypes"), "tp": (_ints(1), "tensor-parallel sizes"),
-    "dp": (_ints(1), "data-parallel replicas"), "router": (_text, "round-robin,least-outstanding,prefix-aware"),
-    "batching": (_text, "auto,continuous,static"),
+    "dp": (_ints(1), "data-parallel replicas"), "router": (_choice("round-robin", "least-outstanding", "prefix-aware"), "round-robin,least-outstanding,prefix-aware"),
+    "batching": (_choice("auto", "continuous", "static"), "auto,continuous,static"),
     "paging": (_on_off, "on,off (off: contiguous reservation)"),
-    "contiguous_policy": (_text, "max,oracle (with paging off)"),
+    "contiguous_policy": (_choice("max", "oracle"), "max,oracle (with paging off)"),
     "chunked_prefill": (_on_off, "on,off"), "prefix_caching": (_on_off, "on,off"),
-    "preemption": (_text, "recompute,swap"), "requests": (_ints(1), "request counts"),
+    "preemption": (_choice("recompute", "swap"), "recompute,swap"), "requests": (_ints(1), "request counts"),
     "input_len": (_ints(1), "fixed prompt lengths"), "output_len": (_ints(1), "fixed output lengths"),
     "rate": (_rate, "arrival rates in requests/s (inf: all at t=0)"),
     "burstiness": (_float, "CVs of inter-arrival gaps"), "max_concurrency": (_ints(1), "closed-loop limits"),
@@ -129,8 +141,9 @@ def expand(grid: dict[str, list], data: dict) -> tuple[list[dict[str, Any]], int
     instances both ways); returns the points and how many duplicates that removed."""
     points, seen = [], set()
     raw = grid_points(grid)
+    listed = {k for k, v in grid.items() if len(v) > 1}  # (a single value that does not apply is refused)
     for p in raw:
-        na = _not_applicable(p, data)
+        na = _not_applicable(p, data) & listed
         q = {k: (None if k in na else v) for k, v in p.items()}
         key = point_key(q)
         if key not in seen:
@@ -163,6 +176,19 @@ def point_seed(base_seed: int, params: dict[str, Any], varied: Iterable[str]) ->
         return base_seed
     digest = hashlib.sha256(f"{base_seed}|{' '.join(workload)}".encode()).digest()
     return int.from_bytes(digest[:4], "big") >> 1
+
+
+def check_names(grid: dict[str, list], data: dict) -> None:
+    """Every device, model and engine the grid names exists (a typo in a list is refused, not a
+    row of errors)."""
+    from npusim.specs import load_engine_profile, load_hardware, load_model
+
+    for key, load in (("hw", load_hardware), ("model", load_model), ("engine", load_engine_profile)):
+        for value in grid.get(key, []):
+            try:
+                load(value)
+            except NpusimError as err:
+                raise NpusimError(f"--{key} {value}: {err}") from None
 
 
 def point_flags(fixed: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -280,13 +306,13 @@ def _execute_dask(fn, tasks, workers, address) -> Iterator[tuple[int, Any]]:
         raise NpusimError("--executor dask needs dask.distributed: pip install 'npusim[sweep]'") from None
     cluster = None
     if address is None:
-        cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+        cluster = LocalCluster(n_workers=min(workers or os.cpu_count() or 1, len(tasks)), threads_per_worker=1,
                                processes=True, dashboard_address=None, silence_logs=logging.ERROR)
         client = Client(cluster)
     else:
         try:
             client = Client(address, timeout=10)
-        except OSError as err:
+        except (OSError, ValueError, TypeError) as err:
             raise NpusimError(f"--address {address}: no Dask scheduler answered ({err})") from None
     futures = []
     try:
@@ -317,6 +343,8 @@ def check_out(out: str | None, resume: bool) -> None:
         raise NpusimError(f"--out {out}: the file must end in .parquet or .csv")
     if Path(out).is_dir():
         raise NpusimError(f"--out {out} is a folder: give a .parquet or .csv file")
+    if not Path(out).resolve().parent.is_dir():
+        raise NpusimError(f"--out {out}: the folder {Path(out).resolve().parent} does not exist")
     if Path(out).exists() and not resume:
         raise NpusimError(f"--out {out} exists: add --resume to continue it, or remove it")
 
@@ -330,6 +358,11 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         raise NpusimError(f"--resume: cannot read {path}: {err}") from None
     if "point" not in frame.columns or "status" not in frame.columns:
         raise NpusimError(f"--resume: {path} is not an npusim sweep output (no point/status columns)")
+    bad = sorted(set(frame["status"].astype(str)) - {"ok", "infeasible", "failed"})
+    if bad:
+        raise NpusimError(f"--resume: {path}: status {bad[0]!r} is not ok, infeasible or failed")
+    if (frame["status"] == "ok").any() and "output_throughput" not in frame.columns:
+        raise NpusimError(f"--resume: {path} has ok rows without their results (no output_throughput column)")
     frame = frame.astype(object).where(frame.notna(), None)
     return frame.to_dict("records")
 
@@ -365,6 +398,7 @@ def sweep(data: dict, fixed: dict[str, Any], grid: dict[str, list], *, where: st
     base_seed = fixed.get("seed")
     if base_seed is None:
         base_seed = data.get("seed", 0)
+    check_names(grid, data)
     points, _ = expand(grid, data)
     for params in points:  # every point must be a valid scenario before any runs
         try:
@@ -406,7 +440,8 @@ def sweep(data: dict, fixed: dict[str, Any], grid: dict[str, list], *, where: st
     finally:  # (Ctrl-C too: what finished is kept)
         if out is not None and (fresh or not Path(out).exists()):
             write_rows(out, ordered())
-    return ordered()
+    mine = {point_key(p) for p in points}
+    return [row for row in ordered() if row["point"] in mine]  # (the file keeps other grids' rows too)
 
 
 def skipped_points(grid: dict[str, list], data: dict, out: str | None, resume: bool) -> int:
@@ -443,18 +478,10 @@ def _simulate(task: dict, rate: float):
 
 
 def saturated_rate(task: dict) -> float:
-    """Requests/s the configuration completes while its queue is full: every request arrives at
-    t=0 and the rate is taken between the 10th and 50th percentile completions (before the queue
-    empties and the batch shrinks in the drain). No higher arrival rate is sustained."""
+    """A first guess at the highest sustainable rate: the requests a fully queued run completes
+    per second (every request at t=0). Only a starting point: with fewer requests than the batch
+    holds it measures the spread of output lengths, not throughput."""
     record, _ = _simulate(task, math.inf)
-    done = record.e2el  # (all arrive at 0: a request's E2EL is its completion time)
-    if done.exact:
-        times = sorted(done.values)
-        t10, t50 = percentile(times, 10), percentile(times, 50)
-    else:
-        t10, t50 = done.hist.quantile(0.10), done.hist.quantile(0.50)
-    if t50 > t10:
-        return 0.4 * record.completed / (t50 - t10)
     return record.completed / record.duration
 
 
@@ -468,6 +495,8 @@ def _evaluate(task: dict, rate: float) -> dict[str, Any]:
                 and (r[f"p99_{m}_ms"] is None or r[f"p99_{m}_ms"] > slo[m])]
     if r["rejected"]:
         violated.append("rejected")
+    if r["load"]["overloaded"]:  # the queue grew through the run: this rate is not sustained
+        violated.append("throughput")
     kv = r["kv_cache"]
     return {"rate": rate, "ok": not violated, "violated": violated,
             "kv_full": kv["preemptions"] > 0 or kv["peak_used_fraction"] >= 0.95,
@@ -479,9 +508,9 @@ def _evaluate(task: dict, rate: float) -> dict[str, Any]:
 
 def capacity_search(task: dict[str, Any]) -> dict[str, Any]:
     """The highest Poisson rate (to `tolerance` relative) at which one configuration's p99s meet
-    every SLO. The search never goes above the throughput the configuration reaches with every
-    request queued at once (saturated_rate): no rate above it is sustained, whatever the SLOs
-    allow; a configuration whose SLOs hold even there is bound by "throughput"."""
+    every SLO and the run keeps up with its arrivals (scenario.load_check: requests in the system
+    do not keep growing). A rate the SLOs allow but the device cannot sustain is not an answer:
+    such a configuration is bound by "throughput"."""
     params, tol = task["params"], task["tolerance"]
     out: dict[str, Any] = {**params, "point": point_key(params), "seed": task["seed"], "max_rate": None,
                            "ttft_p99_ms": None, "tpot_p99_ms": None, "e2el_p99_ms": None, "goodput": None,
@@ -495,30 +524,47 @@ def capacity_search(task: dict[str, Any]) -> dict[str, Any]:
         return e
 
     try:
-        hi = run(saturated_rate(task))
-        if hi["ok"]:  # even at the saturated throughput: the device (or its KV memory), not the SLO
-            best, bound = hi, "memory" if hi["kv_full"] else "throughput"
-        else:
-            lo = hi
-            for _ in range(14):
-                lo = run(lo["rate"] / 2)
-                if lo["ok"]:
+        # bracket: from a first guess, double while the SLOs hold and the run keeps up with its
+        # arrivals, or halve until they do; then bisect (geometrically) to the tolerance
+        first = run(saturated_rate(task))
+        lo = hi = None
+        if first["ok"]:
+            lo = first
+            for _ in range(20):
+                nxt = run(lo["rate"] * 2)
+                if not nxt["ok"]:
+                    hi = nxt
                     break
-                hi = lo
-            if not lo["ok"]:
-                out["reason"] = (f"the SLOs are not met even at {lo['rate']:.4g} req/s "
-                                 f"(violated: {', '.join(lo['violated'])})")
+                lo = nxt
+            if hi is None:
+                out["reason"] = f"the SLOs still hold at {lo['rate']:.4g} req/s (2^20 x the first guess)"
                 return out
-            while hi["rate"] / lo["rate"] > 1 + tol:
-                mid = run(math.sqrt(lo["rate"] * hi["rate"]))
-                if mid["ok"]:
-                    lo = mid
-                else:
-                    hi = mid
-            best = lo
-            bound = "memory" if hi["kv_full"] else hi["violated"][0]
-            if bound == "rejected":
-                bound = "memory"
+        else:
+            hi = first
+            for _ in range(14):
+                nxt = run(hi["rate"] / 2)
+                if nxt["ok"]:
+                    lo = nxt
+                    break
+                hi = nxt
+            if lo is None:
+                out["reason"] = (f"the SLOs are not met even at {hi['rate']:.4g} req/s "
+                                 f"(violated: {', '.join(hi['violated'])})")
+                return out
+        while hi["rate"] / lo["rate"] > 1 + tol:
+            mid = run(math.sqrt(lo["rate"] * hi["rate"]))
+            if mid["ok"]:
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+        slo_missed = [v for v in hi["violated"] if v in SLO_METRICS]
+        if hi["kv_full"] or "rejected" in hi["violated"]:
+            bound = "memory"
+        elif slo_missed:
+            bound = slo_missed[0]
+        else:
+            bound = "throughput"  # the SLOs held, but the queue grew: the device's limit
     except NpusimError as err:
         out["reason"] = str(err)
         return out
@@ -539,6 +585,9 @@ def capacity(data: dict, fixed: dict[str, Any], grid: dict[str, list], slo: dict
     """capacity_search over every configuration of the grid; the `best` sustains the most load."""
     if "rate" in grid or fixed.get("rate") is not None:
         raise NpusimError("--rate is what capacity searches for: leave it out")
+    if "max_concurrency" in grid or (data.get("workload") or {}).get("max_concurrency"):
+        raise NpusimError("--max-concurrency closes the loop (no more than C requests in flight), so no arrival "
+                          "rate overloads it: capacity searches an open-loop Poisson rate; leave it out")
     if not any(slo.get(m) is not None for m in SLO_METRICS):
         raise NpusimError("capacity needs at least one SLO: --slo-ttft-p99-ms, --slo-tpot-p99-ms or --slo-e2el-p99-ms")
     fixed = {**fixed, "requests": requests,  # (goodput: the share of requests meeting the SLOs)
@@ -546,6 +595,7 @@ def capacity(data: dict, fixed: dict[str, Any], grid: dict[str, list], slo: dict
     base_seed = fixed.get("seed")
     if base_seed is None:
         base_seed = data.get("seed", 0)
+    check_names(grid, data)
     configs, _ = expand(grid, data)
     for params in configs:
         try:

@@ -94,9 +94,14 @@ def overload_warning(r: dict) -> str | None:
     if seqs and any(p["max_batch"] >= seqs for p in r.get("per_instance", [])) and \
             r["kv_cache"]["peak_used_fraction"] < 0.9:
         why = f"; the batch is capped at max_num_seqs {seqs} with the KV pool at most {r['kv_cache']['peak_used_fraction']:.0%} used"
-    return (f"overloaded: requests in the system grew from {load['in_system_first_third']:.1f} to "
-            f"{load['in_system_last_third']:.1f} over the arrivals ({load['offered_rate']:.2f} req/s "
-            f"arrived, {r['request_throughput']:.2f} served){why}; latencies grow with the run's length")
+    if load.get("served_fraction") is None:  # (a run too short for a steady state)
+        return (f"overloaded: {load['offered_rate']:.2f} req/s arrived and a quarter of the requests or more "
+                f"were still waiting to start at the last arrival ({r['request_throughput']:.2f} req/s served "
+                f"over the run){why}; latencies grow with the run's length")
+    return (f"overloaded: after the warm-up {load['offered_rate']:.2f} req/s arrived and "
+            f"{load['served_fraction'] * load['offered_rate']:.2f} completed ({load['served_fraction']:.0%}); "
+            f"requests in the system {load['in_system_first_half']:.0f} then {load['in_system_second_half']:.0f}"
+            f"{why}; latencies grow with the run's length")
 
 
 def format_summary(r: dict) -> str:

@@ -245,6 +245,9 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[float |
                      _token_count(p, line, cols[2], row[io].strip())))
     if not rows:
         raise NpusimError(f"{p}: no requests in the trace")
+    if limit is not None and len(rows) < limit:
+        raise NpusimError(f"{p}: --requests {limit} asks for the first {limit} requests, the trace has "
+                          f"{len(rows)}")
     return rows
 
 

@@ -190,7 +190,7 @@ def test_sweep_cli_json(tmp_path):
 
 # --------------------------------------------------------------------------- capacity
 
-SLO = {"ttft": 100.0, "tpot": 7.0, "e2el": None}
+SLO = {"ttft": 100.0, "tpot": 5.1, "e2el": None}
 
 
 def _p99s(rate, block_size):
