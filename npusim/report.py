@@ -16,6 +16,9 @@ from npusim.specs import ceil_div
 from npusim.text import result_lines
 
 
+INSTANCE_COLOURS = (("#1f77b4", "#d62728"), ("#2ca02c", "#ff7f0e"), ("#9467bd", "#8c564b"), ("#17becf", "#e377c2"))
+
+
 def _timeline_figure(run: RunRecord) -> go.Figure:
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("KV cache: used fraction and waste", "Batch: running and waiting requests"))
@@ -26,14 +29,17 @@ def _timeline_figure(run: RunRecord) -> go.Figure:
         used = [p[3] / c if c else 0.0 for p, c in zip(pts, cap)]
         waste = [(p[1] - p[2]) / p[1] if p[1] else 0.0 for p in pts]
         tag = f"instance {inst.index}"
-        fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used (share of the pool)", mode="lines"), row=1, col=1)
+        colour = INSTANCE_COLOURS[inst.index % len(INSTANCE_COLOURS)]
+        width = 2 + 2 * (len(run.instances) - 1 - inst.index)  # (the first widest: identical lines stay visible)
+        fig.add_trace(go.Scatter(x=t, y=used, name=f"{tag}: used (share of the pool)", mode="lines",
+                                 line=dict(color=colour[0], width=width)), row=1, col=1)
         fig.add_trace(go.Scatter(x=t, y=waste, name=f"{tag}: waste (share of its allocated slots)", mode="lines",
-                                 line=dict(dash="dot")), row=1, col=1)
+                                 line=dict(color=colour[1], dash="dot", width=width)), row=1, col=1)
         bt = inst.batch_series
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[1] for b in bt], name=f"{tag}: running",
-                                 mode="lines"), row=2, col=1)
+                                 mode="lines", line=dict(color=colour[0], width=width)), row=2, col=1)
         fig.add_trace(go.Scatter(x=[b[0] for b in bt], y=[b[2] for b in bt], name=f"{tag}: waiting",
-                                 mode="lines", line=dict(dash="dot")), row=2, col=1)
+                                 mode="lines", line=dict(color=colour[1], dash="dot", width=width)), row=2, col=1)
     fig.update_xaxes(title_text="simulated time (s)", row=2, col=1)
     fig.update_yaxes(range=[0, 1.02], title_text="fraction", row=1, col=1)
     fig.update_yaxes(title_text="requests", row=2, col=1)
@@ -59,6 +65,9 @@ def _latency_figure(run: RunRecord) -> go.Figure:
     return fig
 
 
+MAX_MAP_CELLS = 4096  # past this many pages, the block map shows groups of consecutive pages
+
+
 def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
     """Pages as a grid, coloured by the request holding them, at the instance's peak use."""
     if inst.block_map is None:
@@ -79,6 +88,16 @@ def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
         for rid, (start, length) in tables.items():
             for cell in range(start // inst.block_size, min(n, ceil_div(start + length, inst.block_size))):
                 owner[cell] = rid
+    used = sum(o >= 0 for o in owner)
+    total = n
+    group = ceil_div(n, MAX_MAP_CELLS)  # (a large pool: each cell is `group` consecutive pages)
+    if group > 1:
+        cells = []
+        for c in range(0, n, group):
+            held = [o for o in owner[c:c + group] if o >= 0]
+            cells.append(max(set(held), key=held.count) if held else -1)  # the cell's main holder
+        owner, n = cells, len(cells)
+        unit = f"{group} {unit}s"
     cols = max(16, int(math.ceil(math.sqrt(n * 2))))
     rows = ceil_div(n, cols)
     held, free, text = [], [], []
@@ -97,9 +116,9 @@ def _block_map_figure(inst: InstanceRecord) -> go.Figure | None:
         go.Heatmap(z=free, text=text, hoverinfo="text", colorscale=[[0, "#e4e4e4"], [1, "#e4e4e4"]],
                    showscale=False, xgap=1, ygap=1),
         go.Heatmap(z=held, text=text, hoverinfo="text", colorscale="Turbo", showscale=False, xgap=1, ygap=1)])
-    used = sum(o >= 0 for o in owner)
-    fig.update_layout(title=f"Instance {inst.index}: who holds which {unit} at peak use<br><sup>t = {t:.2f} s: "
-                            f"{used} of {n} held by {len(tables)} requests, one colour each; grey = free</sup>",
+    per = f"; a cell is {unit}" if group > 1 else ""
+    fig.update_layout(title=f"Instance {inst.index}: who holds which page at peak use<br><sup>t = {t:.2f} s: "
+                            f"{used} of {total} held by {len(tables)} requests, one colour each; grey = free{per}</sup>",
                       height=min(900, 130 + 14 * rows), yaxis=dict(autorange="reversed", showticklabels=False),
                       xaxis=dict(showticklabels=False), margin=dict(t=70, l=20, r=20, b=20),
                       plot_bgcolor="white")

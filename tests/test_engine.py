@@ -205,7 +205,7 @@ def test_report_is_one_self_contained_html(tmp_path):
     text = out.read_text()
     assert text.startswith("<!DOCTYPE html>")
     assert "Plotly" in text and "<script src=" not in text  # plotly inlined, nothing fetched
-    assert "KV cache: used fraction" in text and "who holds which block" in text and "TTFT" in text
+    assert "KV cache: used fraction" in text and "who holds which page" in text and "TTFT" in text
     # the settings, every result line with its unit, and the block map's free pages counted
     assert "Engine: vllm-ascend-graph (graph), paged, block 128" in text and "Workload: 20 requests" in text
     assert "<td>Mean TTFT</td>" in text and "<td>ms</td>" in text and "Time per Output Token" in text
