@@ -789,15 +789,19 @@ def capacity_section(s: dict) -> None:
 
 # --------------------------------------------------------------------------- hardware
 
+def _provenance_table(rows: list[tuple[str, str, str, str]], key: str) -> None:
+    """A profile's numbers with their kinds and sources, every row shown."""
+    st.dataframe(pd.DataFrame(rows, columns=["field", "value", "kind", "source"]), hide_index=True,
+                 width="stretch", key=key, height=35 * (len(rows) + 1) + 3,
+                 column_config={"source": st.column_config.TextColumn(width="large")})
+
+
 def hardware_section(s: dict) -> None:
     from npusim.text import engine_rows, hardware_rows
 
     h = load_hardware(s["hw_name"])
     st.subheader(f"{h.name}: {h.description}")
-    rows = hardware_rows(h)
-    st.dataframe(pd.DataFrame(rows, columns=["field", "value", "kind", "source"]), hide_index=True,
-                 width="stretch", key="hw_table", height=35 * (len(rows) + 1) + 3,
-                 column_config={"source": st.column_config.TextColumn(width="large")})
+    _provenance_table(hardware_rows(h), "hw_table")
     if h.calibration_files:
         st.markdown("**Calibrated from these measurements** (`hw_profiles/measurements/`): the device "
                     "tables price each op from them; `benchmarks/validate_steps.py` reports the error on "
@@ -806,10 +810,7 @@ def hardware_section(s: dict) -> None:
             st.caption(f"{Path(name).name}: {_measurement_summary(Path(name))}")
     e = load_engine_profile(s["engine"])
     st.subheader(f"Engine {e.name} ({e.execution}): {e.description}")
-    rows = engine_rows(e)
-    st.dataframe(pd.DataFrame(rows, columns=["field", "value", "kind", "source"]), hide_index=True,
-                 width="stretch", key="engine_table", height=35 * (len(rows) + 1) + 3,
-                 column_config={"source": st.column_config.TextColumn(width="large")})
+    _provenance_table(engine_rows(e), "engine_table")
 
 
 def _measurement_summary(path: Path) -> str:
