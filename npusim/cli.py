@@ -80,6 +80,7 @@ def step(
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices; 1 or the --tp size"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
@@ -100,7 +101,7 @@ def step(
     from npusim.costmodel import instance_setup
 
     setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
-                                         kv_dtype=kv_dtype, tensor_parallel_size=tp))
+                                         kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep))
     profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
     if phase == "decode":
@@ -140,7 +141,7 @@ def step(
             "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_ms": o.time_s * 1e3,
                      "bound": o.bound, "kernels": o.kernels} for o in ops],
             # per device: every device of a tensor-parallel instance holds and runs the same share
-            "memory": mem, "tp": tp, "devices": tp, "comm_ms": comm_s * 1e3, "comm_share": comm_s / step_s,
+            "memory": mem, "tp": tp, "ep": ep, "devices": tp, "comm_ms": comm_s * 1e3, "comm_share": comm_s / step_s,
         })
         return
     what = f"decode, batch {batch}, context {context}" if phase == "decode" else f"prefill, batch {batch}, prompt {prompt}"
@@ -195,6 +196,7 @@ def simulate(
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
     router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware (a shared prefix's requests to one replica): how requests reach replicas"),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),

@@ -8,6 +8,8 @@ the token-count-dependent dense part is memoised, the attention part is a few mu
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -81,10 +83,11 @@ class CostModel:
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
                  kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
-                 block_size: int | None = None, tp: int = 1):
+                 block_size: int | None = None, tp: int = 1, ep: int = 1):
         self.hw = hw
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
+        self.ep = ep  # experts over the tp devices (1: every expert split over them)
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
         self.block_size = block_size or self.engine.kv_block_sizes.recommended
@@ -284,21 +287,41 @@ class CostModel:
         routed = tokens * k
         active = min(float(E), max(1.0, E * (1.0 - (1.0 - k / E) ** tokens)))
         rows = max(1, round(routed / active))
+        ep = self.ep
+        if ep > 1:  # whole experts, E/ep on each device: the busiest device sets the pace
+            fe, E_local = fe * ep, E // ep  # (the shard split each expert; expert parallelism keeps them whole)
+            mean = routed / ep
+            # uniform routing: a device's share of the assignments is about Poisson, the busiest of
+            # ep devices near mean + sqrt(2 mean ln ep)
+            busiest = min(float(routed), mean + math.sqrt(2.0 * mean * math.log(ep)))
+            routed_here = busiest
+            active_here = min(float(E_local), max(1.0, E_local * (1.0 - (1.0 - 1.0 / E_local) ** busiest)))
+            rows = max(1, round(routed_here / active_here))
         floor = self.latency
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
         router = self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")
         ops = [router]
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
-            flops = 2.0 * routed * n_in * n_out
-            nbytes = active * n_in * n_out * w + routed * (n_in + n_out) * ACT_BYTES
+            if ep > 1:
+                flops = 2.0 * routed_here * n_in * n_out
+                nbytes = active_here * n_in * n_out * w + routed_here * (n_in + n_out) * ACT_BYTES
+            else:
+                flops = 2.0 * routed * n_in * n_out
+                nbytes = active * n_in * n_out * w + routed * (n_in + n_out) * ACT_BYTES
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name], self.floor.get(name, floor))
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
-                measured = table.time(name, E, k, h, fe, tokens, self._grouped_roofline(name))
+                f_table = m.moe_intermediate_size  # (the layout the table is asked for: this device's)
+                measured = table.time(name, E, k, h, f_table, tokens, self._grouped_roofline(name))
                 if measured is not None:
                     t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw else 1.0)
+                    if ep > 1:  # the split experts' measured rate, carried to whole ones by the roofline
+                        split = max(2.0 * routed * (n_in * n_out / ep) / self._peak,
+                                    (active * n_in * n_out / ep * ACT_BYTES + routed * (n_in + n_out) * ACT_BYTES)
+                                    / self._peak_bw)
+                        t *= max(flops / self._peak, nbytes / self._peak_bw) / split
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * routed * fe, 3.0 * routed * fe * ACT_BYTES))
@@ -637,7 +660,15 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     """One instance of K: its hardware, engine, cost model and memory plan (1/K of the device's
     memory in either mode). The plan says whether it fits; callers decide what a misfit means."""
     profile, engine = resolve_engine(hw, engine)
-    tp = engine.tensor_parallel_size
+    tp, ep = engine.tensor_parallel_size, engine.expert_parallel_size
+    if ep > 1:
+        if not model.num_experts:
+            raise NpusimError(f"--ep {ep}: {model.name} has no experts (a dense model)")
+        if ep != tp:
+            raise NpusimError(f"--ep {ep} runs the experts over the tensor-parallel group: it needs --tp {ep} "
+                              f"(data-parallel attention with all-to-all is not modelled)")
+        if model.num_experts % ep:
+            raise NpusimError(f"--ep {ep}: {model.name}'s {model.num_experts} experts do not divide among {ep} devices")
     if tp > 1:
         if tp > hw.node_devices:
             raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "
@@ -651,7 +682,7 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

@@ -369,7 +369,8 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
             "mean_power_w": joules / duration if duration > 0 else None,
         },
         "memory": mem,  # (per device: under tensor parallelism every device holds the same share)
-        "parallel": {"tensor_parallel_size": tp, "data_parallel_size": sc.dp, "router": sc.router,
+        "parallel": {"tensor_parallel_size": tp, "expert_parallel_size": insts[0].setup.engine.expert_parallel_size,
+                     "data_parallel_size": sc.dp, "router": sc.router,
                      "devices": tp * sc.dp,  # (instances > 1 share one device)
                      "memory_per_device_gib": insts[0].setup.plan.device_bytes / 2**30,
                      "comm_share_of_decode_step": _comm_share(insts[0], record)},

@@ -878,6 +878,9 @@ class EngineConfig(BaseModel):
     weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
     kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
     tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
+    # experts over the tensor-parallel group, whole on one device each, instead of every expert
+    # split over all of them (vLLM's --enable-expert-parallel without data-parallel attention)
+    expert_parallel_size: int = Field(default=1, gt=0, le=64, description="--ep: 1, or the --tp size")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

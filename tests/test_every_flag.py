@@ -60,6 +60,9 @@ EFFECTS = {
     "--tp": (["--tp", "2", "--hw", "h200"], lambda d, b: d["parallel"]["devices"] == 2
              and d["energy"]["mean_power_w"] > 1.5 * _run("--hw", "h200")["energy"]["mean_power_w"]
              and d["memory"]["weights_gib"] < 0.51 * _run("--hw", "h200")["memory"]["weights_gib"]),
+    "--ep": (["--ep", "2", "--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b"],
+             lambda d, b: d["parallel"]["expert_parallel_size"] == 2
+             and d["duration"] != _run("--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b")["duration"]),
     "--dp": (["--dp", "2"], lambda d, b: d["parallel"]["devices"] == 2 and len(d["per_instance"]) == 2
              and d["duration"] < b["duration"]),
     "--router": (["--dp", "2", "--router", "least-outstanding", "--rate", "20", "--requests", "40"],
@@ -157,6 +160,9 @@ STEP_EFFECTS = {
     "--kv-dtype": (["--kv-dtype", "int8", "--batch", "64", "--context", "8000"],
                    lambda d, b: d["device_ms"] < _json(*STEP, "--batch", "64", "--context", "8000")["device_ms"]),
     "--engine": (["--engine", "vllm-eager"], lambda d, b: d["engine"] == "vllm-eager" and d["execution"] == "eager"),
+    "--ep": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2", "--batch", "64"],
+             lambda d, b: d["ep"] == 2 and d["device_ms"] != _json(*STEP[:-2], "--model", "qwen3-30b-a3b", "--tp", "2",
+                                                                   "--batch", "64")["device_ms"]),
     "--tp": (["--tp", "2"], lambda d, b: d["tp"] == 2 and d["comm_ms"] > 0 and b["comm_ms"] == 0
              and d["memory"]["weights_gib"] < 0.51 * b["memory"]["weights_gib"]),
     "--hw": (["--hw", "h100-sxm"], lambda d, b: d["hw"] == "h100-sxm" and d["device_ms"] > b["device_ms"]),

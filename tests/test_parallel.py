@@ -168,3 +168,35 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_and_hits_its_cache(t
     assert pa["kv_cache"]["prefix_cache_hit_rate"] > rr["kv_cache"]["prefix_cache_hit_rate"] + 0.05
     assert pa["mean_ttft_ms"] < rr["mean_ttft_ms"]
     assert min(p["completed"] for p in pa["per_instance"]) > 0.3 * 240  # and the load still spreads
+
+
+
+# --------------------------------------------------------------------------- expert parallel
+
+def test_expert_parallelism_keeps_experts_whole_and_pays_for_the_busiest_device():
+    hw, model = load_hardware("h200"), load_model("qwen3-30b-a3b")
+    tp_only = instance_setup(hw, model, EngineConfig(tensor_parallel_size=4))
+    ep = instance_setup(hw, model, EngineConfig(tensor_parallel_size=4, expert_parallel_size=4))
+    assert ep.plan.weight_bytes == tp_only.plan.weight_bytes  # the same weights per device, laid out otherwise
+    def gate_up(setup, tokens):
+        return next(o for o in setup.cost.layer_dense_ops(tokens) if o.name == "gate_up_proj")
+    # one token: 8 experts; split 4 ways each device reads a quarter of all 8; whole, the busiest
+    # device holds several of them entire
+    assert gate_up(ep, 1).bytes > gate_up(tp_only, 1).bytes
+    # many tokens: the busiest device's share tends to the mean, a quarter of the routed work
+    big = 8192
+    assert gate_up(ep, big).flops == pytest.approx(2 * big * 8 / 4 * 2048 * 2 * 768, rel=0.05)
+    assert gate_up(ep, big).flops > 2 * big * 8 / 4 * 2048 * 2 * 768  # (never below the mean)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "llama-3.1-8b", "--tp", "2", "--ep", "2"], "--ep 2: llama-3.1-8b has no experts"),
+    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 runs the experts over the tensor-parallel group: it needs --tp 2"),
+])
+def test_expert_parallel_layouts_that_cannot_run_say_why(args, needle):
+    assert_one_line_error("step", ["--hw", "h200", *args], needle)
+
+
+def test_mixtral_one_expert_per_device():
+    d = _json("step", "--hw", "ascend-910b2", "--model", "mixtral-8x7b", "--tp", "8", "--ep", "8")
+    assert d["ep"] == 8 and d["memory"]["fits"]

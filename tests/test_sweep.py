@@ -323,6 +323,7 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "weight_dtype": ("int8", lambda s: s.engine.weight_dtype == "int8"),
     "kv_dtype": ("int8", lambda s: s.engine.kv_dtype == "int8"),
     "tp": ("2", lambda s: s.engine.tensor_parallel_size == 2),
+    "ep": ("2", lambda s: s.engine.expert_parallel_size == 2),
     "dp": ("3", lambda s: s.dp == 3),
     "router": ("least-outstanding", lambda s: s.router == "least-outstanding"),
     "batching": ("static", lambda s: s.engine.batching == "static"),
