@@ -775,7 +775,13 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
-        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        step = cfg.get("decoder_sparse_step", 1)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise NpusimError(f"{where}: decoder_sparse_step must be a whole number >= 1, got {step!r}")
+        if cfg["num_experts_per_tok"] > cfg["num_experts"]:
+            raise NpusimError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds num_experts "
+                              f"{cfg['num_experts']}")
+        if step != 1 or cfg.get("mlp_only_layers"):
             raise NpusimError(f"{where}: decoder_sparse_step/mlp_only_layers mix dense and MoE layers, which "
                               "npusim does not model (every layer is MoE or none)")
         experts = dict(num_experts=cfg["num_experts"], experts_per_token=cfg["num_experts_per_tok"],
@@ -785,6 +791,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise NpusimError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+        if cfg["num_experts_per_tok"] > cfg["num_local_experts"]:
+            raise NpusimError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds num_local_experts "
+                              f"{cfg['num_local_experts']}")
         experts = dict(num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"],
                        moe_intermediate_size=cfg["intermediate_size"])
     elif moe:

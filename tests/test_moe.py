@@ -102,6 +102,10 @@ def test_hf_qwen3_moe_and_mixtral_configs_are_read():
     ({"mlp_only_layers": [0, 1]}, "mix dense and MoE layers"),
     ({"decoder_sparse_step": 2}, "mix dense and MoE layers"),
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a whole number > 0"),
+    ({"num_experts_per_tok": 200}, "num_experts_per_tok 200 exceeds num_experts 128"),
+    ({"decoder_sparse_step": "1"}, "decoder_sparse_step must be a whole number >= 1, got '1'"),
+    ({"shared_expert_intermediate_size": 4096}, "shared experts"),
+    ({"num_local_experts": 64}, "num_local_experts is not a qwen3_moe key"),
     ({"model_type": "deepseek_v3"}, "multi-head latent attention (MLA)"),
 ])
 def test_moe_configs_npusim_cannot_price_are_refused(change, needle, tmp_path):
