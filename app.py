@@ -44,6 +44,7 @@ DEFAULTS = {
     "batch": 32,
     "context": 2048,
     "instances": 1,
+    "tp": 1,
     "sharing": "time-slice",
     "gpu_memory_utilization": 0.9,
     "sim_requests": 200,
@@ -54,7 +55,8 @@ DEFAULTS = {
 }
 # the settings the URL carries, and how each is read from it
 URL_SETTINGS = {"hw": str, "engine": str, "model": str, "weight_dtype": str, "kv_dtype": str, "block_size": int,
-                "batch": int, "context": int, "instances": int, "sharing": str, "gpu_memory_utilization": float}
+                "batch": int, "context": int, "instances": int, "tp": int, "sharing": str,
+                "gpu_memory_utilization": float}
 UPLOAD_LIMIT_BYTES = {"hardware": 1 << 20, "model": 1 << 20, "trace": 32 << 20}
 PROVENANCE = "Every hardware and engine number with its source: the Hardware tab, or `npusim hw show NAME`."
 
@@ -76,19 +78,20 @@ def block_size_options(engine: str) -> tuple[list[int], int]:
 @st.cache_data(show_spinner=False)
 def compute_point(hw_name: str, model_name: str, batch: int, context: int, instances: int,
                   sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
-                  utilization: float, engine: str | None) -> dict:
+                  utilization: float, engine: str | None, tp: int = 1) -> dict:
     point = analytical_point(hw_name, model_name, batch=batch, context=context, instances=instances,
                              sharing=sharing, block_size=block_size, weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, gpu_memory_utilization=utilization, engine=engine)
+                             kv_dtype=kv_dtype, gpu_memory_utilization=utilization, engine=engine, tp=tp)
     return point.as_dict()
 
 
 @st.cache_data(show_spinner=False)
 def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, block_size: int,
-                   weight_dtype: str, kv_dtype: str, utilization: float, engine: str) -> dict:
-    """One instance's memory plan, with the engine settings analytical_point uses for it."""
+                   weight_dtype: str, kv_dtype: str, utilization: float, engine: str, tp: int = 1) -> dict:
+    """One instance's memory plan (one device's, under tensor parallelism), with the engine
+    settings analytical_point uses for it."""
     cfg = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
-                          kv_dtype=kv_dtype, utilization=utilization, profile=engine)
+                          kv_dtype=kv_dtype, utilization=utilization, profile=engine, tp=tp)
     plan = instance_setup(load_hardware(hw_name), load_model(model_name), cfg, instances).plan
     d = plan.as_dict()
     d.update(device_bytes=plan.device_bytes, usable_bytes=plan.usable_bytes,
@@ -100,12 +103,12 @@ def compute_memory(hw_name: str, model_name: str, batch: int, instances: int, bl
 
 @st.cache_data(show_spinner=False)
 def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instances: int, sharing: str,
-                block_size: int, weight_dtype: str, kv_dtype: str, engine: str) -> tuple[list[dict], dict]:
+                block_size: int, weight_dtype: str, kv_dtype: str, engine: str, tp: int = 1) -> tuple[list[dict], dict]:
     """The ops of one decode iteration of one instance, priced as analytical_point prices them
     (every sequence holds context + 1 tokens and reads every slot of its pages), and the ceilings
     of the hardware the instance runs on (the device, or its vNPU partition)."""
     cfg = instance_engine(batch=batch, block_size=block_size, weight_dtype=weight_dtype,
-                          kv_dtype=kv_dtype, utilization=0.9, profile=engine)
+                          kv_dtype=kv_dtype, utilization=0.9, profile=engine, tp=tp)
     setup = instance_setup(load_hardware(hw_name), load_model(model_name), cfg, instances, sharing)
     ops = setup.cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
     h = setup.hw
@@ -117,10 +120,10 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
 
 @st.cache_data(show_spinner=False)
 def compute_ttft(hw_name: str, model_name: str, context: int, instances: int, sharing: str, block_size: int,
-                 weight_dtype: str, kv_dtype: str, utilization: float, engine: str) -> dict:
+                 weight_dtype: str, kv_dtype: str, utilization: float, engine: str, tp: int = 1) -> dict:
     return unloaded_ttft(hw_name, model_name, prompt=context, instances=instances, sharing=sharing,
                          block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                         gpu_memory_utilization=utilization, engine=engine)
+                         gpu_memory_utilization=utilization, engine=engine, tp=tp)
 
 
 def log_spaced(top: int, count: int = 40) -> list[int]:
@@ -134,11 +137,11 @@ def log_spaced(top: int, count: int = 40) -> list[int]:
 @st.cache_data(show_spinner=False)
 def compute_sweep(hw_name: str, model_name: str, context: int, instances: int, sharing: str,
                   block_size: int, weight_dtype: str, kv_dtype: str, utilization: float,
-                  max_batch: int, chosen_batch: int, engine: str) -> list[dict]:
+                  max_batch: int, chosen_batch: int, engine: str, tp: int = 1) -> list[dict]:
     """analytical_point at log-spaced batches from 1 to the largest batch memory allows."""
     hw, model = load_hardware(hw_name), load_model(model_name)
     settings = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                    gpu_memory_utilization=utilization, engine=engine)
+                    gpu_memory_utilization=utilization, engine=engine, tp=tp)
     reference = reference_point(hw, model, context=context, **settings)
     batches = log_spaced(max_batch)
     if chosen_batch <= max_batch and chosen_batch not in batches:
@@ -150,7 +153,7 @@ def compute_sweep(hw_name: str, model_name: str, context: int, instances: int, s
 @st.cache_resource(show_spinner=False, max_entries=8)
 def simulate(hw_name: str, model_name: str, instances: int, sharing: str, block_size: int,
              weight_dtype: str, kv_dtype: str, utilization: float, max_num_seqs: int, requests: int,
-             prompt: int, output: int, rate: float, lengths: str, engine: str, trace: str | None):
+             prompt: int, output: int, rate: float, lengths: str, engine: str, trace: str | None, tp: int = 1):
     """(the `simulate --json` result, the run record): the record feeds the report's figures."""
     import time
 
@@ -169,7 +172,8 @@ def simulate(hw_name: str, model_name: str, instances: int, sharing: str, block_
     scenario = Scenario(
         hw=hw_name, model=model_name, instances=instances, sharing=sharing, workload=workload,
         engine=EngineConfig(profile=engine, block_size=block_size, gpu_memory_utilization=utilization,
-                            weight_dtype=weight_dtype, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs))
+                            weight_dtype=weight_dtype, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
+                            tensor_parallel_size=tp))
     t0 = time.perf_counter()
     run = simulate_scenario(scenario, want_block_map=True)
     if not run.completed:
@@ -304,6 +308,12 @@ def sidebar() -> dict:
     context = sb.number_input("Context (tokens per sequence)", min_value=1, max_value=131072, step=256,
                               key="context")
     instances = sb.slider("Instances on the device", min_value=1, max_value=4, key="instances")
+    node = load_hardware(hw_name).node_devices
+    if int(st.session_state.get("tp", 1)) > node:
+        st.session_state["tp"] = 1
+    tp = sb.number_input("Devices per instance (tensor parallel)", min_value=1, max_value=node, step=1, key="tp",
+                         help=f"one instance over this many of the node's {node} devices; with more than one, "
+                              f"instances stay at 1 (an instance spanning devices does not share them)")
     _choice("sharing", list(SHARING_MODES), "time-slice")
     sharing = sb.selectbox("Sharing", SHARING_MODES, key="sharing",
                            help="time-slice: instances take turns on all cores; vnpu: each gets "
@@ -313,10 +323,10 @@ def sidebar() -> dict:
                             key="gpu_memory_utilization")
     s = dict(hw_name=hw_name, engine=engine, model_name=model_name, weight_dtype=weight_dtype,
              kv_dtype=kv_dtype, block_size=int(block_size), batch=int(batch), context=int(context),
-             instances=int(instances), sharing=sharing, utilization=float(utilization))
+             instances=int(instances), sharing=sharing, utilization=float(utilization), tp=int(tp))
     url = {"hw": hw_name, "engine": engine, "model": model_name, "weight_dtype": weight_dtype,
            "kv_dtype": kv_dtype, "block_size": s["block_size"], "batch": s["batch"], "context": s["context"],
-           "instances": s["instances"], "sharing": sharing, "gpu_memory_utilization": s["utilization"]}
+           "instances": s["instances"], "tp": s["tp"], "sharing": sharing, "gpu_memory_utilization": s["utilization"]}
     st.query_params.from_dict({k: str(v) for k, v in url.items() if "/" not in str(v)})  # (uploads stay local)
     return s
 
@@ -324,7 +334,7 @@ def sidebar() -> dict:
 def point_of(s: dict, **change) -> dict:
     s = {**s, **change}
     return compute_point(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"], s["sharing"],
-                         s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
+                         s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"], s["tp"])
 
 
 # --------------------------------------------------------------------------- the decode view
@@ -340,7 +350,7 @@ def headline(p: dict, mem: dict, s: dict) -> None:
                            f"{p['host_ms']:.2f} ms host overhead per iteration")
         top[2].metric("Bound", p["bound"], help=p["regime"])
         t = compute_ttft(s["hw_name"], s["model_name"], s["context"], s["instances"], s["sharing"], s["block_size"],
-                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
+                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"], s["tp"])
         top[3].metric("TTFT, unloaded (ms)", f"{t['ttft_ms']:,.1f}",
                       help=f"one {s['context']}-token prompt alone on an idle instance: {t['iterations']} "
                            f"prefill iteration(s) of up to {t['chunk_tokens']} tokens; queueing under load "
@@ -378,6 +388,10 @@ def what_fits(p: dict, s: dict) -> list[str]:
         variants.append(("int8 KV cache", dict(kv_dtype="int8")))
     if s["instances"] > 1:
         variants.append(("one instance", dict(instances=1)))
+    node = load_hardware(s["hw_name"]).node_devices
+    for tp in (2, 4, 8):
+        if tp > s["tp"] and tp <= node and s["instances"] == 1:
+            variants.append((f"{tp} devices (tensor parallel)", dict(tp=tp)))
     for util in (0.95, 0.98):
         if util > s["utilization"]:
             variants.append((f"gpu_memory_utilization {util:g}", dict(utilization=util)))
@@ -492,13 +506,13 @@ def sweep_chart(rows: list[dict], p: dict, s: dict, pinned: list[dict] | None = 
 def decode_section(s: dict) -> dict:
     p = point_of(s)
     mem = compute_memory(s["hw_name"], s["model_name"], s["batch"], s["instances"], s["block_size"],
-                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"])
+                         s["weight_dtype"], s["kv_dtype"], s["utilization"], s["engine"], s["tp"])
     headline(p, mem, s)
     left, right = st.columns(2)
     with left:
         if p["feasible"]:
             ops, _ = compute_ops(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
-                                 s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"])
+                                 s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"], s["tp"])
             st.plotly_chart(ops_chart(ops, p, s), width="stretch", key="ops_chart")
             where = "one instance's " if s["instances"] > 1 else ""
             st.caption(f"{where}decode iteration, B={s['batch']} x {s['context']} tokens: device "
@@ -515,7 +529,7 @@ def decode_section(s: dict) -> dict:
     if p["max_batch"] >= 1:
         rows = compute_sweep(s["hw_name"], s["model_name"], s["context"], s["instances"], s["sharing"],
                              s["block_size"], s["weight_dtype"], s["kv_dtype"], s["utilization"],
-                             p["max_batch"], s["batch"], s["engine"])
+                             p["max_batch"], s["batch"], s["engine"], s["tp"])
         pinned = st.session_state.get("pinned")
         st.plotly_chart(sweep_chart(rows, p, s, pinned["sweep"] if pinned else None), width="stretch",
                         key="sweep_chart")
@@ -564,7 +578,7 @@ def roofline_section(s: dict, p: dict) -> None:
         st.info("No roofline: the configuration does not run as set.")
         return
     ops, roofs = compute_ops(s["hw_name"], s["model_name"], s["batch"], s["context"], s["instances"],
-                             s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"])
+                             s["sharing"], s["block_size"], s["weight_dtype"], s["kv_dtype"], s["engine"], s["tp"])
     df = pd.DataFrame([o for o in ops if o["flops"] > 0 and o["bytes"] > 0 and o["time_ms"] > 0])
     df["intensity"] = df["flops"] / df["bytes"]
     df["tflops"] = df["flops"] / (df["time_ms"] / 1e3) / 1e12
@@ -636,7 +650,11 @@ def compare_section(s: dict, current: dict) -> None:
     rows = []
     for label, instances, sharing in (("1 instance", 1, "time-slice"), ("2 instances, time-sliced", 2, "time-slice"),
                                       ("2 vNPUs", 2, "vnpu")):
-        q = point_of(s, instances=instances, sharing=sharing)
+        try:
+            q = point_of(s, instances=instances, sharing=sharing)
+        except NpusimError as e:  # (e.g. two instances of an instance spanning devices)
+            rows.append((label, "no", "n/a", "n/a", "n/a", str(e)))
+            continue
         rows.append((label, "yes" if q["feasible"] else "no", _cell(q["tokens_per_s"], ",.1f"),
                      _cell(q["tpot_ms"], ".2f"), _cell(q["max_batch"], ",d"), q["reason"] or q["regime"]))
     st.dataframe(pd.DataFrame(rows, columns=["layout", "fits", "tokens/s (all)", "TPOT (ms)",
@@ -691,7 +709,7 @@ def simulate_section(s: dict) -> None:
     w = workload_inputs()
     args = (s["hw_name"], s["model_name"], s["instances"], s["sharing"], s["block_size"], s["weight_dtype"],
             s["kv_dtype"], s["utilization"], s["batch"], w["requests"], w["prompt"], w["output"], w["rate"],
-            w["lengths"], s["engine"], w["trace"])
+            w["lengths"], s["engine"], w["trace"], s["tp"])
     if st.button("Run simulation", key="simulate"):
         try:
             with st.spinner("simulating..."):
@@ -754,7 +772,7 @@ def capacity_section(s: dict) -> None:
         fixed = (("hw", s["hw_name"]), ("model", s["model_name"]), ("engine", s["engine"]),
                  ("block_size", s["block_size"]), ("weight_dtype", s["weight_dtype"]), ("kv_dtype", s["kv_dtype"]),
                  ("gpu_memory_utilization", s["utilization"]), ("max_num_seqs", s["batch"]),
-                 ("input_len", prompt), ("output_len", output))
+                 ("input_len", prompt), ("output_len", output), ("tp", s["tp"]))
         grid = (("instances", (1, 2)), ("sharing", ("time-slice", "vnpu"))) if modes else \
             (("instances", (s["instances"],)), ("sharing", (s["sharing"],)))
         try:

@@ -76,6 +76,7 @@ class AnalyticalPoint:
     memory_ms: float | None  # op time spent bandwidth-bound
     kv_memory_ms: float | None  # the part of memory_ms reading/writing the KV cache
     overhead_ms: float | None  # kernel launch latencies plus host overhead
+    comm_ms: float | None  # collectives over the tensor-parallel devices (0 on one device)
     bound: str | None  # compute | memory | latency: the largest of the three times above
     arithmetic_intensity: float | None  # flops / bytes of one iteration
     reference_batch: int
@@ -85,6 +86,8 @@ class AnalyticalPoint:
     ratio_to_proportional: float | None
     regime: str
     notes: tuple[str, ...] = ()
+    tp: int = 1  # devices one instance spans (its numbers are per device: weights, blocks, memory)
+    ep: int = 1
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -112,12 +115,13 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
 
 
 def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
-                    utilization: float, profile: str | None = None) -> EngineConfig:
+                    utilization: float, profile: str | None = None, tp: int = 1, ep: int = 1) -> EngineConfig:
     """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
     return _validate(EngineConfig, dict(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
                                         max_num_batched_tokens=max(8192, batch),
                                         gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
-                                        kv_dtype=kv_dtype), "engine")
+                                        kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep),
+                     "engine")
 
 
 def decode_batch(*, batch: int, context: int, block_size: int) -> dict:
@@ -185,12 +189,15 @@ def _capacity(hw: HardwareSpec, model: ModelSpec, setup, *, batch: int, context:
                 blocks_per_seq=per_seq, max_batch=max_batch, feasible=not reason, reason=reason)
 
 
-def _time_split(cm: CostModel, ops: list[Op]) -> tuple[float, float, float, float]:
+def _time_split(cm: CostModel, ops: list[Op]) -> tuple[float, float, float, float, float]:
     """Seconds of compute-bound work, bandwidth-bound work, of which KV-cache traffic, and kernel
     launch latency. An op's body is max(compute, memory); it is memory time when it equals
     bytes / bandwidth."""
-    compute = memory = kv = latency = 0.0
+    compute = memory = kv = latency = comm = 0.0
     for o in ops:
+        if o.bound == "comm":  # a collective over the tensor-parallel devices: its own term
+            comm += o.time_s
+            continue
         lat = o.kernels * cm.latency
         body = o.time_s - lat
         latency += lat
@@ -202,7 +209,7 @@ def _time_split(cm: CostModel, ops: list[Op]) -> tuple[float, float, float, floa
             memory += body
             if o.name in KV_OPS:
                 kv += body
-    return compute, memory, kv, latency
+    return compute, memory, kv, latency, comm
 
 
 def _regime(p: dict) -> str:
@@ -212,6 +219,8 @@ def _regime(p: dict) -> str:
         if p["num_blocks"] == 0:
             return "capacity: the model does not fit"
         return f"capacity: max batch {p['max_batch']}"
+    if p["bound"] == "comm":
+        return "communication-bound: the collectives over the tensor-parallel devices dominate"
     if p["bound"] == "compute":
         text = "compute-bound: cores scale, B does not"
     elif p["bound"] == "memory":
@@ -230,11 +239,12 @@ def _regime(p: dict) -> str:
 
 def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
-              gpu_memory_utilization: float, include_host: bool, engine: str | None = None) -> dict:
+              gpu_memory_utilization: float, include_host: bool, engine: str | None = None,
+              tp: int = 1, ep: int = 1) -> dict:
     """Everything of a point except its comparison with the proportional law."""
     setup = instance_setup(hw, model, instance_engine(
         batch=batch, block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        utilization=gpu_memory_utilization, profile=engine), instances, sharing)
+        utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep), instances, sharing)
     inst, cm = setup.hw, setup.cost
     cap = _capacity(hw, model, setup, batch=batch, context=context, instances=instances,
                     block_size=block_size, utilization=gpu_memory_utilization)
@@ -253,7 +263,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
              ridge_point=inst.matmul_tflops(weight_dtype) * 1e12 / (inst.memory_bandwidth_gbs * 1e9),
              notes=tuple(notes))
     metrics = ("device_step_ms", "device_turn_ms", "host_ms", "iteration_ms", "tpot_ms", "tokens_per_s_per_instance",
-               "tokens_per_s", "compute_ms", "memory_ms", "kv_memory_ms", "overhead_ms", "bound",
+               "tokens_per_s", "compute_ms", "memory_ms", "kv_memory_ms", "overhead_ms", "comm_ms", "bound",
                "arithmetic_intensity")
     if not cap["feasible"]:
         p.update(dict.fromkeys(metrics))
@@ -274,14 +284,14 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     per_token = max(instances * held_s, t) if sharing == "time-slice" else t
     host_s = t - device_s  # every millisecond of the iteration the device does not compute
     per_instance = batch / per_token
-    compute, memory, kv, latency = _time_split(cm, ops)
+    compute, memory, kv, latency, comm = _time_split(cm, ops)
     overhead = latency + host_s
-    times = {"compute": compute, "memory": memory, "latency": overhead}
+    times = {"compute": compute, "memory": memory, "latency": overhead, "comm": comm}
     p.update(device_step_ms=device_s * 1e3, device_turn_ms=held_s * 1e3, host_ms=host_s * 1e3,
              iteration_ms=t * 1e3,
              tpot_ms=per_token * 1e3, tokens_per_s_per_instance=per_instance,
              tokens_per_s=per_instance * instances, compute_ms=compute * 1e3, memory_ms=memory * 1e3,
-             kv_memory_ms=kv * 1e3, overhead_ms=overhead * 1e3, bound=max(times, key=times.get),
+             kv_memory_ms=kv * 1e3, overhead_ms=overhead * 1e3, comm_ms=comm * 1e3, bound=max(times, key=times.get),
              arithmetic_intensity=sum(o.flops for o in ops) / sum(o.bytes for o in ops))
     return p
 
@@ -297,13 +307,13 @@ def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> i
 def reference_point(hw: HardwareSpec | str, model: ModelSpec | str, *, context: int,
                     block_size: int | None = None, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                     gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                    engine: str | None = None) -> Reference:
-    """One sequence of `context` tokens, one instance on all of `hw`'s cores."""
+                    engine: str | None = None, tp: int = 1, ep: int = 1) -> Reference:
+    """One sequence of `context` tokens, one instance on all of `hw`'s cores (of `tp` devices)."""
     hw, model = load_hardware(hw), load_model(model)
     p = _evaluate(hw, model, batch=1, context=context, instances=1, sharing="time-slice",
                   block_size=_settings(hw, block_size, engine), weight_dtype=weight_dtype,
                   kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                  include_host=include_host, engine=engine)
+                  include_host=include_host, engine=engine, tp=tp, ep=ep)
     return Reference(batch=1, cores=hw.ai_cores, tokens_per_s=p["tokens_per_s"])
 
 
@@ -311,7 +321,8 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
                      instances: int = 1, sharing: str = "time-slice", block_size: int | None = None,
                      weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                      gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                     reference: Reference | None = None, engine: str | None = None) -> AnalyticalPoint:
+                     reference: Reference | None = None, engine: str | None = None,
+                     tp: int = 1, ep: int = 1) -> AnalyticalPoint:
     """Decode throughput, latency, bound and memory feasibility of K instances of `batch` sequences
     of `context` tokens, compared with the law "throughput ∝ B · N_core / T" normalised at
     `reference` (default: one sequence on this same hardware)."""
@@ -321,11 +332,11 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
     p = _evaluate(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
                   block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
                   gpu_memory_utilization=gpu_memory_utilization, include_host=include_host,
-                  engine=engine)
+                  engine=engine, tp=tp, ep=ep)
     if reference is None:
         reference = reference_point(hw, model, context=context, block_size=bs, weight_dtype=weight_dtype,
                                     kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                    include_host=include_host, engine=engine)
+                                    include_host=include_host, engine=engine, tp=tp, ep=ep)
     prop = ratio = None
     if p["feasible"] and reference.tokens_per_s:
         # time-sliced instances share the same cores; vNPUs add theirs up
@@ -337,7 +348,7 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
              reference_tokens_per_s=reference.tokens_per_s, proportional_tokens_per_s=prop,
              ratio_to_proportional=ratio)
     p["regime"] = _regime(p)
-    return AnalyticalPoint(**p)
+    return AnalyticalPoint(**p, tp=tp, ep=ep)
 
 
 def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, batches: Sequence[int],
@@ -530,7 +541,7 @@ __all__ = ["AnalyticalPoint", "Reference", "analytical_point", "reference_point"
 def unloaded_ttft(hw: HardwareSpec | str, model: ModelSpec | str, *, prompt: int, instances: int = 1,
                   sharing: str = "time-slice", block_size: int | None = None, weight_dtype: str = "bf16",
                   kv_dtype: str = "bf16", gpu_memory_utilization: float = 0.9,
-                  engine: str | None = None) -> dict:
+                  engine: str | None = None, tp: int = 1, ep: int = 1) -> dict:
     """Time to first token of one `prompt`-token request alone on an idle instance: its prefill in
     chunks of the engine's max_num_batched_tokens (one chunk without chunked prefill), each chunk
     one iteration (host, then the device) that computes its last row's logits (vLLM V1 samples a
@@ -538,7 +549,8 @@ def unloaded_ttft(hw: HardwareSpec | str, model: ModelSpec | str, *, prompt: int
     queueing and other requests' tokens in the same iterations add to it (the simulator has them)."""
     hw, model = load_hardware(hw), load_model(model)
     cfg = _validate(EngineConfig, dict(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
-                                       kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization), "engine")
+                                       kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                       tensor_parallel_size=tp, expert_parallel_size=ep), "engine")
     setup = instance_setup(hw, model, cfg, instances, sharing)
     if not setup.plan.fits:
         raise NpusimError(f"{model.name} on {hw.name} {setup.plan.verdict}")

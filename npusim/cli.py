@@ -480,6 +480,8 @@ def analyze(
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="fraction of device memory the engine may use"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (the point; the grid stays on one device)"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1 or the --tp size"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Steady-state decode from the roofline: where "throughput ∝ B · N_core / T" holds and breaks."""
@@ -505,7 +507,10 @@ def analyze(
                           f"--sharing vnpu, got {instances}")
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
               gpu_memory_utilization=gpu_memory_utilization, engine=engine)
-    point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing, **kw)
+    if tp > 1 and compare:
+        raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")
+    point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing,
+                             tp=tp, ep=ep, **kw)
     # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)
     grid_k = instances if instances > 1 else 2
     if sharing == "vnpu" and grid_k > h.ai_cores:
@@ -513,7 +518,7 @@ def analyze(
     grid = proportionality_table(h, m, batches=[max(1, batch // 2), batch, 2 * batch], contexts=[context],
                                  cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
                                  sharing_modes=[sharing], **kw)
-    if not point.feasible and not any(g["feasible"] for g in grid):
+    if not point.feasible and not any(g["feasible"] for g in grid) and tp == 1:
         raise NpusimError(f"{m.name} on {h.name} does not fit at batch {batch}, context {context} nor at any "
                           f"point around it: {point.reason}")
     explanation = explain_proportionality(grid)
@@ -538,10 +543,11 @@ def analyze(
                     f"{p.batch}, context {p.context}, block {p.block_size}")
     t.add_column("quantity")
     t.add_column("value")
+    per = "per device" if p.tp > 1 else "per instance"
     rows = [
-        ("cores / bandwidth per instance", f"{p.cores_per_instance} cores, {p.bandwidth_gbs_per_instance:g} GB/s"),
-        ("weights per instance", f"{p.weights_gib:.2f} GiB ({p.weight_dtype})"),
-        ("KV blocks per instance / per sequence", f"{p.num_blocks} / {p.blocks_per_seq}"),
+        (f"cores / bandwidth {per}", f"{p.cores_per_instance} cores, {p.bandwidth_gbs_per_instance:g} GB/s"),
+        (f"weights {per}", f"{p.weights_gib:.2f} GiB ({p.weight_dtype})"),
+        (f"KV blocks {per} / per sequence", f"{p.num_blocks} / {p.blocks_per_seq}"),
         ("max batch per instance", str(p.max_batch)),
         ("feasible", "yes" if p.feasible else f"no: {p.reason}"),
         ("iteration T (device + host) ms", f"{_fmt(p.iteration_ms, '.2f')} ({_fmt(p.device_step_ms, '.2f')} + {_fmt(p.host_ms, '.2f')})"),
@@ -549,6 +555,7 @@ def analyze(
         ("throughput tokens/s (per instance)", f"{_fmt(p.tokens_per_s)} ({_fmt(p.tokens_per_s_per_instance)})"),
         ("compute / memory (KV) / overhead ms", f"{_fmt(p.compute_ms, '.2f')} / {_fmt(p.memory_ms, '.2f')} "
                                                 f"({_fmt(p.kv_memory_ms, '.2f')}) / {_fmt(p.overhead_ms, '.2f')}"),
+        *([("devices (tensor parallel) / collectives ms", f"{p.tp} / {_fmt(p.comm_ms, '.3f')}")] if p.tp > 1 else []),
         ("bound", p.bound or "-"),
         ("arithmetic intensity / ridge flop/B", f"{_fmt(p.arithmetic_intensity)} / {p.ridge_point:.1f}"),
         ("proportional tokens/s (ref B=1)", f"{_fmt(p.proportional_tokens_per_s)} (ref {_fmt(p.reference_tokens_per_s)})"),
@@ -560,7 +567,10 @@ def analyze(
     for note in p.notes:
         t.add_row("note", note)
     console.print(t)
-    g = Table(title="proportionality grid: ratio = actual / (B · N_core / T), T held at the B=1 reference")
+    if tp > 1 and not p.feasible:
+        raise NpusimError(f"{m.name} on {tp} x {h.name} does not fit at batch {batch}, context {context}: {p.reason}")
+    g = Table(title="proportionality grid: ratio = actual / (B · N_core / T), T held at the B=1 reference"
+                    + (" (on one device, without --tp)" if tp > 1 else ""))
     for col in ("scaling", "cores", "GB/s", "K", "B", "tokens/s", "TPOT ms", "bound", "flop/B", "ratio", "regime"):
         g.add_column(col, justify="left" if col in ("scaling", "bound", "regime") else "right")
     for r in grid:

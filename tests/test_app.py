@@ -282,3 +282,18 @@ def test_capacity_tab_finds_the_highest_load():
     assert tables and len(tables[0]) == 1
     assert number(tables[0]["max rate (req/s)"].iloc[0]) > 0
     assert any(s.value.startswith("Most load:") for s in at.success)
+
+
+def test_tensor_parallel_makes_a_model_fit_that_one_device_cannot_hold():
+    at = start()
+    at.selectbox(key="hw").set_value("h200")
+    at.selectbox(key="model").set_value("llama-3.1-70b")
+    at.run()
+    assert any("What would fit" in i.value and "2 devices (tensor parallel)" in i.value for i in at.info)
+    at.number_input(key="tp").set_value(2)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    p = analytical_point("h200", "llama-3.1-70b", batch=32, context=2048, block_size=16, tp=2)
+    assert p.feasible
+    assert number(metric(at, "Decode tok/s")) == pytest.approx(p.tokens_per_s, abs=0.051)
+    assert at.query_params["tp"] in ("2", ["2"])

@@ -192,6 +192,9 @@ ANALYZE_EFFECTS = {
     "--kv-dtype": (["--kv-dtype", "int8"], lambda p, b: p["num_blocks"] > 1.9 * b["num_blocks"]),
     "--gpu-memory-utilization": (["--gpu-memory-utilization", "0.5"], lambda p, b: p["num_blocks"] < b["num_blocks"]),
     "--engine": (["--engine", "vllm-eager"], lambda p, b: p["engine"] == "vllm-eager"),
+    "--tp": (["--tp", "2"], lambda p, b: p["tp"] == 2 and p["comm_ms"] > 0 and b["comm_ms"] == 0
+             and p["weights_gib"] < 0.51 * b["weights_gib"]),
+    "--ep": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2"], lambda p, b: p["ep"] == 2 and p["tp"] == 2),
 }
 
 

@@ -200,3 +200,15 @@ def test_expert_parallel_layouts_that_cannot_run_say_why(args, needle):
 def test_mixtral_one_expert_per_device():
     d = _json("step", "--hw", "ascend-910b2", "--model", "mixtral-8x7b", "--tp", "8", "--ep", "8")
     assert d["ep"] == 8 and d["memory"]["fits"]
+
+
+def test_analyze_prices_the_tensor_parallel_point_as_step_does():
+    a = _json("analyze", "--hw", "h200", "--model", "llama-3.1-70b", "--tp", "2", "--batch", "32", "--context", "2048")
+    # (analyze counts the token being generated: its context 2048 is step's 2049)
+    s = _json("step", "--hw", "h200", "--model", "llama-3.1-70b", "--tp", "2", "--batch", "32", "--context", "2049")
+    assert a["point"]["device_step_ms"] == pytest.approx(s["device_ms"], rel=1e-9)
+    assert a["point"]["comm_ms"] == pytest.approx(s["comm_ms"], rel=1e-9)
+    assert_one_line_error("analyze", ["--hw", "h200", "--model", "llama-3.1-70b", "--tp", "2", "--compare"],
+                          "--compare runs the simulator on one device's grid")
+    assert_one_line_error("analyze", ["--hw", "ascend-910b4", "--model", "llama-3.1-70b", "--tp", "2"],
+                          "does not fit")
