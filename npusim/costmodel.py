@@ -40,6 +40,12 @@ class Op(NamedTuple):
         return d
 
 
+def _reached(experts: float, chance: float, draws: float) -> float:
+    """Experts that get at least one of `draws` uniform picks (each hitting a given expert with
+    probability `chance`), on average: at least one, at most all."""
+    return min(float(experts), max(1.0, experts * (1.0 - (1.0 - chance) ** draws)))
+
+
 def _pad_efficiency(x: int, tile: int) -> float:
     """Fraction of a tile-padded dimension that does useful work (a 17-row GEMM on a 16-row cube
     wastes 15 rows of its second pass)."""
@@ -281,61 +287,56 @@ class CostModel:
         grouped GEMMs. With uniform routing, T tokens choosing k of E experts reach
         E (1 - (1 - k/E)^T) of them on average; each of those experts' weights is read once, and
         its GEMMs have M = T k / active rows. A grouped GEMM is one kernel over all experts,
-        priced by the roofline (the measured tables time one dense GEMM at a time)."""
+        priced by the roofline, or by the device's measured grouped GEMMs where it has them."""
         m, hw = self.model, self.hw
         h, E, k, fe, w = m.hidden_size, m.num_experts, m.experts_per_token, m.moe_intermediate_size, self._linear_weight_bytes
         routed = tokens * k
-        active = min(float(E), max(1.0, E * (1.0 - (1.0 - k / E) ** tokens)))
-        rows = max(1, round(routed / active))
+        active = _reached(E, k / E, tokens)
         ep = self.ep
         if ep > 1:  # whole experts, E/ep on each device: the busiest device sets the pace
             fe, E_local = fe * ep, E // ep  # (the shard split each expert; expert parallelism keeps them whole)
             mean = routed / ep
             # uniform routing: a device's share of the assignments is about Poisson, the busiest of
             # ep devices near mean + sqrt(2 mean ln ep)
-            busiest = min(float(routed), mean + math.sqrt(2.0 * mean * math.log(ep)))
-            routed_here = busiest
-            active_here = min(float(E_local), max(1.0, E_local * (1.0 - (1.0 - 1.0 / E_local) ** busiest)))
-            rows = max(1, round(routed_here / active_here))
-        floor = self.latency
+            here = min(float(routed), mean + math.sqrt(2.0 * mean * math.log(ep)))
+            here_active = _reached(E_local, 1.0 / E_local, here)
+        else:
+            here, here_active = routed, active
+        rows = max(1, round(here / here_active))
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
-        router = self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")
-        ops = [router]
+        ops = [self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")]
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
-            if ep > 1:
-                flops = 2.0 * routed_here * n_in * n_out
-                nbytes = active_here * n_in * n_out * w + routed_here * (n_in + n_out) * ACT_BYTES
-            else:
-                flops = 2.0 * routed * n_in * n_out
-                nbytes = active * n_in * n_out * w + routed * (n_in + n_out) * ACT_BYTES
+            flops = 2.0 * here * n_in * n_out
+            nbytes = here_active * n_in * n_out * w + here * (n_in + n_out) * ACT_BYTES
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
-            t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name], self.floor.get(name, floor))
+            t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
+                                   self.floor.get(name, self.latency))
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
-                f_table = m.moe_intermediate_size  # (the layout the table is asked for: this device's)
-                measured = table.time(name, E, k, h, f_table, tokens, self._grouped_roofline(name))
+                measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens, self._grouped_roofline(name))
                 if measured is not None:
                     t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw else 1.0)
-                    if ep > 1:  # the split experts' measured rate, carried to whole ones by the roofline
-                        split = max(2.0 * routed * (n_in * n_out / ep) / self._peak,
-                                    (active * n_in * n_out / ep * ACT_BYTES + routed * (n_in + n_out) * ACT_BYTES)
-                                    / self._peak_bw)
-                        t *= max(flops / self._peak, nbytes / self._peak_bw) / split
+                    if ep > 1:  # measured on split experts: carried to whole ones by the roofline
+                        split = (n_in, n_out // ep) if name == "gate_up_proj" else (n_in // ep, n_out)
+                        t *= self._grouped_time(here, here_active, n_in, n_out) / self._grouped_time(
+                            routed, active, *split)
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
-                ops.append(self._vector("silu_mul", 5.0 * routed * fe, 3.0 * routed * fe * ACT_BYTES))
+                ops.append(self._vector("silu_mul", 5.0 * here * fe, 3.0 * here * fe * ACT_BYTES))
         return ops
 
+    def _grouped_time(self, routed: float, active: float, n_in: int, n_out: int) -> float:
+        """The datasheet roofline of a grouped GEMM (bf16) of `routed` rows over `active` experts:
+        only a ratio, to carry a measured time to another layout."""
+        return max(2.0 * routed * n_in * n_out / self._peak,
+                   (active * n_in * n_out + routed * (n_in + n_out)) * ACT_BYTES / self._peak_bw)
+
     def _grouped_roofline(self, op: str):
-        """The datasheet roofline of a grouped expert GEMM (bf16), as a function of the layout and
-        the tokens: only a ratio, to carry a measured layout's time to another."""
+        """_grouped_time as a function of the expert layout and the tokens (for the measured table)."""
         def roofline(E, k, h, f, tokens):
             n_in, n_out = (h, 2 * f) if op == "gate_up_proj" else (f, h)
-            routed = tokens * k
-            active = min(float(E), max(1.0, E * (1.0 - (1.0 - k / E) ** tokens)))
-            nbytes = active * n_in * n_out * ACT_BYTES + routed * (n_in + n_out) * ACT_BYTES
-            return max(2.0 * routed * n_in * n_out / self._peak, nbytes / self._peak_bw)
+            return self._grouped_time(tokens * k, _reached(E, k / E, tokens), n_in, n_out)
         return roofline
 
     def _all_reduce(self, name: str, tokens: int) -> list[Op]:
