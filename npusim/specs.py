@@ -355,16 +355,20 @@ def _cached(load):
     return wrapper
 
 
+def _profile_path(name_or_path: str | Path, directory: Path, kind: str, known) -> Path:
+    """The file of a profile given by name (in `directory`) or by path; an unknown name lists the known."""
+    path = _resolve(name_or_path, directory, f"{kind} profile")
+    if path is None:
+        raise NpusimError(f"unknown {kind} {str(name_or_path)!r}; known: {', '.join(known())} "
+                          f"(or give a path to a .yaml profile)")
+    return path
+
+
 def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """A profile by name (``ascend-910b2``) or by path to a YAML/JSON file."""
     if isinstance(name_or_path, HardwareSpec):
         return name_or_path
-    path = _resolve(name_or_path, HW_PROFILE_DIR, "hardware profile")
-    if path is None:
-        raise NpusimError(
-            f"unknown hardware {str(name_or_path)!r}; known: {', '.join(known_hardware())} "
-            f"(or give a path to a .yaml profile)")
-    return _load_hardware_file(path)
+    return _load_hardware_file(_profile_path(name_or_path, HW_PROFILE_DIR, "hardware", known_hardware))
 
 
 @_cached
@@ -525,12 +529,7 @@ def load_engine_profile(name_or_path: str | Path) -> EngineProfile:
     """An engine profile by name (``vllm``) or by path to a YAML/JSON file."""
     if isinstance(name_or_path, EngineProfile):
         return name_or_path
-    path = _resolve(name_or_path, ENGINE_PROFILE_DIR, "engine profile")
-    if path is None:
-        raise NpusimError(
-            f"unknown engine {str(name_or_path)!r}; known: {', '.join(known_engines())} "
-            f"(or give a path to a .yaml profile)")
-    return _load_engine_file(path)
+    return _load_engine_file(_profile_path(name_or_path, ENGINE_PROFILE_DIR, "engine", known_engines))
 
 
 @_cached
