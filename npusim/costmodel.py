@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
-from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
+from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MLA_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
                           load_engine_profile, resolve_engine, tp_shard)
 from npusim.calibration import load_tables
@@ -44,6 +44,15 @@ def _reached(experts: float, chance: float, draws: float) -> float:
     """Experts that get at least one of `draws` uniform picks (each hitting a given expert with
     probability `chance`), on average: at least one, at most all."""
     return min(float(experts), max(1.0, experts * (1.0 - (1.0 - chance) ** draws)))
+
+
+def _add(total: Op | None, op: Op, count: int) -> Op:
+    """`total` plus `count` times `op` (the bound of whichever takes longer)."""
+    t = op.time_s * count
+    if total is None:
+        return Op(op.name, op.flops * count, op.bytes * count, t, op.bound, op.kernels * count)
+    return Op(op.name, total.flops + op.flops * count, total.bytes + op.bytes * count, total.time_s + t,
+              total.bound if total.time_s >= t else op.bound, total.kernels + op.kernels * count)
 
 
 def _pad_efficiency(x: int, tile: int) -> float:
@@ -97,7 +106,7 @@ class CostModel:
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
         self.block_size = block_size or self.engine.kv_block_sizes.recommended
-        self.kernels = self.engine.kernels
+        self.kernels = dict(self.engine.kernels)
         self.weight_dtype = weight_dtype
         self.kv_dtype = kv_dtype
         self.w_bytes = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
@@ -111,7 +120,7 @@ class CostModel:
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
         # the least time of one kernel of each op in this engine's implementation
         floors = self.engine.kernel_floor_us
-        self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS}
+        self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MLA_KERNELS)}
         norm = self.engine.norm_kernel
         if norm is not None and self.tables is not None:
             # this engine's norm kernel was timed on this device: its least time at this width
@@ -125,7 +134,7 @@ class CostModel:
         self._peak = hw.matmul_tflops("fp16" if weight_dtype == "fp16" else "bf16") * 1e12
         self._peak_bw = hw.memory_bandwidth_gbs * 1e9
         self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
-        self.kv_bytes_per_token_layer = 2.0 * model.kv_dim * self.kv_bytes
+        self.kv_bytes_per_token_layer = model.kv_values_per_token_layer * self.kv_bytes
         e = self.engine
         # decode attention moves each KV byte this many times (a gather copy reads, writes, reads)
         self._kv_read_bytes_per_slot = self.kv_bytes_per_token_layer * e.decode_kv_passes
@@ -134,18 +143,26 @@ class CostModel:
         self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
         self.graph_launch_s = e.graph_launch_us * 1e-6
         self._graph = e.execution == "graph"
-        # which ops this model has, and the kernels an iteration launches outside attention
-        self.layer_ops = tuple(o for o in LAYER_OPS if self._has(o))
-        dense = [o for o in self.layer_ops if not o.startswith("attention")]
-        self._dense_kernels = model.num_layers * (sum(self.kernels[o] for o in dense) + (2 if tp > 1 else 0)
-                                                  + (3 if model.num_experts else 0))  # (+ the router's)
+        # MLA's own GEMMs, by default one kernel each (two batched GEMMs absorb the latent in decode)
+        for op, n in MLA_KERNELS.items():
+            self.kernels.setdefault(op, n)
         self._step_kernels = sum(self.kernels[o] for o in STEP_OPS)
         # memoised by token count (and sampled rows): iterations repeat the same shapes
         self._layer_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
-        # Decode attention per layer: Q·K and P·V over the whole context for every head.
+        # Decode attention per layer: Q·K and P·V over the whole context for every head. MLA decodes
+        # with the up-projections absorbed: each head scores the latent and the RoPE key (kv_dim)
+        # and sums the latent (kv_lora_rank), all heads reading the one cached latent.
         m = model
-        self._attn_flops_per_ctx = 4.0 * m.num_heads * m.head_dim
+        if m.mla:
+            self._attn_flops_per_ctx = 2.0 * m.num_heads * (m.kv_dim + m.kv_lora_rank)
+            self._decode_q_bytes = m.num_heads * (m.kv_dim + m.kv_lora_rank) * ACT_BYTES
+            # prefill decompresses K and V per head: attention as MHA of head_dim and v_head_dim
+            self._prefill_flops_per_pair = 2.0 * m.num_heads * (m.head_dim + m.v_head_dim)
+        else:
+            self._attn_flops_per_ctx = 4.0 * m.num_heads * m.head_dim
+            self._decode_q_bytes = 2.0 * m.q_dim * ACT_BYTES
+            self._prefill_flops_per_pair = self._attn_flops_per_ctx
         group = m.num_heads // m.num_kv_heads
         # GQA packs the query heads of one KV head as the rows of a small GEMM.
         self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
@@ -153,19 +170,15 @@ class CostModel:
         self._decode_floor = self.floor["attention_decode"]
         impl = self.engine.decode_attention_impl
         self._decode_table = None
-        if impl is not None and self.tables is not None:
+        if impl is not None and self.tables is not None and not m.mla:  # (measured on GQA kernels only)
             if impl not in self.tables.decode_attention.impls():
                 raise NpusimError(f"engine {self.engine.name}: decode attention {impl!r} is not in "
                                   f"{hw.name}'s calibration ({', '.join(sorted(self.tables.decode_attention.impls()))})")
             self._decode_table = self.tables.decode_attention
         self._decode_cache: dict[tuple[int, int], float] = {}
-
-    def _has(self, op: str) -> bool:
-        if op == "qkv_bias":
-            return self.model.qkv_bias
-        if op == "qk_norm":
-            return self.model.qk_norm
-        return True
+        self._absorb_cache: dict[int, float] = {}
+        # kernels an iteration launches outside attention
+        self._dense_kernels = sum(n * sum(o.kernels for o in ops) for n, ops in self.layer_groups(1))
 
     # -- primitive pricing -----------------------------------------------------------------------
     def _price(self, flops: float, nbytes: float, rate: float, kernels: int,
@@ -251,28 +264,39 @@ class CostModel:
         return self.w_bytes
 
     # -- op lists --------------------------------------------------------------------------------
-    def layer_dense_ops(self, tokens: int) -> list[Op]:
-        """Ops of one layer whose cost depends only on the number of new tokens (attention aside)."""
+    def layer_groups(self, tokens: int) -> list[tuple[int, list[Op]]]:
+        """(layers, ops of one of them) for each kind of layer the model has: MoE layers, and the
+        dense ones (every layer of a dense model; DeepSeek's first layers)."""
         m = self.model
+        groups = [(m.num_moe_layers, self.layer_dense_ops(tokens, moe=True)) if m.num_moe_layers else None,
+                  (m.num_dense_mlp_layers, self.layer_dense_ops(tokens, moe=False)) if m.num_dense_mlp_layers else None]
+        return [g for g in groups if g is not None]
+
+    def layer_dense_ops(self, tokens: int, moe: bool | None = None) -> list[Op]:
+        """Ops of one layer whose cost depends only on the number of new tokens (attention aside):
+        an MoE layer (the default, when the model has experts) or a dense one."""
+        m = self.model
+        moe = bool(m.num_experts) if moe is None else moe
         h, f, T, w = m.hidden_size, m.intermediate_size, tokens, self._linear_weight_bytes
-        qkv_n = m.q_dim + 2 * m.kv_dim
-        ops = [
-            self._vector("rmsnorm_attn", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
-            self._gemm("qkv_proj", T, h, qkv_n, w),
-        ]
-        if m.qkv_bias:  # Qwen2: a bias on q, k and v
-            ops.append(self._vector("qkv_bias", T * qkv_n, 2.0 * T * qkv_n * ACT_BYTES + qkv_n * ACT_BYTES))
-        if m.qk_norm:  # Qwen3: RMSNorm over each head of q and k
-            qk = m.q_dim + m.kv_dim
-            ops.append(self._vector("qk_norm", 4.0 * T * qk, 2.0 * T * qk * ACT_BYTES + 2 * m.head_dim * ACT_BYTES))
+        ops = [self._vector("rmsnorm_attn", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES)]
+        if m.mla:
+            ops += self._mla_projections(T)
+        else:
+            qkv_n = m.q_dim + 2 * m.kv_dim
+            ops.append(self._gemm("qkv_proj", T, h, qkv_n, w))
+            if m.qkv_bias:  # Qwen2: a bias on q, k and v
+                ops.append(self._vector("qkv_bias", T * qkv_n, 2.0 * T * qkv_n * ACT_BYTES + qkv_n * ACT_BYTES))
+            if m.qk_norm:  # Qwen3: RMSNorm over each head of q and k
+                qk = m.q_dim + m.kv_dim
+                ops.append(self._vector("qk_norm", 4.0 * T * qk, 2.0 * T * qk * ACT_BYTES + 2 * m.head_dim * ACT_BYTES))
+            ops.append(self._vector("rope", 6.0 * T * (m.q_dim + m.kv_dim), 2.0 * T * (m.q_dim + m.kv_dim) * ACT_BYTES))
         ops += [
-            self._vector("rope", 6.0 * T * (m.q_dim + m.kv_dim), 2.0 * T * (m.q_dim + m.kv_dim) * ACT_BYTES),
-            self._vector("kv_cache_write", 0.0, T * m.kv_dim * 2 * (ACT_BYTES + self.kv_bytes)),
-            self._gemm("o_proj", T, m.q_dim, h, w),
+            self._vector("kv_cache_write", 0.0, T * m.kv_values_per_token_layer * (ACT_BYTES + self.kv_bytes)),
+            self._gemm("o_proj", T, m.o_dim, h, w),
             *self._all_reduce("all_reduce_attn", T),
             self._vector("residual_attn", T * h, 3.0 * T * h * ACT_BYTES),
             self._vector("rmsnorm_mlp", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
-            *(self._moe_ops(T) if m.num_experts else [
+            *(self._moe_ops(T) if moe else [
                 self._gemm("gate_up_proj", T, h, 2 * f, w),
                 self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
                 self._gemm("down_proj", T, f, h, w)]),
@@ -280,6 +304,51 @@ class CostModel:
             self._vector("residual_mlp", T * h, 3.0 * T * h * ACT_BYTES),
         ]
         return ops
+
+    def _mla_projections(self, T: int) -> list[Op]:
+        """MLA's way to q, the latent and the RoPE key (DeepSeek-V2/V3, as vLLM runs it): one GEMM
+        from the hidden state to the compressed q (or q itself) and the latent with the RoPE key
+        (fused_qkv_a_proj; whole on every tensor-parallel device), RMSNorms of the compressed q and
+        the latent (counted as the qk_norm op's kernels), the up-projection of q to the heads
+        (q_b_proj), and RoPE on each head's rotary part and the shared key."""
+        m, h, w = self.model, self.model.hidden_size, self._linear_weight_bytes
+        ql, c, dr = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim
+        a_n = (ql if ql else m.q_dim) + c + dr
+        ops = [self._gemm("qkv_proj", T, h, a_n, w)]
+        normed = ql + c
+        # the profile's qk_norm kernels normalise two tensors (Qwen3's q and k); MLA has two with
+        # a compressed q (q and the latent), else one
+        k = self.kernels["qk_norm"] if ql else ceil_div(self.kernels["qk_norm"], 2)
+        ops.append(self.vector(4.0 * T * normed, 2.0 * T * normed * ACT_BYTES + normed * ACT_BYTES, k, "qk_norm",
+                               max(1, k)))
+        if ql:
+            ops.append(self._gemm("q_b_proj", T, ql, m.q_dim, w))
+        rot = m.num_heads * dr + dr
+        ops.append(self._vector("rope", 6.0 * T * rot, 2.0 * T * rot * ACT_BYTES))
+        return ops
+
+    def mla_absorb_op(self, num_decodes: int) -> Op:
+        """MLA decode's two batched GEMMs (one GEMM per head): each head's no-RoPE query into the
+        latent space (W_UK), and the attention output out of it (W_UV), as vLLM's MLA backends run
+        decode. Priced by the roofline: no measured batched GEMM."""
+        m = self.model
+        H, c, dv = m.num_heads, m.kv_lora_rank, m.v_head_dim
+        dn = m.head_dim - m.qk_rope_head_dim
+        D = num_decodes
+        flops = 2.0 * D * H * c * (dn + dv)
+        nbytes = H * c * (dn + dv) * self._linear_weight_bytes + D * H * (dn + 2 * c + dv) * ACT_BYTES
+        eff = _pad_efficiency(D, self.hw.matmul_tile_m)
+        k = self.kernels["mla_absorb"]
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, k, self.floor["mla_absorb"])
+        return Op("mla_absorb", flops, nbytes, t, bound, k)
+
+    def kv_b_proj_op(self, kv_tokens: int) -> Op:
+        """MLA prefill: the latent of every token a chunk attends to (its cached context and itself)
+        up-projected to each head's K (no-RoPE part) and V, so prefill runs as ordinary attention."""
+        m = self.model
+        dn = m.head_dim - m.qk_rope_head_dim
+        return self._gemm("kv_b_proj", kv_tokens, m.kv_lora_rank, m.num_heads * (dn + m.v_head_dim),
+                          self._linear_weight_bytes)
 
     def _moe_ops(self, tokens: int) -> list[Op]:
         """A mixture-of-experts MLP: the router (a GEMM to the experts' scores, top-k, and the
@@ -324,7 +393,21 @@ class CostModel:
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * here * fe, 3.0 * here * fe * ACT_BYTES))
+        if m.num_shared_experts:
+            ops.append(self._shared_experts_op(tokens))
         return ops
+
+    def _shared_experts_op(self, tokens: int) -> Op:
+        """The shared experts every token goes through (DeepSeek): a dense SwiGLU as wide as all of
+        them (vLLM runs them as one MLP beside the routed experts), split over the tp devices."""
+        m, w = self.model, self._linear_weight_bytes
+        h, fs = m.hidden_size, m.num_shared_experts * m.moe_intermediate_size
+        parts = [self._gemm("gate_up_proj", tokens, h, 2 * fs, w),
+                 self._vector("silu_mul", 5.0 * tokens * fs, 3.0 * tokens * fs * ACT_BYTES),
+                 self._gemm("down_proj", tokens, fs, h, w)]
+        slowest = max(parts, key=lambda o: o.time_s)
+        return Op("shared_experts", sum(o.flops for o in parts), sum(o.bytes for o in parts),
+                  sum(o.time_s for o in parts), slowest.bound, sum(o.kernels for o in parts))
 
     def _grouped_time(self, routed: float, active: float, n_in: int, n_out: int) -> float:
         """The datasheet roofline of a grouped GEMM (bf16) of `routed` rows over `active` experts:
@@ -372,9 +455,8 @@ class CostModel:
     def attention_decode_op(self, num_decodes: int, context_tokens: int, kv_slots: int) -> Op:
         """One layer's decode attention: every sequence reads every KV slot of its pages, including
         the unfilled tail of its last page (`kv_slots` >= `context_tokens`)."""
-        m = self.model
         flops = self._attn_flops_per_ctx * context_tokens
-        nbytes = kv_slots * self._kv_read_bytes_per_slot + 2.0 * num_decodes * m.q_dim * ACT_BYTES
+        nbytes = kv_slots * self._kv_read_bytes_per_slot + num_decodes * self._decode_q_bytes
         kernels = self.kernels["attention_decode"]
         t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels, self.floor["attention_decode"])
         if self._decode_table is not None:
@@ -392,13 +474,19 @@ class CostModel:
             pairs += c * p + c * (c + 1) / 2.0
             kv_tokens += c + p
             new += c
-        flops = self._attn_flops_per_ctx * pairs
-        nbytes = kv_tokens * self.kv_bytes_per_token_layer + 2.0 * new * m.q_dim * ACT_BYTES
+        flops = self._prefill_flops_per_pair * pairs
+        if m.mla:  # ordinary attention over the up-projected K and V of every head
+            kv_heads, v_dim = m.num_heads, m.v_head_dim
+            nbytes = kv_tokens * m.num_heads * (m.head_dim + m.v_head_dim) * ACT_BYTES
+        else:
+            kv_heads, v_dim = m.num_kv_heads, m.head_dim
+            nbytes = kv_tokens * self.kv_bytes_per_token_layer
+        nbytes += new * m.num_heads * (m.head_dim + v_dim) * ACT_BYTES
         kernels = self.kernels["attention_prefill"]
         if self.tables is not None and self.tables.has_prefill:
             # each chunk at the rate flash attention reached over as many query-key pairs
-            t = sum(self.tables.prefill_attention.time(m.num_heads, m.num_kv_heads, m.head_dim,
-                                                        self._attn_flops_per_ctx * (c * p + c * (c + 1) / 2.0))
+            t = sum(self.tables.prefill_attention.time(m.num_heads, kv_heads, m.head_dim,
+                                                        self._prefill_flops_per_pair * (c * p + c * (c + 1) / 2.0))
                     for c, p in chunks)
             return Op("attention_prefill", flops, nbytes, t, "compute", kernels)
         eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
@@ -412,16 +500,25 @@ class CostModel:
         if tokens <= 0:
             raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
-        L = self.model.num_layers
-        layer = self.layer_dense_ops(tokens)
-        at = next(i for i, o in enumerate(layer) if o.name == "kv_cache_write") + 1
-        if prefill_chunks:
-            layer.insert(at, self.attention_prefill_op(prefill_chunks))
+        m = self.model
+        rows: dict[str, Op] = {}  # each op summed over the layers that have it (MoE layers first)
+        for count, layer in self.layer_groups(tokens):
+            for o in layer:
+                rows[o.name] = _add(rows.get(o.name), o, count)
+        attention = []
         if num_decodes:
-            layer.insert(at, self.attention_decode_op(num_decodes, decode_context_tokens, decode_kv_slots))
+            attention.append(self.attention_decode_op(num_decodes, decode_context_tokens, decode_kv_slots))
+            if m.mla:
+                attention.append(self.mla_absorb_op(num_decodes))
+        if prefill_chunks:
+            if m.mla:
+                attention.append(self.kv_b_proj_op(sum(c + p for c, p in prefill_chunks)))
+            attention.append(self.attention_prefill_op(prefill_chunks))
+        layer = list(rows.values())
+        at = next(i for i, o in enumerate(layer) if o.name == "kv_cache_write") + 1
+        layer[at:at] = [_add(None, o, m.num_layers) for o in attention]
         edge = self.edge_ops(tokens, sampled)
-        scaled = [Op(o.name, o.flops * L, o.bytes * L, o.time_s * L, o.bound, o.kernels * L) for o in layer]
-        return edge[:1] + scaled + edge[1:]
+        return edge[:1] + layer + edge[1:]
 
     # -- the hot path ----------------------------------------------------------------------------
     def dense_time(self, tokens: int, sampled: int) -> float:
@@ -429,7 +526,7 @@ class CostModel:
         the head on the sampled rows; each is memoised, since iterations repeat shapes."""
         t = self._layer_cache.get(tokens)
         if t is None:
-            t = (self.model.num_layers * sum(o.time_s for o in self.layer_dense_ops(tokens))
+            t = (sum(n * sum(o.time_s for o in ops) for n, ops in self.layer_groups(tokens))
                  + self.embedding_op(tokens).time_s)
             self._layer_cache[tokens] = t
         e = self._head_cache.get(sampled)
@@ -451,17 +548,25 @@ class CostModel:
         attn = 0.0
         if num_decodes:
             attn += self.decode_attention_time(num_decodes, decode_context_tokens, decode_kv_slots)
+            if self.model.mla:
+                a = self._absorb_cache.get(num_decodes)
+                if a is None:
+                    a = self._absorb_cache[num_decodes] = self.mla_absorb_op(num_decodes).time_s
+                attn += a
         if prefill_chunks:
             attn += self.attention_prefill_op(prefill_chunks).time_s
+            if self.model.mla:
+                attn += self.kv_b_proj_op(sum(c + p for c, p in prefill_chunks)).time_s
         return t + self.model.num_layers * attn
 
     def kernels_per_iteration(self, has_decode: bool, has_prefill: bool) -> int:
         """Device kernels one iteration launches (the head's only when rows are sampled)."""
         n = self._dense_kernels + self._step_kernels
+        mla = self.model.mla
         if has_decode:
-            n += self.model.num_layers * self.kernels["attention_decode"]
+            n += self.model.num_layers * (self.kernels["attention_decode"] + (self.kernels["mla_absorb"] if mla else 0))
         if has_prefill:
-            n += self.model.num_layers * self.kernels["attention_prefill"]
+            n += self.model.num_layers * (self.kernels["attention_prefill"] + (self.kernels["kv_b_proj"] if mla else 0))
         return n
 
     def host_times(self, num_sequences: int, device_s: float, has_decode: bool = True,
@@ -527,8 +632,7 @@ class CostModel:
                 self._decode_cache[key] = t
             return t
         tc = self._attn_flops_per_ctx * context_tokens / self._attn_decode_rate
-        tm = (kv_slots * self._kv_read_bytes_per_slot
-              + 2.0 * num_decodes * self.model.q_dim * ACT_BYTES) / self.bw
+        tm = (kv_slots * self._kv_read_bytes_per_slot + num_decodes * self._decode_q_bytes) / self.bw
         t = tc if tc > tm else tm
         k = self._decode_kernels
         if not k:

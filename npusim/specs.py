@@ -395,6 +395,10 @@ LAYER_OPS = ("rmsnorm_attn", "qkv_proj", "qkv_bias", "qk_norm", "rope", "kv_cach
              "attention_decode", "attention_prefill", "o_proj", "residual_attn", "rmsnorm_mlp",
              "gate_up_proj", "silu_mul", "down_proj", "residual_mlp")
 STEP_OPS = ("embedding", "final_norm", "lm_head", "sampling")
+# Ops of MLA models only (DeepSeek), and the kernels each launches where a profile does not say:
+# the up-projection of the compressed q, decode's two batched GEMMs that absorb the latent's
+# up-projections into q and out of the output, and prefill's up-projection of the latent to K and V.
+MLA_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1}
 
 
 class EngineProfile(BaseModel):
@@ -437,17 +441,17 @@ class EngineProfile(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineProfile":
-        unknown = sorted(set(self.kernels) - set(LAYER_OPS) - set(STEP_OPS))
+        unknown = sorted(set(self.kernels) - set(LAYER_OPS) - set(STEP_OPS) - set(MLA_KERNELS))
         if unknown:
             raise ValueError(f"kernels: unknown op(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(LAYER_OPS + STEP_OPS)}")
+                             f"{', '.join(LAYER_OPS + STEP_OPS + tuple(MLA_KERNELS))}")
         missing = [o for o in LAYER_OPS + STEP_OPS if o not in self.kernels]
         if missing:
             raise ValueError(f"kernels: no count given for {', '.join(missing)} (0 if fused)")
         bad = [f"{o} = {n}" for o, n in self.kernels.items() if n < 0]
         if bad:
             raise ValueError(f"kernels must be >= 0, got {', '.join(bad)}")
-        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS))
+        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS) - set(MLA_KERNELS))
         if unknown:
             raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
         bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]
@@ -540,15 +544,17 @@ def _load_engine_file(path: Path) -> EngineProfile:
 # --------------------------------------------------------------------------- models
 
 class ModelSpec(BaseModel):
-    """A dense decoder-only transformer with SwiGLU MLP, RMSNorm and RoPE (Llama, Mistral, Qwen)."""
+    """A decoder-only transformer with SwiGLU MLPs, RMSNorm and RoPE: dense (Llama, Mistral, Qwen),
+    mixture-of-experts (Qwen3-MoE, Mixtral, DeepSeek) and with multi-head latent attention (MLA,
+    DeepSeek-V2/V3)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)  # MLA: 1, the latent every head reads
+    head_dim: int = Field(gt=0)  # of each head's query and key (MLA: the no-RoPE and RoPE parts together)
     intermediate_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
     tie_word_embeddings: bool = False
@@ -556,11 +562,23 @@ class ModelSpec(BaseModel):
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k
     max_position_embeddings: int = Field(gt=0)
     source: str = Field(min_length=3)
-    # Mixture of experts (every layer's MLP): num_experts routed experts of moe_intermediate_size,
-    # experts_per_token of them per token, chosen by a router; 0: a dense MLP of intermediate_size.
+    # Mixture of experts: num_experts routed experts of moe_intermediate_size, experts_per_token of
+    # them per token, chosen by a router; num_shared_experts more of that size that every token
+    # goes through; num_dense_layers layers keep a dense MLP of intermediate_size (DeepSeek's first
+    # first_k_dense_replace, Qwen3-MoE's mlp_only_layers; where they sit does not change the cost).
+    # num_experts 0: every MLP is dense.
     num_experts: int = Field(default=0, ge=0)
     experts_per_token: int = Field(default=0, ge=0)
     moe_intermediate_size: int = Field(default=0, ge=0)
+    num_shared_experts: int = Field(default=0, ge=0)
+    num_dense_layers: int = Field(default=0, ge=0)
+    # Multi-head latent attention (kv_lora_rank > 0): each token caches one latent of kv_lora_rank
+    # values and a shared RoPE key of qk_rope_head_dim; queries come from a rank-q_lora_rank
+    # compression (0: straight from the hidden state); values have v_head_dim per head.
+    kv_lora_rank: int = Field(default=0, ge=0)
+    q_lora_rank: int = Field(default=0, ge=0)
+    qk_rope_head_dim: int = Field(default=0, ge=0)
+    v_head_dim: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -570,50 +588,122 @@ class ModelSpec(BaseModel):
         if self.num_experts and not (0 < self.experts_per_token <= self.num_experts and self.moe_intermediate_size):
             raise ValueError(f"an MoE model needs 1 <= experts_per_token <= num_experts ({self.num_experts}) "
                              f"and moe_intermediate_size > 0")
-        if not self.num_experts and (self.experts_per_token or self.moe_intermediate_size):
-            raise ValueError("experts_per_token and moe_intermediate_size need num_experts > 0")
+        if not self.num_experts and (self.experts_per_token or self.moe_intermediate_size
+                                     or self.num_shared_experts or self.num_dense_layers):
+            raise ValueError("experts_per_token, moe_intermediate_size, num_shared_experts and num_dense_layers "
+                             "need num_experts > 0")
+        if self.num_dense_layers >= self.num_layers:
+            raise ValueError(f"num_dense_layers ({self.num_dense_layers}) must be below num_layers "
+                             f"({self.num_layers}): an MoE model has at least one MoE layer")
+        mla = (self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim)
+        if any(mla) or self.q_lora_rank:
+            if not all(mla):
+                raise ValueError("multi-head latent attention needs kv_lora_rank, qk_rope_head_dim and "
+                                 "v_head_dim all > 0")
+            if self.num_kv_heads != 1:
+                raise ValueError(f"an MLA model has one latent KV head (num_kv_heads 1), got {self.num_kv_heads}")
+            if self.head_dim <= self.qk_rope_head_dim:
+                raise ValueError(f"head_dim ({self.head_dim}) is the no-RoPE and RoPE parts of a query head "
+                                 f"together: it must exceed qk_rope_head_dim ({self.qk_rope_head_dim})")
+            if self.qkv_bias or self.qk_norm:
+                raise ValueError("qkv_bias and qk_norm are GQA options; an MLA model has neither")
         return self
 
+    # Layers and attention -----------------------------------------------------------------------
     @property
-    def mlp_params_per_layer(self) -> int:
-        """The MLP's weights: a dense SwiGLU, or every expert's and the router's."""
-        h = self.hidden_size
-        if self.num_experts:
-            return self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
-        return 3 * h * self.intermediate_size
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
-    def active_params(self) -> int:
-        """Parameters one token uses: all but the experts it is not routed to."""
-        idle = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.moe_intermediate_size
-        return self.num_params - self.num_layers * idle
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers if self.num_experts else 0
 
     @property
-    def mlp_act_width(self) -> int:
-        """The intermediate activations per token: the dense MLP's, or its experts' together."""
-        return self.experts_per_token * self.moe_intermediate_size if self.num_experts else self.intermediate_size
+    def num_dense_mlp_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
 
-    # Parameter counts -------------------------------------------------------------------------
     @property
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
+        """Width of each of K and V per token per layer (MLA: the latent and the RoPE key, cached once)."""
+        if self.mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
         return self.num_kv_heads * self.head_dim
 
     @property
-    def linear_params_per_layer(self) -> int:
+    def kv_values_per_token_layer(self) -> int:
+        """Values one token caches per layer: K and V of each KV head; MLA: one latent and one RoPE
+        key (DeepSeek-V3: 512 + 64 = 576)."""
+        return self.kv_dim if self.mla else 2 * self.kv_dim
+
+    @property
+    def o_dim(self) -> int:
+        """Width of the attention output the o_proj reads."""
+        return self.num_heads * self.v_head_dim if self.mla else self.q_dim
+
+    @property
+    def attn_params_per_layer(self) -> int:
         h = self.hidden_size
-        qkv = h * (self.q_dim + 2 * self.kv_dim)
-        o = self.q_dim * h
-        return qkv + o + self.mlp_params_per_layer
+        if not self.mla:
+            return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
+        ql, c = self.q_lora_rank, self.kv_lora_rank
+        q = h * ql + ql * self.q_dim if ql else h * self.q_dim  # q_a + q_b, or q_proj
+        kv_a = h * (c + self.qk_rope_head_dim)  # the latent and the shared RoPE key
+        nope = self.head_dim - self.qk_rope_head_dim
+        kv_b = c * self.num_heads * (nope + self.v_head_dim)  # latent -> each head's K (no RoPE) and V
+        return q + kv_a + kv_b + self.o_dim * h
+
+    # MLPs ----------------------------------------------------------------------------------------
+    @property
+    def dense_mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def moe_mlp_params(self) -> int:
+        """One MoE layer's MLP: every routed expert, the shared experts and the router."""
+        h, fe = self.hidden_size, self.moe_intermediate_size
+        return (self.num_experts + self.num_shared_experts) * 3 * h * fe + h * self.num_experts
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        """The MLP's weights in an MoE layer (every expert's and the router's), else the dense SwiGLU's."""
+        return self.moe_mlp_params if self.num_experts else self.dense_mlp_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to."""
+        idle = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.moe_intermediate_size
+        return self.num_params - self.num_moe_layers * idle
+
+    @property
+    def mlp_act_width(self) -> int:
+        """The widest intermediate activations per token: a dense MLP's, or an MoE layer's routed
+        and shared experts' together."""
+        moe = (self.experts_per_token + self.num_shared_experts) * self.moe_intermediate_size
+        if not self.num_experts:
+            return self.intermediate_size
+        return max(moe, self.intermediate_size if self.num_dense_layers else 0)
+
+    # Parameter counts -------------------------------------------------------------------------
+    @property
+    def linear_params_per_layer(self) -> int:
+        """Linear weights of one layer (of an MoE layer, in a model that mixes dense and MoE layers)."""
+        return self.attn_params_per_layer + self.mlp_params_per_layer
+
+    @property
+    def linear_params(self) -> int:
+        return (self.num_layers * self.attn_params_per_layer + self.num_moe_layers * self.moe_mlp_params
+                + self.num_dense_mlp_layers * self.dense_mlp_params)
 
     @property
     def other_params_per_layer(self) -> int:
         bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        return 2 * self.hidden_size + bias + qk_norm  # two RMSNorm weights, and the q/k norms
+        latent_norms = self.q_lora_rank + self.kv_lora_rank  # MLA: RMSNorms on the compressed q and kv
+        return 2 * self.hidden_size + bias + qk_norm + latent_norms  # two RMSNorm weights, and the q/k norms
 
     @property
     def embedding_params(self) -> int:
@@ -625,7 +715,7 @@ class ModelSpec(BaseModel):
 
     @property
     def num_params(self) -> int:
-        layers = self.num_layers * (self.linear_params_per_layer + self.other_params_per_layer)
+        layers = self.linear_params + self.num_layers * self.other_params_per_layer
         return layers + self.embedding_params + self.lm_head_params + self.hidden_size
 
     def weight_bytes(self, weight_dtype: str = "bf16") -> float:
@@ -633,19 +723,30 @@ class ModelSpec(BaseModel):
         head and norms stay 16-bit (as in common W8A16/W4A16 recipes). int8 carries per-channel
         scales, int4 one 16-bit scale per group of 128."""
         wb = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
-        linear = self.num_layers * self.linear_params_per_layer
+        linear = self.linear_params
         if weight_dtype == "int4":
             wb += 2.0 / 128
         rest = self.num_params - linear
         scales = 0.0
         if weight_dtype == "int8":  # one 16-bit scale per output channel
-            h, f = self.hidden_size, self.intermediate_size
-            mlp = self.num_experts * (2 * self.moe_intermediate_size + h) if self.num_experts else 2 * f + h
-            scales = self.num_layers * 2.0 * (self.q_dim + 2 * self.kv_dim + h + mlp)
+            scales = 2.0 * self.linear_output_channels
         return linear * wb + rest * 2.0 + scales
 
+    @property
+    def linear_output_channels(self) -> int:
+        """Output channels of every linear layer (what per-channel quantisation scales)."""
+        h, fe = self.hidden_size, self.moe_intermediate_size
+        if self.mla:
+            ql, nope = self.q_lora_rank, self.head_dim - self.qk_rope_head_dim
+            attn = (ql + self.q_dim if ql else self.q_dim) + self.kv_dim + self.num_heads * (nope + self.v_head_dim) + h
+        else:
+            attn = self.q_dim + 2 * self.kv_dim + h
+        moe = (self.num_experts + self.num_shared_experts) * (2 * fe + h)
+        dense = 2 * self.intermediate_size + h
+        return self.num_layers * attn + self.num_moe_layers * moe + self.num_dense_mlp_layers * dense
+
     def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> float:
-        return 2.0 * self.num_layers * self.kv_dim * dtype_bytes(kv_dtype, KV_DTYPES, "kv_dtype")
+        return self.num_layers * self.kv_values_per_token_layer * dtype_bytes(kv_dtype, KV_DTYPES, "kv_dtype")
 
 
 def dtype_bytes(dtype: str, allowed: tuple[str, ...], field: str) -> float:
@@ -696,6 +797,17 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
                          intermediate_size=14336, vocab_size=32000, num_experts=8, experts_per_token=2,
                          moe_intermediate_size=14336, max_position_embeddings=32768,
                          source=_HF + "mistralai/Mixtral-8x7B-v0.1"),
+    # DeepSeek: multi-head latent attention, shared experts, the first layers dense (first_k_dense_replace)
+    "deepseek-v3": dict(num_layers=61, hidden_size=7168, num_heads=128, num_kv_heads=1, head_dim=192,
+                        intermediate_size=18432, vocab_size=129280, num_experts=256, experts_per_token=8,
+                        moe_intermediate_size=2048, num_shared_experts=1, num_dense_layers=3,
+                        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                        max_position_embeddings=163840, source=_HF + "deepseek-ai/DeepSeek-V3"),
+    "deepseek-v2-lite": dict(num_layers=27, hidden_size=2048, num_heads=16, num_kv_heads=1, head_dim=192,
+                             intermediate_size=10944, vocab_size=102400, num_experts=64, experts_per_token=6,
+                             moe_intermediate_size=1408, num_shared_experts=2, num_dense_layers=1,
+                             kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128,
+                             max_position_embeddings=163840, source=_HF + "deepseek-ai/DeepSeek-V2-Lite"),
     "qwen3-32b": dict(num_layers=64, hidden_size=5120, num_heads=64, num_kv_heads=8, head_dim=128,
                       intermediate_size=25600, vocab_size=151936, qk_norm=True,
                       max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-32B"),
@@ -716,29 +828,29 @@ def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
         raise NpusimError(f"--tp {tp}: {model.name}'s {kv} KV heads do not divide among {tp} devices")
     if kv < tp and tp % kv:
         raise NpusimError(f"--tp {tp}: {tp} devices cannot replicate {model.name}'s {kv} KV heads evenly")
-    if not model.num_experts and model.intermediate_size % tp:
+    dense_mlp = not model.num_experts or model.num_dense_layers > 0
+    if dense_mlp and model.intermediate_size % tp:
         raise NpusimError(f"--tp {tp}: {model.name}'s intermediate size {model.intermediate_size} does not "
                           f"divide among {tp} devices")
     if model.moe_intermediate_size % tp:
         raise NpusimError(f"--tp {tp}: {model.name}'s expert size {model.moe_intermediate_size} does not "
                           f"divide among {tp} devices")
-    return model.model_copy(update={  # (each expert split as a dense MLP is: vLLM's TP for MoE)
+    # Each expert (shared ones too) is split as a dense MLP is: vLLM's TP for MoE. MLA: the heads
+    # divide, the compressions of q and kv (and so the latent cache) are whole on every device.
+    return model.model_copy(update={
         "name": f"{model.name}[tp{tp}]", "num_heads": model.num_heads // tp, "num_kv_heads": max(1, kv // tp),
         # (an all-MoE model has no dense MLP: its intermediate_size prices nothing)
-        "intermediate_size": model.intermediate_size if model.num_experts else model.intermediate_size // tp,
+        "intermediate_size": model.intermediate_size // tp if dense_mlp else model.intermediate_size,
         "vocab_size": ceil_div(model.vocab_size, tp), "moe_intermediate_size": model.moe_intermediate_size // tp})
 
 
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 HF_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json of the Llama, Mistral, Qwen2 or Qwen3 families."""
     family = cfg.get("model_type")
-    if family in ("deepseek_v2", "deepseek_v3"):
-        raise NpusimError(f"{where}: {family} uses multi-head latent attention (MLA), which npusim does not "
-                          "model yet (its KV cache and attention differ from GQA)")
     if family not in HF_FAMILIES:
         raise NpusimError(f"{where}: model_type must be one of {', '.join(HF_FAMILIES)}, got {family!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -762,9 +874,11 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
            if cfg.get(k)]
     experts = {}
+    if family in ("deepseek_v2", "deepseek_v3"):
+        return _deepseek_from_hf(cfg, family, name, where)
     if cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
-        raise NpusimError(f"{where}: shared experts (shared_expert_intermediate_size / n_shared_experts) are not "
-                          "modelled yet: npusim prices routed experts only")
+        raise NpusimError(f"{where}: shared experts (shared_expert_intermediate_size / n_shared_experts) in a "
+                          f"{family} config: npusim reads shared experts of deepseek_v2/deepseek_v3 configs only")
     foreign = {"qwen3_moe": ("num_local_experts",), "mixtral": ("num_experts", "moe_intermediate_size")}.get(family, ())
     stray = [k for k in foreign if k in cfg]
     if stray:
@@ -780,11 +894,17 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         if cfg["num_experts_per_tok"] > cfg["num_experts"]:
             raise NpusimError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds num_experts "
                               f"{cfg['num_experts']}")
-        if step != 1 or cfg.get("mlp_only_layers"):
-            raise NpusimError(f"{where}: decoder_sparse_step/mlp_only_layers mix dense and MoE layers, which "
-                              "npusim does not model (every layer is MoE or none)")
+        only = cfg.get("mlp_only_layers") or []
+        layers = cfg["num_hidden_layers"]
+        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
+                                             for i in only):
+            raise NpusimError(f"{where}: mlp_only_layers must be a list of layer indices 0..{layers - 1}, got {only!r}")
+        # as transformers' Qwen3MoeDecoderLayer: MoE where the layer is not listed and (i + 1) % step == 0
+        moe_layers = sum(1 for i in range(layers) if i not in only and (i + 1) % step == 0)
+        if not moe_layers:
+            raise NpusimError(f"{where}: decoder_sparse_step {step} and mlp_only_layers leave no MoE layer of {layers}")
         experts = dict(num_experts=cfg["num_experts"], experts_per_token=cfg["num_experts_per_tok"],
-                       moe_intermediate_size=cfg["moe_intermediate_size"])
+                       moe_intermediate_size=cfg["moe_intermediate_size"], num_dense_layers=layers - moe_layers)
     elif family == "mixtral":
         for key in ("num_local_experts", "num_experts_per_tok"):
             v = cfg.get(key)
@@ -834,6 +954,56 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         source=f"{where} ({family}{', checkpoint ' + dtype if dtype else ''})",
     )
+    return _validate(ModelSpec, data, where)
+
+
+def _whole(cfg: dict[str, Any], where: str, key: str, least: int = 1, default: Any = None) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise NpusimError(f"{where}: {key} must be a whole number >= {least}, got {v!r}")
+    return v
+
+
+def _deepseek_from_hf(cfg: dict[str, Any], family: str, name: str, where: str) -> ModelSpec:
+    """DeepSeek-V2/V3: MLA attention, routed and shared experts, the first layers dense. (The
+    multi-token-prediction module, num_nextn_predict_layers, is loaded only for speculative
+    decoding, which npusim does not model: it is not counted.)"""
+    mla = {k: _whole(cfg, where, k) for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                              "v_head_dim")}
+    q_lora = cfg.get("q_lora_rank")
+    q_lora = 0 if q_lora is None else _whole(cfg, where, "q_lora_rank")
+    layers = _whole(cfg, where, "num_hidden_layers")
+    routed = _whole(cfg, where, "n_routed_experts")
+    top_k = _whole(cfg, where, "num_experts_per_tok")
+    if top_k > routed:
+        raise NpusimError(f"{where}: num_experts_per_tok {top_k} exceeds n_routed_experts {routed}")
+    if _whole(cfg, where, "moe_layer_freq", default=1) != 1:
+        raise NpusimError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']}: npusim models MoE layers after the "
+                          "first first_k_dense_replace, every one (moe_layer_freq 1)")
+    dense = _whole(cfg, where, "first_k_dense_replace", least=0, default=0)
+    if dense >= layers:
+        raise NpusimError(f"{where}: first_k_dense_replace {dense} leaves no MoE layer of {layers}")
+    if cfg.get("quantization_config"):
+        raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
+                          "--weight-dtype (bf16, fp16, int8, int4); drop quantization_config and give that flag")
+    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
+    dtype = cfg.get(dtype_key)
+    if dtype is not None and dtype not in HF_DTYPES:
+        raise NpusimError(f"{where}: {dtype_key} {dtype!r} is not a dtype npusim prices a checkpoint in "
+                          f"({', '.join(HF_DTYPES)}); weights are priced by --weight-dtype")
+    data = dict(
+        name=name, num_layers=layers, hidden_size=_whole(cfg, where, "hidden_size"),
+        num_heads=_whole(cfg, where, "num_attention_heads"), num_kv_heads=1,
+        head_dim=mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"],
+        intermediate_size=_whole(cfg, where, "intermediate_size"), vocab_size=_whole(cfg, where, "vocab_size"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_experts=routed, experts_per_token=top_k,
+        moe_intermediate_size=_whole(cfg, where, "moe_intermediate_size"),
+        num_shared_experts=_whole(cfg, where, "n_shared_experts", least=0, default=0),
+        num_dense_layers=dense, kv_lora_rank=mla["kv_lora_rank"], q_lora_rank=q_lora,
+        qk_rope_head_dim=mla["qk_rope_head_dim"], v_head_dim=mla["v_head_dim"],
+        max_position_embeddings=_whole(cfg, where, "max_position_embeddings", default=4096),
+        source=f"{where} ({family}{', checkpoint ' + dtype if dtype else ''})")
     return _validate(ModelSpec, data, where)
 
 

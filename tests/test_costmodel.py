@@ -20,8 +20,10 @@ def test_batch1_decode_cannot_beat_weights_over_bandwidth(cm13):
     assert t < 2 * floor  # and it is a roofline, not a guess: within 2x of the floor
 
 
-def test_step_time_equals_sum_of_ops():
-    cm = CostModel(load_hardware("ascend-910b2"), load_model("llama-3.1-8b"))
+@pytest.mark.parametrize("hw, model", [("ascend-910b2", "llama-3.1-8b"), ("h200", "qwen3-30b-a3b"),
+                                       ("h200", "deepseek-v2-lite"), ("ascend-910b2", "deepseek-v2-lite")])
+def test_step_time_equals_sum_of_ops(hw, model):
+    cm = CostModel(load_hardware(hw), load_model(model))
     cases = [
         dict(num_decodes=7, decode_context_tokens=7 * 900, decode_kv_slots=7 * 1024),
         dict(prefill_chunks=[(512, 0), (300, 1000)]),

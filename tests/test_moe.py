@@ -99,14 +99,14 @@ def test_hf_qwen3_moe_and_mixtral_configs_are_read():
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"mlp_only_layers": [0, 1]}, "mix dense and MoE layers"),
-    ({"decoder_sparse_step": 2}, "mix dense and MoE layers"),
+    ({"mlp_only_layers": "0"}, "mlp_only_layers must be a list of layer indices"),
+    ({"decoder_sparse_step": 100}, "leave no MoE layer of 48"),
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a whole number > 0"),
     ({"num_experts_per_tok": 200}, "num_experts_per_tok 200 exceeds num_experts 128"),
     ({"decoder_sparse_step": "1"}, "decoder_sparse_step must be a whole number >= 1, got '1'"),
     ({"shared_expert_intermediate_size": 4096}, "shared experts"),
     ({"num_local_experts": 64}, "num_local_experts is not a qwen3_moe key"),
-    ({"model_type": "deepseek_v3"}, "multi-head latent attention (MLA)"),
+    ({"model_type": "deepseek_v3"}, "kv_lora_rank must be a whole number >= 1"),
 ])
 def test_moe_configs_npusim_cannot_price_are_refused(change, needle, tmp_path):
     p = tmp_path / "config.json"

@@ -239,9 +239,11 @@ def test_price_of_an_empty_batch_is_host_and_swap_only(engine, hw):
     assert swap == pytest.approx(2e9 / cm.host_link_bytes_per_s)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "vllm-eager", "torch-graph", "torch-eager"])
-def test_price_is_host_times_of_the_step(engine):
-    cm = CostModel(load_hardware("h200"), load_model("qwen3-8b"), engine=engine)
+@pytest.mark.parametrize("engine, model", [("vllm", "qwen3-8b"), ("vllm-eager", "qwen3-8b"), ("torch-graph", "qwen3-8b"),
+                                           ("torch-eager", "qwen3-8b"), ("vllm-eager", "deepseek-v2-lite"),
+                                           ("vllm", "deepseek-v3")])
+def test_price_is_host_times_of_the_step(engine, model):
+    cm = CostModel(load_hardware("h200"), load_model(model), engine=engine)
     for b in (Batch(num_decodes=3, decode_context_tokens=3000, decode_kv_slots=3 * 1008),
               Batch(prefill_chunks=[(700, 0)]),
               Batch(num_decodes=2, decode_context_tokens=100, decode_kv_slots=128, prefill_chunks=[(64, 32)],
