@@ -81,6 +81,7 @@ def step(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices; 1 or the --tp size"),
+    pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
@@ -101,7 +102,8 @@ def step(
     from npusim.costmodel import instance_setup
 
     setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
-                                         kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep))
+                                         kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
+                                         pipeline_parallel_size=pp))
     profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
     if phase == "decode":
@@ -116,6 +118,18 @@ def step(
     step_s = sum(o.time_s for o in ops)
     kernels = sum(o.kernels for o in ops)
     host_s, held_s = cm.host_times(batch, step_s, phase == "decode", phase == "prefill")
+    pipeline = None
+    if pp > 1:  # the batch passes the stages in turn; pp such batches in flight keep every stage busy
+        from npusim.costmodel import Batch
+        host_s, stage_s, _, _ = cm.price_stages(Batch(**args))
+        held_s = sum(stage_s)
+        one = host_s + held_s
+        per_tokens = batch if phase == "decode" else batch * prompt
+        pipeline = {"stages": pp, "stage_layers": [a + b for a, b in cm.stages], "stage_ms": [t * 1e3 for t in stage_s],
+                    "tokens_per_s_one_batch": per_tokens / one,
+                    # pp batches, each passing every stage in `one`, but one stage runs one at a time
+                    "tokens_per_s_pipelined": min(pp * per_tokens / one, per_tokens / max(stage_s)),
+                    "bubble_one_batch": 1.0 - held_s / (pp * one)}
     iteration_s = host_s + held_s
     comm_s = sum(o.time_s for o in ops if o.bound == "comm")
     need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
@@ -141,7 +155,8 @@ def step(
             "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_ms": o.time_s * 1e3,
                      "bound": o.bound, "kernels": o.kernels} for o in ops],
             # per device: every device of a tensor-parallel instance holds and runs the same share
-            "memory": mem, "tp": tp, "ep": ep, "devices": tp, "comm_ms": comm_s * 1e3, "comm_share": comm_s / step_s,
+            "memory": mem, "tp": tp, "ep": ep, "pp": pp, "devices": tp * pp, "comm_ms": comm_s * 1e3,
+            "comm_share": comm_s / step_s, "pipeline": pipeline,
         })
         return
     what = f"decode, batch {batch}, context {context}" if phase == "decode" else f"prefill, batch {batch}, prompt {prompt}"
@@ -160,6 +175,12 @@ def step(
         console.print(f"tensor parallel over {tp} devices of a {h.name} node ({h.link_topology}, "
                       f"{h.link_gbs:g} GB/s one way): all-reduces {comm_s * 1e3:.3f} ms ({comm_s / step_s:.1%} "
                       f"of the device time); memory per device:")
+    if pipeline is not None:
+        stages = ", ".join(f"{n} layers {t:.3f} ms" for n, t in zip(pipeline["stage_layers"], pipeline["stage_ms"]))
+        console.print(f"pipeline of {pp} stages ({stages}): one batch passes them in {iteration_s * 1e3:.3f} ms "
+                      f"({pipeline['tokens_per_s_one_batch']:,.1f} tokens/s, each stage idle "
+                      f"{pipeline['bubble_one_batch']:.0%} of the time); {pp} such batches in flight: "
+                      f"{pipeline['tokens_per_s_pipelined']:,.1f} tokens/s")
     console.print(f"memory: {plan.verdict}")
 
 
@@ -197,6 +218,7 @@ def simulate(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
     ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices"),
+    pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
     router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware (a shared prefix's requests to one replica): how requests reach replicas"),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),

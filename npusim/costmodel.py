@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MLA_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
-                          load_engine_profile, resolve_engine, tp_shard)
+                          load_engine_profile, pp_stage_weight_bytes, pp_stages, resolve_engine, tp_shard)
 from npusim.calibration import load_tables
 
 ACT_BYTES = 2.0  # activations in bf16/fp16
@@ -98,11 +98,13 @@ class CostModel:
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
                  kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
-                 block_size: int | None = None, tp: int = 1, ep: int = 1):
+                 block_size: int | None = None, tp: int = 1, ep: int = 1, pp: int = 1):
         self.hw = hw
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
         self.ep = ep  # experts over the tp devices (1: every expert split over them)
+        self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
+        self.stages = pp_stages(model, pp)  # (MoE layers, dense layers) of each stage
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
         self.block_size = block_size or self.engine.kv_block_sizes.recommended
@@ -177,6 +179,7 @@ class CostModel:
             self._decode_table = self.tables.decode_attention
         self._decode_cache: dict[tuple[int, int], float] = {}
         self._absorb_cache: dict[int, float] = {}
+        self._kind_cache: dict[int, tuple[float, float, float, float]] = {}
         # kernels an iteration launches outside attention
         self._dense_kernels = sum(n * sum(o.kernels for o in ops) for n, ops in self.layer_groups(1))
 
@@ -518,7 +521,19 @@ class CostModel:
         at = next(i for i, o in enumerate(layer) if o.name == "kv_cache_write") + 1
         layer[at:at] = [_add(None, o, m.num_layers) for o in attention]
         edge = self.edge_ops(tokens, sampled)
+        if self.pp > 1:  # each stage but the last sends its tokens' activations to the next
+            send = self.pp_send_op(tokens)
+            edge.append(Op(send.name, 0.0, send.bytes * (self.pp - 1), send.time_s * (self.pp - 1), "comm",
+                           send.kernels * (self.pp - 1)))
         return edge[:1] + layer + edge[1:]
+
+    def pp_send_op(self, tokens: int) -> Op:
+        """One stage's hand-over to the next: the tokens' hidden states and residual (vLLM's
+        IntermediateTensors), point to point over the node's link."""
+        nbytes = 2.0 * tokens * self.model.hidden_size * ACT_BYTES
+        hw = self.hw
+        t = hw.link_latency_us * 1e-6 + nbytes / (hw.link_gbs * 1e9 * hw.link_efficiency)
+        return Op("pp_send", 0.0, nbytes, t, "comm", 1)
 
     # -- the hot path ----------------------------------------------------------------------------
     def dense_time(self, tokens: int, sampled: int) -> float:
@@ -545,6 +560,14 @@ class CostModel:
             raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
         t = self.dense_time(tokens, sampled)
+        if self.pp > 1:
+            t += (self.pp - 1) * self.pp_send_op(tokens).time_s
+        return t + self.model.num_layers * self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots,
+                                                               prefill_chunks)
+
+    def attention_time(self, num_decodes: int, decode_context_tokens: int, decode_kv_slots: int,
+                       prefill_chunks: Sequence[tuple[int, int]]) -> float:
+        """Seconds of one layer's attention (and MLA's phase-dependent GEMMs)."""
         attn = 0.0
         if num_decodes:
             attn += self.decode_attention_time(num_decodes, decode_context_tokens, decode_kv_slots)
@@ -557,11 +580,33 @@ class CostModel:
             attn += self.attention_prefill_op(prefill_chunks).time_s
             if self.model.mla:
                 attn += self.kv_b_proj_op(sum(c + p for c, p in prefill_chunks)).time_s
-        return t + self.model.num_layers * attn
+        return attn
+
+    def stage_times(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
+                    prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> list[float]:
+        """Device seconds of each pipeline stage's kernels in one iteration: its layers, the
+        embedding on the first, the head on the last, the hand-over to the next on all but the
+        last. They sum to step_time(...)."""
+        tokens = num_decodes + sum(c for c, _ in prefill_chunks)
+        if tokens <= 0:
+            raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
+        sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
+        kinds = self._kind_cache.get(tokens)
+        if kinds is None:
+            per = {bool(n and any(o.name == "moe_router" for o in ops)): sum(o.time_s for o in ops)
+                   for n, ops in self.layer_groups(tokens)}
+            kinds = self._kind_cache[tokens] = (per.get(True, 0.0), per.get(False, 0.0),
+                                                self.embedding_op(tokens).time_s, self.pp_send_op(tokens).time_s)
+        moe_t, dense_t, emb, send = kinds
+        attn = self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots, prefill_chunks)
+        head = sum(o.time_s for o in self.head_ops(sampled))
+        last = len(self.stages) - 1
+        return [moe * moe_t + dense * dense_t + (moe + dense) * attn + (emb if i == 0 else 0.0)
+                + (head if i == last else send) for i, (moe, dense) in enumerate(self.stages)]
 
     def kernels_per_iteration(self, has_decode: bool, has_prefill: bool) -> int:
         """Device kernels one iteration launches (the head's only when rows are sampled)."""
-        n = self._dense_kernels + self._step_kernels
+        n = self._dense_kernels + self._step_kernels + (self.pp - 1)  # (+ the stages' hand-overs)
         mla = self.model.mla
         if has_decode:
             n += self.model.num_layers * (self.kernels["attention_decode"] + (self.kernels["mla_absorb"] if mla else 0))
@@ -580,17 +625,37 @@ class CostModel:
         iteration leaves it idle between kernels); a captured graph is launched once and runs
         at device speed; piecewise graphs launch the captured pieces between eager attention."""
         host = self.host_overhead_s + self.host_per_sequence_s * num_sequences
+        return host, self._held(device_s, has_decode, has_prefill)
+
+    def _held(self, device_s: float, has_decode: bool, has_prefill: bool, share: float = 1.0) -> float:
+        """Seconds the device is held by kernels that take `device_s`: `share` of the model's
+        layers (a pipeline stage's; each stage's worker launches its own kernels)."""
         mode = self.engine.execution
         if mode == "graph":
-            held = self.graph_launch_s + device_s
-        elif mode == "eager":
-            held = max(device_s, self.kernels_per_iteration(has_decode, has_prefill) * self.dispatch_s)
-        else:  # piecewise: one graph per layer between attention calls, attention launched eagerly
-            L = self.model.num_layers
-            eager_kernels = L * ((self.kernels["attention_decode"] if has_decode else 0)
-                                 + (self.kernels["attention_prefill"] if has_prefill else 0))
-            held = max(device_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
-        return host, held
+            return self.graph_launch_s + device_s
+        if mode == "eager":
+            return max(device_s, share * self.kernels_per_iteration(has_decode, has_prefill) * self.dispatch_s)
+        # piecewise: one graph per layer between attention calls, attention launched eagerly
+        L = self.model.num_layers * share
+        eager_kernels = L * ((self.kernels["attention_decode"] if has_decode else 0)
+                             + (self.kernels["attention_prefill"] if has_prefill else 0))
+        return max(device_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
+
+    def price_stages(self, batch: Batch) -> tuple[float, list[float], float, bool]:
+        """price(...) of a pipeline: (host, seconds each stage's devices are held, swap,
+        host_bound). The scheduler's host work comes before the first stage."""
+        decodes, chunks = batch.num_decodes, batch.prefill_chunks
+        host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
+        swap = batch.swap_bytes / self.host_link_bytes_per_s if batch.swap_bytes else 0.0
+        if not (decodes or chunks):
+            return self.host_overhead_s, [0.0] * self.pp, swap, True
+        kernels = self.stage_times(decodes, batch.decode_context_tokens, batch.decode_kv_slots, chunks,
+                                   batch.num_sampled)
+        L = self.model.num_layers
+        held = [self._held(t, bool(decodes), bool(chunks), (moe + dense) / L)
+                for t, (moe, dense) in zip(kernels, self.stages)]
+        busy = sum(kernels)
+        return host, held, swap, host + sum(held) - busy > busy
 
     def price(self, batch: Batch) -> tuple[float, float, float, bool]:
         """(host, device, swap, host_bound) of one iteration: seconds of host work the device waits
@@ -691,16 +756,30 @@ def activation_peak_bytes(model: ModelSpec, max_num_batched_tokens: int, max_num
 def memory_plan(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig | None = None,
                 memory_fraction: float = 1.0) -> MemoryPlan:
     """KV blocks left for one instance owning `memory_fraction` of the device's memory:
-    (memory × utilisation − weights − activation peak − runtime reserve) // block bytes."""
+    (memory × utilisation − weights − activation peak − runtime reserve) // block bytes. Under
+    pipeline parallelism each stage's device holds its layers' weights and KV: the stage with the
+    fewest blocks sets the pool (vLLM takes the least over its workers)."""
     e = engine or EngineConfig()
     if None in (e.block_size, e.max_num_seqs, e.max_num_batched_tokens, e.gpu_memory_utilization):
         _, e = resolve_engine(hw, e)
+    pp = e.pipeline_parallel_size
+    if pp == 1:
+        return _memory_plan(hw, model, e, memory_fraction, model.weight_bytes(e.weight_dtype),
+                            model.kv_bytes_per_token(e.kv_dtype))
+    plans = []
+    layers = [moe + dense for moe, dense in pp_stages(model, pp)]
+    for i, (w, n) in enumerate(zip(pp_stage_weight_bytes(model, e.weight_dtype, pp), layers)):
+        plan = _memory_plan(hw, model, e, memory_fraction, w, model.kv_bytes_per_token(e.kv_dtype) * n / model.num_layers)
+        plans.append(replace(plan, verdict=f"(stage {i + 1} of {pp}, {n} layers, the tightest) {plan.verdict}"))
+    return min(plans, key=lambda p: (p.fits, p.num_blocks))
+
+
+def _memory_plan(hw: HardwareSpec, model: ModelSpec, e: EngineConfig, memory_fraction: float, weights: float,
+                 kv_per_token: float) -> MemoryPlan:
     device = hw.memory_bytes * memory_fraction
     usable = device * e.gpu_memory_utilization
-    weights = model.weight_bytes(e.weight_dtype)
     act = activation_peak_bytes(model, e.max_num_batched_tokens, e.max_num_seqs)
     reserve = hw.runtime_reserve_gib * 2**30
-    kv_per_token = model.kv_bytes_per_token(e.kv_dtype)
     block_bytes = kv_per_token * e.block_size
     pool = usable - weights - act - reserve
     formula = max(0, int(pool // block_bytes))
@@ -765,7 +844,7 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     """One instance of K: its hardware, engine, cost model and memory plan (1/K of the device's
     memory in either mode). The plan says whether it fits; callers decide what a misfit means."""
     profile, engine = resolve_engine(hw, engine)
-    tp, ep = engine.tensor_parallel_size, engine.expert_parallel_size
+    tp, ep, pp = engine.tensor_parallel_size, engine.expert_parallel_size, engine.pipeline_parallel_size
     if ep > 1:
         if not model.num_experts:
             raise NpusimError(f"--ep {ep}: {model.name} has no experts (a dense model)")
@@ -782,12 +861,20 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
             raise NpusimError(f"--tp {tp} with --instances {instances}: an instance spanning devices does not "
                               f"share them with another; run one instance per device group")
         model = tp_shard(model, tp)  # (what each device holds and computes)
+    if pp > 1:
+        pp_stages(model, pp)  # (refuses more stages than layers)
+        if tp * pp > hw.node_devices:
+            raise NpusimError(f"--pp {pp} x --tp {tp} = {tp * pp} devices exceed the {hw.node_devices} of one "
+                              f"{hw.name} node (node_devices): npusim has no profile of the links between nodes")
+        if instances > 1:
+            raise NpusimError(f"--pp {pp} with --instances {instances}: a pipeline spans devices of its own; "
+                              "run one instance")
     part = instance_hardware(hw, instances, sharing)
     if part is hw:
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep, pp)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

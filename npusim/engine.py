@@ -179,12 +179,13 @@ class Instance:
 
     def __init__(self, sim: "Simulation", index: int, setup: InstanceSetup, engine: EngineConfig,
                  max_model_len: int, contiguous_policy: str, device_lock: simpy.Resource | None,
-                 power_share: float):
+                 power_share: float, stages: list[simpy.Resource] | None = None):
         self.sim = sim
         self.env = sim.env
         self.index = index
         self.cost = setup.cost
         self.lock = device_lock
+        self.stages = stages  # a pipeline's stages, one resource each, shared by its virtual engines
         self.outstanding = 0
         if engine.paging:
             pool = PagedPool(setup.plan, engine)
@@ -222,18 +223,29 @@ class Instance:
                 continue
             if check:
                 sched.check(batch)
-            host_s, device_s, swap_s, host_bound = price(batch)
-            rec.host_bound_iterations += host_bound
-            if self.lock is None:
+            if self.stages is not None:
+                # Pipeline: the batch passes the stages in turn; while it is in one, another
+                # virtual engine's batch may run in another (a stage idle meanwhile is the bubble).
+                host_s, stage_s, swap_s, host_bound = self.cost.price_stages(batch)
+                yield env.timeout(host_s + swap_s)
+                for stage, t in zip(self.stages, stage_s):
+                    with stage.request() as grant:
+                        yield grant
+                        yield env.timeout(t)
+                device_s = sum(stage_s)
+            elif self.lock is None:
+                host_s, device_s, swap_s, host_bound = price(batch)
                 yield env.timeout(host_s + device_s + swap_s)
             else:
                 # Time slicing: host work overlaps other instances; the device runs one iteration
                 # at a time.
+                host_s, device_s, swap_s, host_bound = price(batch)
                 if host_s:
                     yield env.timeout(host_s)
                 with self.lock.request() as grant:
                     yield grant
                     yield env.timeout(device_s + swap_s)
+            rec.host_bound_iterations += host_bound
             rec.busy_s += device_s + swap_s
             rec.swap_s += swap_s
             now = env.now
@@ -287,12 +299,16 @@ class Simulation:
         self.slo = slo  # (ttft, tpot, e2el) seconds a request must meet to count as goodput
         self._in_flight = 0
         k = len(setups)
-        # "devices": each instance on a device of its own (data-parallel replicas)
+        # "devices": each instance on a device of its own (data-parallel replicas); "pipeline":
+        # the instances are one pipeline's virtual engines, passing its stages in turn
         lock = simpy.Resource(self.env, capacity=1) if (sharing == "time-slice" and k > 1) else None
-        share = 1.0 if sharing in ("time-slice", "devices") else 1.0 / k
+        share = 1.0 if sharing in ("time-slice", "devices", "pipeline") else 1.0 / k
+        stages = None
+        if sharing == "pipeline":
+            stages = [simpy.Resource(self.env, capacity=1) for _ in range(setups[0].cost.pp)]
         self.router = router
         self.record = RunRecord(instances=[])
-        self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share)
+        self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share, stages)
                           for i, s in enumerate(setups)]
         self.limit = simpy.Resource(self.env, capacity=max_concurrency) if max_concurrency else None
         self._done = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -61,6 +62,13 @@ class Scenario(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
+        pp = self.engine.pipeline_parallel_size
+        if pp > 1 and self.dp > 1:
+            raise ValueError("dp replicas of a pipeline (pipeline_parallel_size > 1) are not modelled: give "
+                             "one or the other")
+        if pp > 1 and self.instances > 1:
+            raise ValueError(f"--pp {pp} with --instances {self.instances}: a pipeline spans devices of its own; "
+                             "run one instance")
         if self.dp > 1 and self.instances > 1:
             raise ValueError("dp replicas each own their devices; instances > 1 shares one device between "
                              "instances: give one or the other")
@@ -116,6 +124,21 @@ def setup_instances(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, in
     return [setup] * instances
 
 
+def pipeline_setups(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig) -> list[InstanceSetup]:
+    """A pipeline of pp stages as pp virtual engines (vLLM V0's design, which V1's batch queue of
+    pp in-flight batches follows): each schedules its own requests with 1/pp of the KV blocks, and
+    their batches pass the stages in turn, so up to pp iterations run at once, one per stage.
+    New requests go to the virtual engine with the fewest unfinished (as V0's add_request)."""
+    setup = setup_instances(hw, model, engine, 1, "time-slice")[0]
+    pp = setup.engine.pipeline_parallel_size
+    blocks = setup.plan.num_blocks // pp
+    if blocks < 1:
+        raise NpusimError(f"--pp {pp}: {setup.plan.num_blocks} KV blocks do not split among {pp} virtual engines")
+    plan = replace(setup.plan, num_blocks=blocks)
+    usable = blocks - int(setup.engine.watermark * blocks)
+    return [replace(setup, plan=plan, usable_blocks=usable)] * pp
+
+
 def resolve_max_model_len(model: ModelSpec, engine: EngineConfig, plan: MemoryPlan) -> int:
     """The engine's max_model_len, by default the model's context capped to what one pool holds.
     Without chunked prefill a request preempted for recompute must be prefilled again in one
@@ -149,7 +172,12 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     hw = hw or load_hardware(sc.hw)
     model = model or load_model(sc.model)
     batching_mode(sc.engine)
-    if sc.dp > 1:  # replicas: each a whole instance on its own device(s)
+    pp = sc.engine.pipeline_parallel_size
+    sharing, router = ("devices" if sc.dp > 1 else sc.sharing), sc.router
+    if pp > 1:
+        setups = pipeline_setups(hw, model, sc.engine)
+        sharing, router = "pipeline", "least-outstanding"
+    elif sc.dp > 1:  # replicas: each a whole instance on its own device(s)
         setups = setup_instances(hw, model, sc.engine, 1, sc.sharing) * sc.dp
     else:
         setups = setup_instances(hw, model, sc.engine, sc.instances, sc.sharing)
@@ -165,8 +193,8 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     if sc.goodput is not None:
         g = sc.goodput
         slo = tuple(None if v is None else v / 1e3 for v in (g.ttft_ms, g.tpot_ms, g.e2el_ms))
-    sim = Simulation(setups, eng, max_len, "devices" if sc.dp > 1 else sc.sharing, sc.contiguous_policy,
-                     sc.workload.max_concurrency, want_block_map, tick, check_invariants, slo, sc.router)
+    sim = Simulation(setups, eng, max_len, sharing, sc.contiguous_policy,
+                     sc.workload.max_concurrency, want_block_map, tick, check_invariants, slo, router)
     record = sim.run(specs)
     record.hw, record.model, record.max_model_len = hw, model, max_len
     return record
@@ -276,7 +304,7 @@ def _comm_share(inst: InstanceRecord, record: RunRecord) -> float:
     0 on one device."""
     cost = inst.setup.cost
     st = inst.stats
-    if cost.tp == 1 or not st.iterations:
+    if (cost.tp == 1 and cost.pp == 1) or not st.iterations:
         return 0.0
     batch = max(1, round(st.batch_tokens_sum / st.iterations))
     context = max(1, round((record.total_input_tokens + record.total_output_tokens / 2) / max(1, record.completed)))
@@ -293,7 +321,11 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     per = lambda x: x / duration if duration > 0 else None  # noqa: E731
     insts = record.instances
     tp = insts[0].setup.engine.tensor_parallel_size  # every device of a tensor-parallel instance draws power
-    if sc.dp > 1:  # every replica's devices: idle power all along, the rest while they compute
+    pp = insts[0].setup.engine.pipeline_parallel_size
+    if pp > 1:  # tp x pp devices idle all along; each stage's devices draw the rest while it runs
+        busy = sum(i.busy_s for i in insts)  # (the stages' times, summed over the virtual engines)
+        joules = tp * (pp * hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, pp * duration))
+    elif sc.dp > 1:  # every replica's devices: idle power all along, the rest while they compute
         joules = tp * sum(hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(i.busy_s, duration) for i in insts)
     else:
         busy = sum(i.busy_s * i.power_share for i in insts)
@@ -370,8 +402,8 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
         },
         "memory": mem,  # (per device: under tensor parallelism every device holds the same share)
         "parallel": {"tensor_parallel_size": tp, "expert_parallel_size": insts[0].setup.engine.expert_parallel_size,
-                     "data_parallel_size": sc.dp, "router": sc.router,
-                     "devices": tp * sc.dp,  # (instances > 1 share one device)
+                     "data_parallel_size": sc.dp, "router": sc.router, "pipeline_parallel_size": pp,
+                     "devices": tp * sc.dp * pp,  # (instances > 1 share one device)
                      "memory_per_device_gib": insts[0].setup.plan.device_bytes / 2**30,
                      "comm_share_of_decode_step": _comm_share(insts[0], record)},
         "load": load_check(record),

@@ -844,6 +844,45 @@ def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
         "vocab_size": ceil_div(model.vocab_size, tp), "moe_intermediate_size": model.moe_intermediate_size // tp})
 
 
+def pp_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers of each of `pp` pipeline stages as vLLM splits them (get_pp_indices): equal shares,
+    the remainder one more each on the stages just before the last (which holds the LM head)."""
+    if pp > num_layers:
+        raise NpusimError(f"--pp {pp} exceeds the {num_layers} layers of the model: a stage needs a layer")
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    return parts
+
+
+def pp_stages(model: ModelSpec, pp: int) -> list[tuple[int, int]]:
+    """(MoE layers, dense-MLP layers) of each pipeline stage; the dense layers are the first ones
+    (DeepSeek's first_k_dense_replace), so they fall on the first stages."""
+    dense_left = model.num_dense_mlp_layers
+    out = []
+    for n in pp_layers(model.num_layers, pp):
+        d = min(dense_left, n)
+        dense_left -= d
+        out.append((n - d, d))
+    return out
+
+
+def pp_stage_weight_bytes(model: ModelSpec, weight_dtype: str, pp: int) -> list[float]:
+    """Weights each pipeline stage's device holds: its layers, the embedding on the first, the
+    final norm and LM head on the last (a copy of the embedding there when they are tied, as
+    vLLM loads it)."""
+    if pp == 1:
+        return [model.weight_bytes(weight_dtype)]
+    out = []
+    emb, head, h = model.embedding_params * 2.0, model.vocab_size * model.hidden_size * 2.0, model.hidden_size * 2.0
+    for i, (moe, dense) in enumerate(pp_stages(model, pp)):
+        # (model_copy, unvalidated: a stage may hold no MoE layer of an MoE model)
+        stage = model.model_copy(update={"num_layers": moe + dense, "num_dense_layers": dense if model.num_experts else 0})
+        layers = stage.weight_bytes(weight_dtype) - emb - stage.lm_head_params * 2.0 - h
+        out.append(layers + (emb if i == 0 else 0.0) + (head + h if i == pp - 1 else 0.0))
+    return out
+
+
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 HF_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -1059,6 +1098,8 @@ class EngineConfig(BaseModel):
     # experts over the tensor-parallel group, whole on one device each, instead of every expert
     # split over all of them (vLLM's --enable-expert-parallel without data-parallel attention)
     expert_parallel_size: int = Field(default=1, gt=0, le=64, description="--ep: 1, or the --tp size")
+    # pipeline stages, each on --tp devices of its own, the layers split as vLLM splits them
+    pipeline_parallel_size: int = Field(default=1, gt=0, le=64, description="pipeline stages (--pp)")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

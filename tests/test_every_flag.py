@@ -63,6 +63,9 @@ EFFECTS = {
     "--ep": (["--ep", "2", "--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b"],
              lambda d, b: d["parallel"]["expert_parallel_size"] == 2
              and d["duration"] != _run("--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b")["duration"]),
+    "--pp": (["--pp", "2", "--hw", "h200"], lambda d, b: d["parallel"]["pipeline_parallel_size"] == 2
+             and d["parallel"]["devices"] == 2 and len(d["per_instance"]) == 2  # (its virtual engines)
+             and d["memory"]["weights_gib"] < 0.6 * _run("--hw", "h200")["memory"]["weights_gib"]),
     "--dp": (["--dp", "2"], lambda d, b: d["parallel"]["devices"] == 2 and len(d["per_instance"]) == 2
              and d["duration"] < b["duration"]),
     "--router": (["--dp", "2", "--router", "least-outstanding", "--rate", "20", "--requests", "40"],
@@ -165,6 +168,9 @@ STEP_EFFECTS = {
                                                                    "--batch", "64")["device_ms"]),
     "--tp": (["--tp", "2"], lambda d, b: d["tp"] == 2 and d["comm_ms"] > 0 and b["comm_ms"] == 0
              and d["memory"]["weights_gib"] < 0.51 * b["memory"]["weights_gib"]),
+    "--pp": (["--pp", "2"], lambda d, b: d["pp"] == 2 and d["devices"] == 2 and b["pipeline"] is None
+             and d["pipeline"]["stage_layers"] == [16, 16] and d["device_ms"] > b["device_ms"]
+             and d["memory"]["weights_gib"] < 0.6 * b["memory"]["weights_gib"]),
     "--hw": (["--hw", "h100-sxm"], lambda d, b: d["hw"] == "h100-sxm" and d["device_ms"] > b["device_ms"]),
     "--model": (["--model", "llama-3.2-1b"], lambda d, b: d["model"] == "llama-3.2-1b" and d["device_ms"] < b["device_ms"]),
 }

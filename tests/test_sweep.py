@@ -340,6 +340,7 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "max_concurrency": ("5", lambda s: s.workload.max_concurrency == 5),
     "trace": ("t.csv", lambda s: s.workload.trace == "t.csv"),
     "shared_prefix_len": ("64", lambda s: s.workload.shared_prefix_len == 64),
+    "pp": ("2", lambda s: s.engine.pipeline_parallel_size == 2),
 }
 # settings a sample needs beside it to be a valid scenario
 NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
