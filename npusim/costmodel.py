@@ -544,11 +544,13 @@ class CostModel:
             t = (sum(n * sum(o.time_s for o in ops) for n, ops in self.layer_groups(tokens))
                  + self.embedding_op(tokens).time_s)
             self._layer_cache[tokens] = t
+        return t + self._head_time(sampled)
+
+    def _head_time(self, sampled: int) -> float:
         e = self._head_cache.get(sampled)
         if e is None:
-            e = sum(o.time_s for o in self.head_ops(sampled))
-            self._head_cache[sampled] = e
-        return t + e
+            e = self._head_cache[sampled] = sum(o.time_s for o in self.head_ops(sampled))
+        return e
 
     def step_time(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
                   prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> float:
@@ -593,13 +595,14 @@ class CostModel:
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
         kinds = self._kind_cache.get(tokens)
         if kinds is None:
-            per = {bool(n and any(o.name == "moe_router" for o in ops)): sum(o.time_s for o in ops)
-                   for n, ops in self.layer_groups(tokens)}
-            kinds = self._kind_cache[tokens] = (per.get(True, 0.0), per.get(False, 0.0),
+            m = self.model
+            layer = lambda moe: sum(o.time_s for o in self.layer_dense_ops(tokens, moe=moe))  # noqa: E731
+            kinds = self._kind_cache[tokens] = (layer(True) if m.num_moe_layers else 0.0,
+                                                layer(False) if m.num_dense_mlp_layers else 0.0,
                                                 self.embedding_op(tokens).time_s, self.pp_send_op(tokens).time_s)
         moe_t, dense_t, emb, send = kinds
         attn = self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots, prefill_chunks)
-        head = sum(o.time_s for o in self.head_ops(sampled))
+        head = self._head_time(sampled)
         last = len(self.stages) - 1
         return [moe * moe_t + dense * dense_t + (moe + dense) * attn + (emb if i == 0 else 0.0)
                 + (head if i == last else send) for i, (moe, dense) in enumerate(self.stages)]

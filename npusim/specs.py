@@ -957,14 +957,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     elif moe:
         raise NpusimError(f"{where}: a mixture-of-experts {family} model ({', '.join(moe)}): npusim reads "
                           "qwen3_moe and mixtral configs")
-    # The checkpoint's dtype (transformers writes torch_dtype, or dtype since 4.56). Engines serve
-    # 16- and 32-bit checkpoints in 16 bits (vLLM's dtype "auto": fp32 and fp16 as fp16, bf16 as
-    # bf16), which --weight-dtype prices; anything else is a format npusim does not price.
-    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
-    dtype = cfg.get(dtype_key)
-    if dtype is not None and dtype not in HF_DTYPES:
-        raise NpusimError(f"{where}: {dtype_key} {dtype!r} is not a dtype npusim prices a checkpoint in "
-                          f"({', '.join(HF_DTYPES)}); weights are priced by --weight-dtype")
+    dtype = _checkpoint_dtype(cfg, where)
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     head_dim = cfg.get("head_dim")
@@ -996,6 +989,18 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
     return _validate(ModelSpec, data, where)
 
 
+def _checkpoint_dtype(cfg: dict[str, Any], where: str) -> str | None:
+    """The checkpoint's dtype (transformers writes torch_dtype, or dtype since 4.56). Engines serve
+    16- and 32-bit checkpoints in 16 bits (vLLM's dtype "auto": fp32 and fp16 as fp16, bf16 as
+    bf16), which --weight-dtype prices; anything else is a format npusim does not price."""
+    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
+    dtype = cfg.get(dtype_key)
+    if dtype is not None and dtype not in HF_DTYPES:
+        raise NpusimError(f"{where}: {dtype_key} {dtype!r} is not a dtype npusim prices a checkpoint in "
+                          f"({', '.join(HF_DTYPES)}); weights are priced by --weight-dtype")
+    return dtype
+
+
 def _whole(cfg: dict[str, Any], where: str, key: str, least: int = 1, default: Any = None) -> int:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -1022,14 +1027,7 @@ def _deepseek_from_hf(cfg: dict[str, Any], family: str, name: str, where: str) -
     dense = _whole(cfg, where, "first_k_dense_replace", least=0, default=0)
     if dense >= layers:
         raise NpusimError(f"{where}: first_k_dense_replace {dense} leaves no MoE layer of {layers}")
-    if cfg.get("quantization_config"):
-        raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
-                          "--weight-dtype (bf16, fp16, int8, int4); drop quantization_config and give that flag")
-    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
-    dtype = cfg.get(dtype_key)
-    if dtype is not None and dtype not in HF_DTYPES:
-        raise NpusimError(f"{where}: {dtype_key} {dtype!r} is not a dtype npusim prices a checkpoint in "
-                          f"({', '.join(HF_DTYPES)}); weights are priced by --weight-dtype")
+    dtype = _checkpoint_dtype(cfg, where)  # (a quantization_config was refused before)
     data = dict(
         name=name, num_layers=layers, hidden_size=_whole(cfg, where, "hidden_size"),
         num_heads=_whole(cfg, where, "num_attention_heads"), num_kv_heads=1,
