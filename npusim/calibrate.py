@@ -695,7 +695,9 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
       floor a paged kernel aims at;
     * "gather_sdpa": gather the pages into a dense copy, then SDPA (plain PyTorch paging);
     * "flex_paged": FlexAttention reading the pages in place (compiled with static shapes, except
-      on the CPU; one compile per batch size, the pool being fixed per head layout and block size).
+      on the CPU; one compile per batch size, the pool being fixed per head layout and block size);
+    * "gather_sdpa_compiled": the gather and SDPA through torch.compile (Inductor writes the
+      gather; torch's default compile settings, so shapes turn dynamic after the first recompile).
 
     The KV bytes of one call (batch x context x Hkv x D x 2 x dtype) rotate over copies past the L2;
     the paged pool's blocks are handed out at random (a fragmented cache)."""
@@ -704,6 +706,7 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
     rows: list[dict] = []
     compiled_flex = dev.kind != "cpu"
     flex_state = {"compile_s": 0.0, "errors": 0}
+    compile_state = {"s": 0.0, "fn": None}  # gather_sdpa_compiled: one compiled function, its compile time
     t_start = time.perf_counter()
 
     def over_budget() -> bool:
@@ -777,6 +780,27 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                             row["backend"] = backend
                             calls = [lambda i=i: paged_decode_gather(torch, qs[i], k_pool, v_pool, slots[i], backend)
                                      for i in range(copies)]
+                        elif impl == "gather_sdpa_compiled":
+                            # the same gather + SDPA through torch.compile (Inductor), as a
+                            # compiled decoder layer runs it: SDPA on torch's own backend choice,
+                            # shapes static at first, then dynamic after the first recompile
+                            if 2 * kv_bytes > plan["attn_max_gather_bytes"]:
+                                continue
+                            if compile_state["s"] > plan.get("flex_compile_budget_s", 1e9):
+                                row["error"] = "skipped: compile budget spent"
+                                rows.append(row)
+                                continue
+                            if compile_state["fn"] is None:
+                                compile_state["fn"] = torch.compile(
+                                    lambda q, kp, vp, s: paged_decode_gather(torch, q, kp, vp, s, "default"))
+                            fn = compile_state["fn"]
+                            t0 = time.perf_counter()
+                            fn(qs[0], k_pool, v_pool, slots[0])
+                            _synchronize(torch, dev)
+                            row["first_call_s"] = time.perf_counter() - t0
+                            compile_state["s"] += row["first_call_s"]
+                            row["backend"] = "torch.compile (inductor), default SDPA backend"
+                            calls = [lambda i=i: fn(qs[i], k_pool, v_pool, slots[i]) for i in range(copies)]
                         elif impl == "flex_paged":
                             if flex_state["errors"] >= plan.get("flex_max_errors", 6) or \
                                     flex_state["compile_s"] > plan.get("flex_compile_budget_s", 1e9):
@@ -1362,7 +1386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chains", default=None,
                    help="kernel chains to time instead of the default ones: OP:ROWSxCOLS,... with OP "
                         "add, mm or rms_norm")
-    p.add_argument("--attn-impls", default=None, help="decode attention impls: gather_sdpa,flex_paged")
+    p.add_argument("--attn-impls", default=None,
+                   help="decode attention impls: gather_sdpa, flex_paged, gather_sdpa_compiled")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
 

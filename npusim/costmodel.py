@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
-from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MLA_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
+from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MODEL_OP_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
                           load_engine_profile, pp_stage_weight_bytes, pp_stages, resolve_engine, tp_shard)
 from npusim.calibration import load_tables
@@ -122,7 +122,7 @@ class CostModel:
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
         # the least time of one kernel of each op in this engine's implementation
         floors = self.engine.kernel_floor_us
-        self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MLA_KERNELS)}
+        self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MODEL_OP_KERNELS)}
         norm = self.engine.norm_kernel
         if norm is not None and self.tables is not None:
             # this engine's norm kernel was timed on this device: its least time at this width
@@ -145,8 +145,8 @@ class CostModel:
         self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
         self.graph_launch_s = e.graph_launch_us * 1e-6
         self._graph = e.execution == "graph"
-        # MLA's own GEMMs, by default one kernel each (two batched GEMMs absorb the latent in decode)
-        for op, n in MLA_KERNELS.items():
+        # ops of MLA and MoE models, by their defaults where the profile does not count them
+        for op, n in MODEL_OP_KERNELS.items():
             self.kernels.setdefault(op, n)
         self._step_kernels = sum(self.kernels[o] for o in STEP_OPS)
         # memoised by token count (and sampled rows): iterations repeat the same shapes
@@ -376,7 +376,8 @@ class CostModel:
             here, here_active = routed, active
         rows = max(1, round(here / here_active))
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
-        ops = [self.gemm(tokens, h, E, ACT_BYTES, kernels=3, name="moe_router")]
+        router = self.gemm(tokens, h, E, ACT_BYTES, kernels=self.kernels["moe_router"], name="moe_router")
+        ops = [router]
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
             flops = 2.0 * here * n_in * n_out
@@ -396,6 +397,8 @@ class CostModel:
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * here * fe, 3.0 * here * fe * ACT_BYTES))
+        # combine: every routed row read once (weighted), each token's row written once
+        ops.append(self._vector("moe_combine", 2.0 * here, (here + tokens) * h * ACT_BYTES))
         if m.num_shared_experts:
             ops.append(self._shared_experts_op(tokens))
         return ops

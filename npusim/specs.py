@@ -395,10 +395,12 @@ LAYER_OPS = ("rmsnorm_attn", "qkv_proj", "qkv_bias", "qk_norm", "rope", "kv_cach
              "attention_decode", "attention_prefill", "o_proj", "residual_attn", "rmsnorm_mlp",
              "gate_up_proj", "silu_mul", "down_proj", "residual_mlp")
 STEP_OPS = ("embedding", "final_norm", "lm_head", "sampling")
-# Ops of MLA models only (DeepSeek), and the kernels each launches where a profile does not say:
-# the up-projection of the compressed q, decode's two batched GEMMs that absorb the latent's
-# up-projections into q and out of the output, and prefill's up-projection of the latent to K and V.
-MLA_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1}
+# Ops of some models only, and the kernels each launches where a profile does not say. MLA
+# (DeepSeek): the up-projection of the compressed q, decode's two batched GEMMs that absorb the
+# latent's up-projections into q and out of the output, prefill's up-projection of the latent to
+# K and V. MoE: the router (score GEMM, softmax, top-k, the tokens sorted by expert) and the
+# combine (each token's expert outputs weighted and summed back into its row).
+MODEL_OP_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1, "moe_router": 3, "moe_combine": 1}
 
 
 class EngineProfile(BaseModel):
@@ -441,17 +443,17 @@ class EngineProfile(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineProfile":
-        unknown = sorted(set(self.kernels) - set(LAYER_OPS) - set(STEP_OPS) - set(MLA_KERNELS))
+        unknown = sorted(set(self.kernels) - set(LAYER_OPS) - set(STEP_OPS) - set(MODEL_OP_KERNELS))
         if unknown:
             raise ValueError(f"kernels: unknown op(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(LAYER_OPS + STEP_OPS + tuple(MLA_KERNELS))}")
+                             f"{', '.join(LAYER_OPS + STEP_OPS + tuple(MODEL_OP_KERNELS))}")
         missing = [o for o in LAYER_OPS + STEP_OPS if o not in self.kernels]
         if missing:
             raise ValueError(f"kernels: no count given for {', '.join(missing)} (0 if fused)")
         bad = [f"{o} = {n}" for o, n in self.kernels.items() if n < 0]
         if bad:
             raise ValueError(f"kernels must be >= 0, got {', '.join(bad)}")
-        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS) - set(MLA_KERNELS))
+        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS) - set(MODEL_OP_KERNELS))
         if unknown:
             raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
         bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]

@@ -569,10 +569,10 @@ def test_committed_h200_calibration_is_sane():
         assert m["dtype"] == "bf16"
         if "gemm_sweep" not in m:  # a run of some sections only (another SDPA backend, chains)
             assert set(m["sections"]) <= {"kernel_chain", "decode_attention"}, m["sections"]
-            for c in m["kernel_chain"]:
+            for c in m.get("kernel_chain", []):
                 assert 0 < c["graph"]["us_per_kernel"] < c["eager"]["host_us_per_kernel"]
-            for r in m["decode_attention"]:
-                assert r["impl"].endswith("_default") and r["gbs"] < H200_PEAK_GBS * 1.05, r
+            for r in m.get("decode_attention", []):
+                assert r["impl"].endswith(("_default", "_compiled")) and r["gbs"] < H200_PEAK_GBS * 1.05, r
             continue
         sweep = m["gemm_sweep"]
         assert {g["m"] for g in sweep} == set(calibrate.SWEEP_M)
@@ -648,3 +648,74 @@ def test_summarize_prints_the_headline_tables():
     for needle in ("| gate_up 28672x4096 |", "| read (sum) |", "| x.add_(1) 1x4096 |",
                    "FlexAttention paged, bs 16", "| llama-3.1-8b | compile_graph |", "Host probe"):
         assert needle in proc.stdout, needle
+
+
+# --------------------------------------------------------------------------- the MLA + MoE decoder
+
+def _mla_module():
+    _decoder_module()  # it imports reference_decoder's helpers
+    spec = importlib.util.spec_from_file_location("mla_moe_decoder", MEASUREMENTS / "mla_moe_decoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mla_absorbed_decode_equals_the_up_projected_prefill():
+    """The decoder's absorbed decode (q into the latent space, attention over the cached latent,
+    out through W_UV) computes what its prefill computes with K and V up-projected: the logits of
+    a prompt's last token agree both ways, through MoE layers too."""
+    torch = pytest.importorskip("torch")
+    mla = _mla_module()
+    cfg = mla.CONFIGS["tiny-mla"]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        params = mla.init_params(cfg, "cpu", torch.float64)
+        rope = mla.rope_tables(cfg, 64, "cpu", torch.float64)
+        width = cfg["kv_lora_rank"] + cfg["rope_dim"]
+        pools = [torch.zeros(256, width, dtype=torch.float64) for _ in range(cfg["num_layers"])]
+        P = 23
+        pre = mla.make_batch(cfg, "cpu", prompt=P, block_size=16, num_slots=256, seed=3)
+        prefill_logits = mla.forward(params, rope, cfg, pre, pools)
+        dec = {"num_decodes": 1, "chunk": 0, "input_ids": pre["input_ids"][-1:],
+               "positions": pre["positions"][-1:], "slot_mapping": pre["slot_mapping"][-1:],
+               "decode_slots": pre["slot_mapping"][None, :], "sample_rows": torch.tensor([0])}
+        decode_logits = mla.forward(params, rope, cfg, dec, pools)
+        # a different last token gives different logits: the comparison has teeth
+        other = dict(dec, input_ids=(dec["input_ids"] + 1) % cfg["vocab"])
+        other_logits = mla.forward(params, rope, cfg, other, pools)
+    assert torch.allclose(decode_logits, prefill_logits, rtol=1e-5, atol=1e-5)  # (the router softmax is fp32)
+    assert not torch.allclose(other_logits, prefill_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_mla_moe_routing_equals_a_per_token_loop():
+    """The sorted-by-expert MoE of the decoder equals each token's top-k experts summed directly."""
+    torch = pytest.importorskip("torch")
+    mla = _mla_module()
+    cfg = mla.CONFIGS["tiny-mla"]
+    with torch.inference_mode():
+        params = mla.init_params(cfg, "cpu", torch.float64, seed=5)
+        lp = params["layers"][1]
+        x = torch.randn(9, cfg["hidden"], dtype=torch.float64)
+        got = mla.moe(x, lp, cfg)
+        probs = (x @ lp["router"].T).softmax(-1)
+        want = mla.swiglu(x, lp["ws_gate_up"], lp["ws_down"])
+        for t in range(x.shape[0]):
+            w, e = probs[t].topk(cfg["top_k"])
+            for wi, ei in zip(w, e):
+                g, u = (x[t] @ lp["w1"][ei]).chunk(2)
+                want[t] += wi * ((torch.nn.functional.silu(g) * u) @ lp["w2"][ei])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)  # (the router softmax is fp32)
+
+
+def test_mla_decoder_quick_cpu_run_writes_its_schema(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "mla.json"
+    proc = subprocess.run([sys.executable, str(MEASUREMENTS / "mla_moe_decoder.py"), "--out", str(out),
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["npusim_mla_moe_decoder"] == 1 and d["skipped"] == [] and d["dtype"] == "fp32"
+    assert {r["phase"] for r in d["rows"]} == {"decode", "prefill"}
+    assert all(r["median_ms"] > 0 and r["tokens"] == r["batch"] + r["prompt"] for r in d["rows"])
+    by_layers = {kc["layers"]: kc["kernels_per_step"] for kc in d["kernel_counts"]}
+    assert by_layers[3] - by_layers[2] > 0 and by_layers[2] > by_layers[1]

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from npusim.costmodel import CostModel
 from npusim.errors import NpusimError
-from npusim.specs import ModelSpec, load_hardware, load_model, model_from_hf_config, tp_shard
+from npusim.specs import ModelSpec, load_engine_profile, load_hardware, load_model, model_from_hf_config, tp_shard
 
 
 @pytest.mark.parametrize("name, total_b, active_b", [
@@ -51,7 +51,10 @@ def test_every_token_on_one_expert_costs_the_dense_ffn_of_that_size(tokens):
     for name in ("gate_up_proj", "silu_mul", "down_proj"):
         assert m[name].time_s == pytest.approx(d[name].time_s, rel=1e-12), name
         assert m[name].flops == pytest.approx(d[name].flops) and m[name].bytes == pytest.approx(d[name].bytes)
-    assert set(m) - set(d) == {"moe_router"}
+    # what routing adds: the router, and the combine, which reads each routed row once
+    assert set(m) - set(d) == {"moe_router", "moe_combine"}
+    h = dense.hidden_size
+    assert m["moe_combine"].bytes == pytest.approx(2 * tokens * h * 2)  # T rows in, T rows out, bf16
 
 
 def test_decode_reads_the_experts_its_tokens_reach():
@@ -170,3 +173,20 @@ def test_a_bad_grouped_gemm_time_is_refused(tmp_path):
     rows[0]["down_seconds"] = -1.0
     with pytest.raises(NpusimError, match=r"moe_grouped_gemm\[0\].down_seconds must be a time > 0"):
         check_measured_times("m.json", {"moe_grouped_gemm": rows})
+
+
+def test_engine_profile_counts_the_router_and_combine_kernels():
+    """moe_router and moe_combine take their kernels and least kernel time from the engine
+    profile (defaults 3 and 1 kernels where it does not say): more kernels cost more at batch 1."""
+    hw = load_hardware("h200")
+    model = load_model("qwen3-30b-a3b")
+    base = load_engine_profile("vllm")
+    default = {o.name: o for o in CostModel(hw, model, engine=base).layer_dense_ops(1)}
+    assert default["moe_router"].kernels == 3 and default["moe_combine"].kernels == 1
+    kernels = dict(base.kernels)
+    kernels["moe_router"], kernels["moe_combine"] = 14, 6
+    busy = base.model_copy(update={"kernels": kernels})
+    more = {o.name: o for o in CostModel(hw, model, engine=busy).layer_dense_ops(1)}
+    assert more["moe_router"].kernels == 14 and more["moe_combine"].kernels == 6
+    assert more["moe_router"].time_s > default["moe_router"].time_s
+    assert more["moe_combine"].time_s > default["moe_combine"].time_s
