@@ -88,6 +88,10 @@ class AnalyticalPoint:
     notes: tuple[str, ...] = ()
     tp: int = 1  # devices one instance spans (its numbers are per device: weights, blocks, memory)
     ep: int = 1
+    pp: int = 1  # pipeline stages, each on tp devices; `batch` is split into pp micro-batches in flight
+    stage_ms: tuple[float, ...] = ()  # pp > 1: each stage's device time for one micro-batch
+    micro_batch: int | None = None
+    bubble: float | None = None  # pp > 1: the share of the time a stage waits
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -115,12 +119,14 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
 
 
 def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
-                    utilization: float, profile: str | None = None, tp: int = 1, ep: int = 1) -> EngineConfig:
+                    utilization: float, profile: str | None = None, tp: int = 1, ep: int = 1,
+                    pp: int = 1) -> EngineConfig:
     """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
     return _validate(EngineConfig, dict(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
                                         max_num_batched_tokens=max(8192, batch),
                                         gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
-                                        kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep),
+                                        kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
+                                        pipeline_parallel_size=pp),
                      "engine")
 
 
@@ -240,11 +246,17 @@ def _regime(p: dict) -> str:
 def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
               gpu_memory_utilization: float, include_host: bool, engine: str | None = None,
-              tp: int = 1, ep: int = 1) -> dict:
+              tp: int = 1, ep: int = 1, pp: int = 1) -> dict:
     """Everything of a point except its comparison with the proportional law."""
+    if pp > 1 and instances > 1:
+        raise NpusimError("pp > 1 runs one instance over pp stages: it does not share a device with other "
+                          "instances")
+    if batch % pp:
+        raise NpusimError(f"batch {batch} does not split into {pp} equal micro-batches, one per pipeline stage "
+                          f"in flight: use a multiple of {pp}")
     setup = instance_setup(hw, model, instance_engine(
         batch=batch, block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep), instances, sharing)
+        utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep, pp=pp), instances, sharing)
     inst, cm = setup.hw, setup.cost
     cap = _capacity(hw, model, setup, batch=batch, context=context, instances=instances,
                     block_size=block_size, utilization=gpu_memory_utilization)
@@ -268,6 +280,8 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     if not cap["feasible"]:
         p.update(dict.fromkeys(metrics))
         return p
+    if pp > 1:
+        return _evaluate_pipeline(p, cm, batch, context, block_size, include_host, metrics)
     args = decode_batch(batch=batch, context=context, block_size=block_size)
     device_s = cm.step_time(**args)
     ops = cm.ops(**args)
@@ -296,6 +310,38 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
     return p
 
 
+def _evaluate_pipeline(p: dict, cm: CostModel, batch: int, context: int, block_size: int, include_host: bool,
+                       metrics: tuple) -> dict:
+    """Steady decode through pp stages (vLLM's virtual engines): `batch` split into pp micro-batches,
+    each passing every stage in turn, one stage serving one micro-batch at a time. A micro-batch's
+    next token starts when its last one is out and the first stage is free: a token every
+    max(one pass, pp x the slowest stage)."""
+    from npusim.costmodel import Batch
+
+    pp = cm.pp
+    micro = batch // pp
+    args = decode_batch(batch=micro, context=context, block_size=block_size)
+    host_s, stage_s, _, _ = cm.price_stages(Batch(**args))
+    if not include_host:
+        host_s = 0.0
+    held_s = sum(stage_s)
+    one = host_s + held_s
+    per_token = max(one, pp * max(stage_s))
+    ops = cm.ops(**args)
+    compute, memory, kv, latency, comm = _time_split(cm, ops)
+    idle = per_token - held_s  # what a micro-batch's period holds beyond its own device work
+    times = {"compute": compute, "memory": memory, "latency": latency + idle, "comm": comm}
+    p.update(device_step_ms=held_s * 1e3, device_turn_ms=held_s * 1e3, host_ms=host_s * 1e3,
+             iteration_ms=one * 1e3, tpot_ms=per_token * 1e3, tokens_per_s_per_instance=batch / per_token,
+             tokens_per_s=batch / per_token, compute_ms=compute * 1e3, memory_ms=memory * 1e3,
+             kv_memory_ms=kv * 1e3, overhead_ms=(latency + idle) * 1e3, comm_ms=comm * 1e3,
+             bound=max(times, key=times.get),
+             arithmetic_intensity=sum(o.flops for o in ops) / sum(o.bytes for o in ops),
+             stage_ms=tuple(t * 1e3 for t in stage_s), micro_batch=micro,
+             bubble=1.0 - held_s / per_token)
+    return p
+
+
 # --------------------------------------------------------------------------- public API
 
 def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> int:
@@ -307,14 +353,15 @@ def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> i
 def reference_point(hw: HardwareSpec | str, model: ModelSpec | str, *, context: int,
                     block_size: int | None = None, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                     gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                    engine: str | None = None, tp: int = 1, ep: int = 1) -> Reference:
-    """One sequence of `context` tokens, one instance on all of `hw`'s cores (of `tp` devices)."""
+                    engine: str | None = None, tp: int = 1, ep: int = 1, pp: int = 1) -> Reference:
+    """One sequence of `context` tokens, one instance on all of `hw`'s cores (of `tp` devices);
+    through pp stages, one sequence per stage (the least batch that fills the pipeline)."""
     hw, model = load_hardware(hw), load_model(model)
-    p = _evaluate(hw, model, batch=1, context=context, instances=1, sharing="time-slice",
+    p = _evaluate(hw, model, batch=pp, context=context, instances=1, sharing="time-slice",
                   block_size=_settings(hw, block_size, engine), weight_dtype=weight_dtype,
                   kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                  include_host=include_host, engine=engine, tp=tp, ep=ep)
-    return Reference(batch=1, cores=hw.ai_cores, tokens_per_s=p["tokens_per_s"])
+                  include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp)
+    return Reference(batch=pp, cores=hw.ai_cores, tokens_per_s=p["tokens_per_s"])
 
 
 def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: int, context: int,
@@ -322,7 +369,7 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
                      weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                      gpu_memory_utilization: float = 0.9, include_host: bool = True,
                      reference: Reference | None = None, engine: str | None = None,
-                     tp: int = 1, ep: int = 1) -> AnalyticalPoint:
+                     tp: int = 1, ep: int = 1, pp: int = 1) -> AnalyticalPoint:
     """Decode throughput, latency, bound and memory feasibility of K instances of `batch` sequences
     of `context` tokens, compared with the law "throughput ∝ B · N_core / T" normalised at
     `reference` (default: one sequence on this same hardware)."""
@@ -332,11 +379,11 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
     p = _evaluate(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
                   block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
                   gpu_memory_utilization=gpu_memory_utilization, include_host=include_host,
-                  engine=engine, tp=tp, ep=ep)
+                  engine=engine, tp=tp, ep=ep, pp=pp)
     if reference is None:
         reference = reference_point(hw, model, context=context, block_size=bs, weight_dtype=weight_dtype,
                                     kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                    include_host=include_host, engine=engine, tp=tp, ep=ep)
+                                    include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp)
     prop = ratio = None
     if p["feasible"] and reference.tokens_per_s:
         # time-sliced instances share the same cores; vNPUs add theirs up
@@ -348,7 +395,7 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
              reference_tokens_per_s=reference.tokens_per_s, proportional_tokens_per_s=prop,
              ratio_to_proportional=ratio)
     p["regime"] = _regime(p)
-    return AnalyticalPoint(**p, tp=tp, ep=ep)
+    return AnalyticalPoint(**p, tp=tp, ep=ep, pp=pp)
 
 
 def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, batches: Sequence[int],

@@ -504,6 +504,8 @@ def analyze(
     compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (the point; the grid stays on one device)"),
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1 or the --tp size"),
+    pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices; --batch is "
+                                                  "split into --pp micro-batches in flight"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Steady-state decode from the roofline: where "throughput ∝ B · N_core / T" holds and breaks."""
@@ -531,8 +533,15 @@ def analyze(
               gpu_memory_utilization=gpu_memory_utilization, engine=engine)
     if tp > 1 and compare:
         raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")
+    if pp > 1 and compare:
+        raise NpusimError("--compare runs the simulator on one device's grid: with --pp, use simulate --pp")
+    if pp > 1 and instances > 1:
+        raise NpusimError(f"--pp {pp} runs one instance over {pp} stages: --instances must be 1, got {instances}")
+    if batch % pp:
+        raise NpusimError(f"--batch {batch} does not split into {pp} equal micro-batches (one per stage in "
+                          f"flight): use a multiple of --pp {pp}")
     point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing,
-                             tp=tp, ep=ep, **kw)
+                             tp=tp, ep=ep, pp=pp, **kw)
     # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)
     grid_k = instances if instances > 1 else 2
     if sharing == "vnpu" and grid_k > h.ai_cores:
@@ -540,7 +549,7 @@ def analyze(
     grid = proportionality_table(h, m, batches=[max(1, batch // 2), batch, 2 * batch], contexts=[context],
                                  cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
                                  sharing_modes=[sharing], **kw)
-    if not point.feasible and not any(g["feasible"] for g in grid) and tp == 1:
+    if not point.feasible and not any(g["feasible"] for g in grid) and tp == 1 and pp == 1:
         raise NpusimError(f"{m.name} on {h.name} does not fit at batch {batch}, context {context} nor at any "
                           f"point around it: {point.reason}")
     explanation = explain_proportionality(grid)
@@ -565,7 +574,9 @@ def analyze(
                     f"{p.batch}, context {p.context}, block {p.block_size}")
     t.add_column("quantity")
     t.add_column("value")
-    per = "per device" if p.tp > 1 else "per instance"
+    per = "per device" if p.tp > 1 or p.pp > 1 else "per instance"
+    if p.pp > 1:
+        per = "per device (the tightest stage)"
     rows = [
         (f"cores / bandwidth {per}", f"{p.cores_per_instance} cores, {p.bandwidth_gbs_per_instance:g} GB/s"),
         (f"weights {per}", f"{p.weights_gib:.2f} GiB ({p.weight_dtype})"),
@@ -578,9 +589,12 @@ def analyze(
         ("compute / memory (KV) / overhead ms", f"{_fmt(p.compute_ms, '.2f')} / {_fmt(p.memory_ms, '.2f')} "
                                                 f"({_fmt(p.kv_memory_ms, '.2f')}) / {_fmt(p.overhead_ms, '.2f')}"),
         *([("devices (tensor parallel) / collectives ms", f"{p.tp} / {_fmt(p.comm_ms, '.3f')}")] if p.tp > 1 else []),
+        *([("pipeline: stages x micro-batch / stage ms / bubble",
+            f"{p.pp} x {p.micro_batch} / {', '.join(f'{t:.3f}' for t in p.stage_ms)} / {_fmt(p.bubble, '.0%')}")]
+          if p.pp > 1 and p.feasible else []),
         ("bound", p.bound or "-"),
         ("arithmetic intensity / ridge flop/B", f"{_fmt(p.arithmetic_intensity)} / {p.ridge_point:.1f}"),
-        ("proportional tokens/s (ref B=1)", f"{_fmt(p.proportional_tokens_per_s)} (ref {_fmt(p.reference_tokens_per_s)})"),
+        (f"proportional tokens/s (ref B={p.reference_batch})", f"{_fmt(p.proportional_tokens_per_s)} (ref {_fmt(p.reference_tokens_per_s)})"),
         ("actual / proportional", _fmt(p.ratio_to_proportional, ".3f")),
         ("regime", p.regime),
     ]
@@ -589,10 +603,11 @@ def analyze(
     for note in p.notes:
         t.add_row("note", note)
     console.print(t)
-    if tp > 1 and not p.feasible:
-        raise NpusimError(f"{m.name} on {tp} x {h.name} does not fit at batch {batch}, context {context}: {p.reason}")
+    if (tp > 1 or pp > 1) and not p.feasible:
+        raise NpusimError(f"{m.name} on {tp * pp} x {h.name} does not fit at batch {batch}, context {context}: "
+                          f"{p.reason}")
     g = Table(title="proportionality grid: ratio = actual / (B · N_core / T), T held at the B=1 reference"
-                    + (" (on one device, without --tp)" if tp > 1 else ""))
+                    + (" (on one device, without --tp/--pp)" if tp > 1 or pp > 1 else ""))
     for col in ("scaling", "cores", "GB/s", "K", "B", "tokens/s", "TPOT ms", "bound", "flop/B", "ratio", "regime"):
         g.add_column(col, justify="left" if col in ("scaling", "bound", "regime") else "right")
     for r in grid:

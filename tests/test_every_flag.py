@@ -201,6 +201,8 @@ ANALYZE_EFFECTS = {
     "--tp": (["--tp", "2"], lambda p, b: p["tp"] == 2 and p["comm_ms"] > 0 and b["comm_ms"] == 0
              and p["weights_gib"] < 0.51 * b["weights_gib"]),
     "--ep": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2"], lambda p, b: p["ep"] == 2 and p["tp"] == 2),
+    "--pp": (["--pp", "2"], lambda p, b: p["pp"] == 2 and p["micro_batch"] == 16 and len(p["stage_ms"]) == 2
+             and b["stage_ms"] == [] and p["weights_gib"] < 0.6 * b["weights_gib"]),
 }
 
 
