@@ -303,12 +303,17 @@ class Simulation:
         # the instances are one pipeline's virtual engines, passing its stages in turn
         lock = simpy.Resource(self.env, capacity=1) if (sharing == "time-slice" and k > 1) else None
         share = 1.0 if sharing in ("time-slice", "devices", "pipeline") else 1.0 / k
-        stages = None
+        # a pipeline's virtual engines come pp at a time, one group per data-parallel replica,
+        # each group passing stages of its own
+        self.group = setups[0].cost.pp if sharing == "pipeline" else 1
+        stages = [None] * k
         if sharing == "pipeline":
-            stages = [simpy.Resource(self.env, capacity=1) for _ in range(setups[0].cost.pp)]
+            for g in range(0, k, self.group):
+                own = [simpy.Resource(self.env, capacity=1) for _ in range(self.group)]
+                stages[g:g + self.group] = [own] * self.group
         self.router = router
         self.record = RunRecord(instances=[])
-        self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share, stages)
+        self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share, stages[i])
                           for i, s in enumerate(setups)]
         self.limit = simpy.Resource(self.env, capacity=max_concurrency) if max_concurrency else None
         self._done = 0
@@ -361,7 +366,9 @@ class Simulation:
         self._in_flight += 1
         if self._in_flight > self.record.max_in_flight:
             self.record.max_in_flight = self._in_flight
-        if self.router in ("least-outstanding", "prefix-aware"):  # the fewest requests in flight
+        if self.group > 1:
+            inst = self._pipeline_engine(r)
+        elif self.router in ("least-outstanding", "prefix-aware"):  # the fewest requests in flight
             inst = min(self.instances, key=lambda i: i.outstanding)
             if self.router == "prefix-aware" and r.prefix_group >= 0:
                 # a shared prefix's requests go to one replica, where it is cached, while that
@@ -377,6 +384,25 @@ class Simulation:
             self.reject(r, problem)
         else:
             inst.submit(r)
+
+    def _pipeline_engine(self, r: Request) -> Instance:
+        """The router picks a replica (its requests in flight: the sum over its virtual engines),
+        then the replica's virtual engine with the fewest unfinished requests (vLLM V0)."""
+        g = self.group
+        replicas = [self.instances[i:i + g] for i in range(0, len(self.instances), g)]
+        load = lambda rep: sum(i.outstanding for i in rep)  # noqa: E731
+        if len(replicas) == 1:
+            rep = replicas[0]
+        elif self.router in ("least-outstanding", "prefix-aware"):
+            rep = min(replicas, key=load)
+            if self.router == "prefix-aware" and r.prefix_group >= 0:
+                home = replicas[r.prefix_group % len(replicas)]
+                if load(home) <= 2 * load(rep) + 4:
+                    rep = home
+        else:
+            rep = replicas[self._rr % len(replicas)]
+            self._rr += 1
+        return min(rep, key=lambda i: i.outstanding)
 
     def _arrivals(self, specs: Iterable[RequestSpec]):
         env = self.env

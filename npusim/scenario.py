@@ -63,9 +63,6 @@ class Scenario(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
         pp = self.engine.pipeline_parallel_size
-        if pp > 1 and self.dp > 1:
-            raise ValueError("dp replicas of a pipeline (pipeline_parallel_size > 1) are not modelled: give "
-                             "one or the other")
         if pp > 1 and self.instances > 1:
             raise ValueError(f"--pp {pp} with --instances {self.instances}: a pipeline spans devices of its own; "
                              "run one instance")
@@ -174,9 +171,9 @@ def simulate_scenario(sc: Scenario, *, want_block_map: bool = False,
     batching_mode(sc.engine)
     pp = sc.engine.pipeline_parallel_size
     sharing, router = ("devices" if sc.dp > 1 else sc.sharing), sc.router
-    if pp > 1:
-        setups = pipeline_setups(hw, model, sc.engine)
-        sharing, router = "pipeline", "least-outstanding"
+    if pp > 1:  # dp replicas of a pipeline: each its own stages, the router choosing among replicas
+        setups = pipeline_setups(hw, model, sc.engine) * sc.dp
+        sharing = "pipeline"
     elif sc.dp > 1:  # replicas: each a whole instance on its own device(s)
         setups = setup_instances(hw, model, sc.engine, 1, sc.sharing) * sc.dp
     else:
@@ -322,9 +319,11 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
     insts = record.instances
     tp = insts[0].setup.engine.tensor_parallel_size  # every device of a tensor-parallel instance draws power
     pp = insts[0].setup.engine.pipeline_parallel_size
-    if pp > 1:  # tp x pp devices idle all along; each stage's devices draw the rest while it runs
-        busy = sum(i.busy_s for i in insts)  # (the stages' times, summed over the virtual engines)
-        joules = tp * (pp * hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, pp * duration))
+    if pp > 1:  # tp x pp devices a replica idle all along; each stage's devices draw the rest while it runs
+        joules = 0.0
+        for r in range(sc.dp):
+            busy = sum(i.busy_s for i in insts[r * pp:(r + 1) * pp])  # (stage times, over its virtual engines)
+            joules += tp * (pp * hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(busy, pp * duration))
     elif sc.dp > 1:  # every replica's devices: idle power all along, the rest while they compute
         joules = tp * sum(hw.idle_w * duration + (hw.tdp_w - hw.idle_w) * min(i.busy_s, duration) for i in insts)
     else:

@@ -75,10 +75,29 @@ def test_a_stage_holds_its_layers_and_the_tightest_sets_the_pool():
     assert plan.num_blocks == min(per_stage) and plan.weight_bytes in w
 
 
-def _run(pp: int, **workload):
-    sc = Scenario(hw="h200", model="llama-3.1-8b", engine=EngineConfig(pipeline_parallel_size=pp),
+def _run(pp: int, dp: int = 1, router: str | None = None, **workload):
+    extra = {"router": router} if router else {}
+    sc = Scenario(hw="h200", model="llama-3.1-8b", engine=EngineConfig(pipeline_parallel_size=pp), dp=dp, **extra,
                   workload={"num_requests": 24, "input_len": {"value": 256}, "output_len": {"value": 64}, **workload})
     return sc, simulate_scenario(sc)
+
+
+@pytest.mark.parametrize("router", ["round-robin", "least-outstanding"])
+def test_replicas_of_a_pipeline_each_pass_their_own_stages(router):
+    """dp = 2 pipelines of 2 stages: every replica's two virtual engines get requests, and with all
+    48 requests at once the pair finishes in about the time one pipeline takes for half of them."""
+    _, one = _run(2, num_requests=24, rate="inf")
+    sc, two = _run(2, dp=2, router=router, num_requests=48, rate="inf")
+    assert len(two.instances) == 4 and two.completed == 48
+    assert all(i.completed > 0 for i in two.instances)
+    # replica r is virtual engines 2r, 2r + 1: each replica got half the requests
+    assert [two.instances[0].completed + two.instances[1].completed,
+            two.instances[2].completed + two.instances[3].completed] == [24, 24]
+    # separate stages: twice the requests on twice the devices take the same time (not twice)
+    assert two.duration == pytest.approx(one.duration, rel=0.05)
+    from npusim.scenario import summarize
+    res = summarize(two, sc)
+    assert res["parallel"]["devices"] == 4
 
 
 def test_one_request_gets_no_overlap_and_many_fill_the_pipeline():
@@ -108,7 +127,6 @@ def test_virtual_engines_split_the_blocks():
 
 @pytest.mark.parametrize("args, needle", [
     (["--pp", "8", "--tp", "2"], "--pp 8 x --tp 2 = 16 devices exceed the 8 of one h200 node"),
-    (["--pp", "2", "--dp", "2"], "dp replicas of a pipeline"),
     (["--pp", "2", "--instances", "2"], "--pp 2 with --instances 2"),
 ])
 def test_infeasible_pipelines_say_why(args, needle):
