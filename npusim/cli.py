@@ -80,7 +80,7 @@ def step(
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
-    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices; 1 or the --tp size"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or with --tp 1 over N data-parallel ranks (one rank priced, the others loaded alike)"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -217,7 +217,7 @@ def simulate(
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
-    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices"),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or with --tp 1 over the --dp ranks (--dp N --ep N)"),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
     router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware (a shared prefix's requests to one replica): how requests reach replicas"),
@@ -503,7 +503,7 @@ def analyze(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (the point; the grid stays on one device)"),
-    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1 or the --tp size"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1, the --tp size, or with --tp 1 the data-parallel ranks"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices; --batch is "
                                                   "split into --pp micro-batches in flight"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
 from npusim.errors import NpusimError
-from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MODEL_OP_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig,
+from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MODEL_OP_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig, ep_shard,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
                           load_engine_profile, pp_stage_weight_bytes, pp_stages, resolve_engine, tp_shard)
 from npusim.calibration import load_tables
@@ -103,6 +103,9 @@ class CostModel:
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
         self.ep = ep  # experts over the tp devices (1: every expert split over them)
+        # ep > tp (tp 1): experts over ep data-parallel ranks, each with its own batch, here taken
+        # as loaded like this one (symmetric ranks); tokens go to their experts' ranks all-to-all
+        self.dp_ranks = ep // tp if ep > tp else 1
         self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
         self.stages = pp_stages(model, pp)  # (MoE layers, dense layers) of each stage
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
@@ -243,12 +246,13 @@ class CostModel:
         passes = 1 if name == "kv_cache_write" else max(1, k)
         return self.vector(flops, nbytes, k, name, passes)
 
-    def collective(self, name: str, kind: str, nbytes: float) -> Op:
-        """One collective over the tp devices of a tensor of `nbytes` (what each device holds
-        after it): an all-reduce moves 2(N-1)/N of it through each device's link, an all-gather
-        (N-1)/N; a full mesh or a switch does it in 2 steps (1 for an all-gather), a ring in
-        2(N-1) (N-1). Time: steps x latency + bytes / (link bandwidth x efficiency)."""
-        n, hw = self.tp, self.hw
+    def collective(self, name: str, kind: str, nbytes: float, n: int | None = None) -> Op:
+        """One collective over the tp devices (or `n`) of a tensor of `nbytes` (what each device
+        holds after it): an all-reduce moves 2(N-1)/N of it through each device's link, an
+        all-gather or an all-to-all (N-1)/N; a full mesh or a switch does it in 2 steps (1 for the
+        others), a ring in 2(N-1) (N-1). Time: steps x latency + bytes / (link bandwidth x
+        efficiency)."""
+        n, hw = n or self.tp, self.hw
         if n == 1 or nbytes <= 0:
             return Op(name, 0.0, 0.0, 0.0, "comm", 0)
         factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
@@ -362,8 +366,9 @@ class CostModel:
         priced by the roofline, or by the device's measured grouped GEMMs where it has them."""
         m, hw = self.model, self.hw
         h, E, k, fe, w = m.hidden_size, m.num_experts, m.experts_per_token, m.moe_intermediate_size, self._linear_weight_bytes
-        routed = tokens * k
-        active = _reached(E, k / E, tokens)
+        ranks = self.dp_ranks  # every rank's tokens reach the experts (1 without data-parallel ranks)
+        routed = tokens * k * ranks
+        active = _reached(E, k / E, tokens * ranks)
         ep = self.ep
         if ep > 1:  # whole experts, E/ep on each device: the busiest device sets the pace
             fe, E_local = fe * ep, E // ep  # (the shard split each expert; expert parallelism keeps them whole)
@@ -378,6 +383,9 @@ class CostModel:
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
         router = self.gemm(tokens, h, E, ACT_BYTES, kernels=self.kernels["moe_router"], name="moe_router")
         ops = [router]
+        if ranks > 1:  # each rank sends its tokens' rows to the ranks of their experts, and back
+            sent = tokens * k * h * ACT_BYTES
+            ops.append(self.collective("all_to_all_dispatch", "all_to_all", sent, ep))
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
             flops = 2.0 * here * n_in * n_out
@@ -387,7 +395,8 @@ class CostModel:
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
                                    self.floor.get(name, self.latency))
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
-                measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens, self._grouped_roofline(name))
+                measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens * ranks,
+                                      self._grouped_roofline(name))
                 if measured is not None:
                     t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw else 1.0)
                     if ep > 1:  # measured on split experts: carried to whole ones by the roofline
@@ -397,8 +406,11 @@ class CostModel:
             ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * here * fe, 3.0 * here * fe * ACT_BYTES))
+        if ranks > 1:
+            ops.append(self.collective("all_to_all_combine", "all_to_all", sent, ep))
         # combine: every routed row read once (weighted), each token's row written once
-        ops.append(self._vector("moe_combine", 2.0 * here, (here + tokens) * h * ACT_BYTES))
+        back = tokens * k if ranks > 1 else here
+        ops.append(self._vector("moe_combine", 2.0 * back, (back + tokens) * h * ACT_BYTES))
         if m.num_shared_experts:
             ops.append(self._shared_experts_op(tokens))
         return ops
@@ -854,11 +866,18 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     if ep > 1:
         if not model.num_experts:
             raise NpusimError(f"--ep {ep}: {model.name} has no experts (a dense model)")
-        if ep != tp:
-            raise NpusimError(f"--ep {ep} runs the experts over the tensor-parallel group: it needs --tp {ep} "
-                              f"(data-parallel attention with all-to-all is not modelled)")
+        if ep != tp and tp != 1:
+            raise NpusimError(f"--ep {ep} with --tp {tp}: experts run over the tensor-parallel group (--ep {tp}) "
+                              f"or, with --tp 1, over data-parallel ranks; a mix of both is not modelled")
         if model.num_experts % ep:
             raise NpusimError(f"--ep {ep}: {model.name}'s {model.num_experts} experts do not divide among {ep} devices")
+        if ep > hw.node_devices:
+            raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node "
+                              f"(node_devices): the all-to-all runs over the node's fabric")
+        if tp == 1:
+            if instances > 1:
+                raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own a device")
+            model = ep_shard(model, ep)  # (one data-parallel rank: whole attention, E/ep experts)
     if tp > 1:
         if tp > hw.node_devices:
             raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "

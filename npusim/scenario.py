@@ -63,6 +63,10 @@ class Scenario(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
         pp = self.engine.pipeline_parallel_size
+        ep, tp = self.engine.expert_parallel_size, self.engine.tensor_parallel_size
+        if ep > 1 and tp == 1 and self.dp != ep:
+            raise ValueError(f"--ep {ep} with --tp 1 spreads the experts over {ep} data-parallel ranks: it needs "
+                             f"--dp {ep} (got {self.dp})")
         if pp > 1 and self.instances > 1:
             raise ValueError(f"--pp {pp} with --instances {self.instances}: a pipeline spans devices of its own; "
                              "run one instance")
@@ -301,7 +305,7 @@ def _comm_share(inst: InstanceRecord, record: RunRecord) -> float:
     0 on one device."""
     cost = inst.setup.cost
     st = inst.stats
-    if (cost.tp == 1 and cost.pp == 1) or not st.iterations:
+    if (cost.tp == 1 and cost.pp == 1 and cost.ep == 1) or not st.iterations:
         return 0.0
     batch = max(1, round(st.batch_tokens_sum / st.iterations))
     context = max(1, round((record.total_input_tokens + record.total_output_tokens / 2) / max(1, record.completed)))

@@ -846,6 +846,22 @@ def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
         "vocab_size": ceil_div(model.vocab_size, tp), "moe_intermediate_size": model.moe_intermediate_size // tp})
 
 
+def ep_shard(model: ModelSpec, ep: int) -> ModelSpec:
+    """What one of `ep` data-parallel ranks holds when the experts spread over all of them
+    (DeepSeek's layout: attention data-parallel, each rank whole attention and its own sequences'
+    KV, E/ep routed experts each). Held as tp_shard holds experts split ep ways (the same bytes and
+    per-expert work as E/ep whole ones; the cost model prices them whole); the shared experts stay
+    whole on every rank: ep times as many of 1/ep the size."""
+    if ep == 1:
+        return model
+    if model.moe_intermediate_size % ep:
+        raise NpusimError(f"--ep {ep}: {model.name}'s expert size {model.moe_intermediate_size} does not "
+                          f"divide among {ep} ranks")
+    return model.model_copy(update={
+        "name": f"{model.name}[ep{ep}]", "moe_intermediate_size": model.moe_intermediate_size // ep,
+        "num_shared_experts": model.num_shared_experts * ep})
+
+
 def pp_layers(num_layers: int, pp: int) -> list[int]:
     """Layers of each of `pp` pipeline stages as vLLM splits them (get_pp_indices): equal shares,
     the remainder one more each on the stages just before the last (which holds the LM head)."""
@@ -1096,8 +1112,11 @@ class EngineConfig(BaseModel):
     kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
     tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
     # experts over the tensor-parallel group, whole on one device each, instead of every expert
-    # split over all of them (vLLM's --enable-expert-parallel without data-parallel attention)
-    expert_parallel_size: int = Field(default=1, gt=0, le=64, description="--ep: 1, or the --tp size")
+    # split over all of them (vLLM's --enable-expert-parallel); with --tp 1, more than one: the
+    # experts over that many data-parallel ranks, attention on each rank's own sequences
+    # (DeepSeek's layout, tokens exchanged all-to-all)
+    expert_parallel_size: int = Field(default=1, gt=0, le=64,
+                                      description="--ep: 1, the --tp size, or with --tp 1 the data-parallel ranks")
     # pipeline stages, each on --tp devices of its own, the layers split as vLLM splits them
     pipeline_parallel_size: int = Field(default=1, gt=0, le=64, description="pipeline stages (--pp)")
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from npusim.costmodel import CostModel, instance_setup
 from npusim.errors import NpusimError
-from npusim.specs import EngineConfig, ModelSpec, load_hardware, load_model, tp_shard
+from npusim.specs import EngineConfig, ModelSpec, ep_shard, load_hardware, load_model, tp_shard
 
 
 def _json(*args):
@@ -191,7 +191,8 @@ def test_expert_parallelism_keeps_experts_whole_and_pays_for_the_busiest_device(
 
 @pytest.mark.parametrize("args, needle", [
     (["--model", "llama-3.1-8b", "--tp", "2", "--ep", "2"], "--ep 2: llama-3.1-8b has no experts"),
-    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 runs the experts over the tensor-parallel group: it needs --tp 2"),
+    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 with --tp 4: experts run over the tensor-parallel group"),
+    (["--model", "qwen3-30b-a3b", "--ep", "16"], "--ep 16 exceeds the 8 devices of one h200 node"),
 ])
 def test_expert_parallel_layouts_that_cannot_run_say_why(args, needle):
     assert_one_line_error("step", ["--hw", "h200", *args], needle)
@@ -212,3 +213,48 @@ def test_analyze_prices_the_tensor_parallel_point_as_step_does():
                           "--compare runs the simulator on one device's grid")
     assert_one_line_error("analyze", ["--hw", "ascend-910b4", "--model", "llama-3.1-70b", "--tp", "2"],
                           "does not fit")
+
+
+
+# --------------------------------------------------------------------------- data-parallel attention, experts over the ranks
+
+def test_data_parallel_ranks_hold_whole_attention_and_their_share_of_the_experts():
+    hw, m = load_hardware("h200"), load_model("deepseek-v2-lite")
+    one = instance_setup(hw, m, EngineConfig())
+    rank = instance_setup(hw, m, EngineConfig(expert_parallel_size=4))
+    routed = m.num_moe_layers * m.num_experts * 3 * m.hidden_size * m.moe_intermediate_size * 2  # bf16
+    # three quarters of the routed experts leave each rank; attention, shared experts, edges stay
+    assert one.plan.weight_bytes - rank.plan.weight_bytes == pytest.approx(routed * 3 / 4, rel=1e-6)
+    assert rank.cost.model.num_heads == m.num_heads  # (attention is whole on every rank)
+    assert rank.plan.kv_bytes_per_token == one.plan.kv_bytes_per_token
+
+
+def test_a_rank_of_ep_sees_what_a_tp_group_sees_with_every_ranks_tokens():
+    """Symmetric ranks: the busiest device's experts get the same work whether ep ranks each bring
+    T tokens (data-parallel attention) or one tensor-parallel group of ep devices brings ep x T."""
+    hw, m = load_hardware("h200"), load_model("qwen3-30b-a3b")
+    rank = CostModel(hw, ep_shard(m, 4), tp=1, ep=4)
+    group = CostModel(hw, tp_shard(m, 4), tp=4, ep=4)
+    T = 32
+    r = {o.name: o for o in rank.layer_dense_ops(T)}
+    g = {o.name: o for o in group.layer_dense_ops(4 * T)}
+    for name in ("gate_up_proj", "down_proj"):
+        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
+        assert r[name].bytes == pytest.approx(g[name].bytes, rel=1e-12)
+    # tokens cross the ranks both ways: (ep - 1)/ep of each rank's routed rows, over the node link
+    sent = T * m.experts_per_token * m.hidden_size * 2
+    for name in ("all_to_all_dispatch", "all_to_all_combine"):
+        assert r[name].bytes == pytest.approx(sent * 3 / 4) and r[name].bound == "comm"
+        assert r[name].time_s == pytest.approx(hw.link_latency_us * 1e-6 + sent * 3 / 4
+                                               / (hw.link_gbs * 1e9 * hw.link_efficiency))
+    assert "all_to_all_dispatch" not in g and "all_reduce_mlp" in g and "all_reduce_mlp" not in r
+
+
+def test_simulate_data_parallel_experts_needs_as_many_replicas():
+    assert_one_line_error("simulate", ["--hw", "h200", "--model", "qwen3-30b-a3b", "--ep", "2", "--requests", "4"],
+                          "it needs --dp 2")
+    rc, out, err = run_cli("simulate", "--hw", "h200", "--model", "qwen3-30b-a3b", "--ep", "2", "--dp", "2",
+                           "--requests", "16", "--json")
+    assert rc == 0, err
+    par = json.loads(out)["parallel"]
+    assert par["devices"] == 2 and par["expert_parallel_size"] == 2 and par["comm_share_of_decode_step"] > 0

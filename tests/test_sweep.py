@@ -343,7 +343,7 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "pp": ("2", lambda s: s.engine.pipeline_parallel_size == 2),
 }
 # settings a sample needs beside it to be a valid scenario
-NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
+NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "ep": {"tp": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
          "preemption": {}, "trace": {}}
 
 
