@@ -15,6 +15,7 @@ What was fitted, and on what (everything else is a prediction):
   from ONE trace, llama-3.1-8b decode at batch 8, context 2048 (`npusim calibrate engine`);
 - torch-graph's kernels of the MLA and MoE ops (mla_absorb, moe_router, moe_combine): from ONE trace of
   the DeepSeek-V2-Lite decoder, decode at batch 8, context 2048;
+- torch-graph's MLA decode attention: a one-layer microbenchmark (h200-2026-12-02-calibrate-mla.json);
 - torch-compile's decode attention: a one-layer microbenchmark of the gather + SDPA through
   torch.compile (h200-2026-12-02-calibrate-compiled.json), not a decoder step;
 - torch-eager's host dispatch per kernel: from ONE measured eager step, llama-3.1-8b decode at

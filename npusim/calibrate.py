@@ -634,6 +634,62 @@ def paged_decode_gather(torch, q, k_pool, v_pool, slots, backend: str = "flash")
     return sdpa(torch, q, k, v, backend)
 
 
+def mla_decode_gather(torch, q, pool, slots, latent: int):
+    """MLA decode attention with the up-projections absorbed, in plain PyTorch (what
+    hw_profiles/measurements/mla_moe_decoder.py runs): every head of q [B, H, latent + rope]
+    scores the gathered latent and RoPE key of its sequence (pool [slots, latent + rope], slots
+    [B, S]), softmax in fp32, and sums the latent: out [B, H, latent]."""
+    kv = pool[slots]  # [B, S, latent + rope]
+    scores = torch.bmm(q, kv.transpose(1, 2)) * (1.0 / math.sqrt(q.shape[-1]))
+    p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+    return torch.bmm(p, kv[..., :latent])
+
+
+def bench_mla_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
+                               say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """One layer's MLA decode attention (impl "mla_gather_bmm", see mla_decode_gather) over
+    batch x context for each head count of plan["mla_heads"], one latent of plan["mla_latent"]
+    values and a RoPE key of plan["mla_rope"] per token (DeepSeek: 512 + 64), pages of
+    plan["mla_block_size"] handed out at random. Rows as bench_decode_attention's: kv_heads 1,
+    head_dim the cached values per token, kv_bytes the latent read once."""
+    td = _torch_dtype(torch, dtype)
+    size = DTYPE_SIZE[dtype]
+    c, dr, bs = plan["mla_latent"], plan["mla_rope"], plan["mla_block_size"]
+    width = c + dr
+    rows: list[dict] = []
+    cases = [(b, n) for b in plan["mla_batch"] for n in plan["mla_context"]
+             if b * n * width * size <= plan["attn_max_gather_bytes"] and n % bs == 0]
+    if not cases:
+        return rows
+    copies = {case: _copies(plan, case[0] * case[1] * width * size) for case in cases}
+    total_blocks = max(b * (n // bs) * copies[(b, n)] for b, n in cases) + 1
+    pool = torch.randn(total_blocks * bs, width, device=dev.device, dtype=td)
+    for heads in plan["mla_heads"]:
+        for batch, ctx_len in cases:
+            n = copies[(batch, ctx_len)]
+            say(f"MLA decode attention H={heads} latent={c}+{dr} B={batch} ctx={ctx_len} bs={bs}")
+            row = {"impl": "mla_gather_bmm", "heads": heads, "kv_heads": 1, "head_dim": width, "batch": batch,
+                   "context": ctx_len, "block_size": bs, "dtype": dtype, "kv_bytes": batch * ctx_len * width * size,
+                   "copies": n, "pool_slots": total_blocks * bs, "backend": "torch.bmm"}
+            try:
+                qs = [torch.randn(batch, heads, width, device=dev.device, dtype=td) for _ in range(n)]
+                tables = [t.to(dev.device) for t in
+                          random_block_tables(torch, batch, ctx_len // bs, total_blocks, n, seed=batch + ctx_len)]
+                slots = [block_slots(torch, t, bs) for t in tables]
+                calls = [lambda i=i: mla_decode_gather(torch, qs[i], pool, slots[i], c) for i in range(n)]
+                row.update(time_calls(torch, dev, calls, plan))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+                if dev.kind != "cpu":
+                    _synchronize(torch, dev)
+            qs = tables = slots = None
+            rows.append(row)
+    for r in rows:
+        if "seconds" in r:
+            r["gbs"] = r["kv_bytes"] / r["seconds"] / 1e9
+    return rows
+
+
 def flex_paged_mask(torch, tables: list, block_size: int, num_slots: int):
     """A FlexAttention BlockMask (one per table) that reads each sequence's pages straight from
     the pool: every page a full block, so the compiled kernel skips the mask function; the mask
@@ -767,6 +823,8 @@ def bench_decode_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                           random_block_tables(torch, batch, nb, total_blocks, copies, seed=batch + ctx_len)]
                 slots = [block_slots(torch, t, bs) for t in tables]
                 for impl in plan["attn_impls"]:
+                    if impl == "mla_gather_bmm":  # (its own bench: bench_mla_decode_attention)
+                        continue
                     row = {**base(batch, ctx_len, kv_bytes, copies),
                            "impl": impl + (suffix if impl == "gather_sdpa" else ""), "block_size": bs,
                            "pool_slots": num_slots}
@@ -941,8 +999,9 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
             chains=[("add", (1, 64)), ("add", (8, 64)), ("mm", (1, 32))], chain_kernels=50,
             attn_groups=[{"heads": (4, 2, 16), "batch": [1, 2], "context": [32, 64],
                           "block_sizes": [16, 32]}],
-            attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=64 * MIB,
-            attn_max_gather_bytes=64 * MIB,
+            attn_impls=["gather_sdpa", "flex_paged", "mla_gather_bmm"], attn_max_kv_bytes=64 * MIB,
+            attn_max_gather_bytes=64 * MIB, mla_heads=[4], mla_batch=[1, 2], mla_context=[32, 64],
+            mla_latent=32, mla_rope=16, mla_block_size=16,
             prefill_heads=[(4, 2, 16)], prefill_lengths=[32, 64], prefill_chunks=[(16, 48)],
             rotate_bytes=0, max_copies=2, warmup=1, repeats=3, target_s=0.002, max_graph_calls=200)
     if quick:
@@ -954,7 +1013,8 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
             attn_groups=[{"heads": (32, 8, 128), "batch": [1, 32], "context": [2048],
                           "block_sizes": [16, 128]}],
             attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=8 * GIB,
-            attn_max_gather_bytes=8 * GIB,
+            attn_max_gather_bytes=8 * GIB, mla_heads=[16], mla_batch=[1, 32], mla_context=[2048],
+            mla_latent=512, mla_rope=64, mla_block_size=16,
             prefill_heads=[(32, 8, 128)], prefill_lengths=[1024], prefill_chunks=[(512, 1536)],
             rotate_bytes=rotate, max_copies=64, warmup=1, repeats=3, target_s=0.002)
     big = [1, 4, 16, 32, 64, 128]
@@ -971,8 +1031,11 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
             {"heads": (40, 40, 128), "batch": [1, 16, 64], "context": [512, 2048, 8192], "block_sizes": [16]},
             {"heads": (28, 4, 128), "batch": [1, 16, 64], "context": [512, 2048, 8192], "block_sizes": [16]},
         ],
-        attn_impls=["gather_sdpa", "flex_paged"], attn_max_kv_bytes=8 * GIB,
+        attn_impls=["gather_sdpa", "flex_paged", "mla_gather_bmm"], attn_max_kv_bytes=8 * GIB,
         attn_max_gather_bytes=8 * GIB, attn_budget_s=150.0, flex_compile_budget_s=100.0,
+        # MLA (DeepSeek-V2-Lite's 16 heads, V3's 128 over 8 devices = 16, and V3's 128 whole)
+        mla_heads=[16, 128], mla_batch=[1, 4, 16, 64, 128], mla_context=[512, 2048, 8192],
+        mla_latent=512, mla_rope=64, mla_block_size=16,
         prefill_heads=[(32, 8, 128), (32, 8, 64), (40, 40, 128), (28, 4, 128)],
         prefill_lengths=[256, 512, 1024, 2048, 4096, 8192],
         prefill_chunks=[(128, 3968), (256, 1792), (512, 1536), (512, 3584), (512, 7680),
@@ -1087,6 +1150,8 @@ def run_calibration(device: str = "auto", quick: bool = False,
                      "attn_budget_s": sweep.get("attn_budget_s", 1e9) - (time.perf_counter() - t0),
                      "flex_compile_budget_s": sweep.get("flex_compile_budget_s", 1e9) - compiled}
                 rows += bench_decode_attention(torch, dev, sweep_dtype, p, say)
+            if "mla_gather_bmm" in sweep["attn_impls"]:
+                rows += bench_mla_decode_attention(torch, dev, sweep_dtype, sweep, say)
             return rows
         out["decode_attention"] = timed("decode_attention", decode)
     if "prefill_attention" in sections:

@@ -173,9 +173,12 @@ class CostModel:
         self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
         self._decode_kernels = self.kernels["attention_decode"]
         self._decode_floor = self.floor["attention_decode"]
-        impl = self.engine.decode_attention_impl
+        impl = self.engine.mla_decode_attention_impl if m.mla else self.engine.decode_attention_impl
+        # the table's key: an MLA kernel reads one latent (+ RoPE key) of kv_dim values a token
+        self._decode_layout = (impl, m.num_heads, 1, m.kv_dim) if m.mla else \
+            (impl, m.num_heads, m.num_kv_heads, m.head_dim)
         self._decode_table = None
-        if impl is not None and self.tables is not None and not m.mla:  # (measured on GQA kernels only)
+        if impl is not None and self.tables is not None:
             if impl not in self.tables.decode_attention.impls():
                 raise NpusimError(f"engine {self.engine.name}: decode attention {impl!r} is not in "
                                   f"{hw.name}'s calibration ({', '.join(sorted(self.tables.decode_attention.impls()))})")
@@ -704,11 +707,10 @@ class CostModel:
             key = (num_decodes, kv_slots)
             t = self._decode_cache.get(key)
             if t is None:
-                m = self.model
                 # the measured kernel at this batch, each sequence reading its mean pages, never
                 # below its kernels' least time
-                t = self._decode_table.time(self.engine.decode_attention_impl, m.num_heads, m.num_kv_heads,
-                                            m.head_dim, self.block_size, num_decodes, kv_slots / num_decodes)
+                t = self._decode_table.time(*self._decode_layout, self.block_size, num_decodes,
+                                            kv_slots / num_decodes)
                 t = max(t, self._decode_kernels * self._decode_floor)
                 if len(self._decode_cache) >= 65536:  # bounded: a long run sees many shapes
                     self._decode_cache.clear()

@@ -422,6 +422,8 @@ class EngineProfile(BaseModel):
     # the measured decode attention kernel of the calibration file this engine runs ("sdpa_dense",
     # "gather_sdpa", "flex_paged"); None: the roofline with decode_kv_passes
     decode_attention_impl: str | None = None
+    # the same for MLA models (absorbed decode over the latent: "mla_gather_bmm"); None: roofline
+    mla_decode_attention_impl: str | None = None
     # least device time of one kernel of an op in this implementation on the device it was traced
     # on (a strided elementwise kernel costs more than the device's least kernel); default: the
     # hardware's kernel_latency_us

@@ -136,6 +136,9 @@ def engine_rows(e) -> list[tuple[str, str, str, str]]:
     r = e.kv_block_sizes
     rows = [("attention_backend", e.attention_backend, "-", ""),
             ("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)]
+    for field in ("decode_attention_impl", "mla_decode_attention_impl"):  # measured kernels the tables hold
+        if getattr(e, field):
+            rows.append((field, getattr(e, field), "-", "the device's calibration table of that name"))
     for field, prov in e.provenance.items():
         head, _, key = field.partition(".")
         value = getattr(e, head)  # a plain number, or one entry of a mapping (kernels.qkv_proj)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -572,7 +573,8 @@ def test_committed_h200_calibration_is_sane():
             for c in m.get("kernel_chain", []):
                 assert 0 < c["graph"]["us_per_kernel"] < c["eager"]["host_us_per_kernel"]
             for r in m.get("decode_attention", []):
-                assert r["impl"].endswith(("_default", "_compiled")) and r["gbs"] < H200_PEAK_GBS * 1.05, r
+                assert r["impl"].endswith(("_default", "_compiled", "mla_gather_bmm")), r
+                assert r["gbs"] < H200_PEAK_GBS * 1.05, r
             continue
         sweep = m["gemm_sweep"]
         assert {g["m"] for g in sweep} == set(calibrate.SWEEP_M)
@@ -719,3 +721,21 @@ def test_mla_decoder_quick_cpu_run_writes_its_schema(tmp_path):
     assert all(r["median_ms"] > 0 and r["tokens"] == r["batch"] + r["prompt"] for r in d["rows"])
     by_layers = {kc["layers"]: kc["kernels_per_step"] for kc in d["kernel_counts"]}
     assert by_layers[3] - by_layers[2] > 0 and by_layers[2] > by_layers[1]
+
+
+def test_mla_decode_gather_is_attention_of_every_head_over_the_latent():
+    """The harness's MLA kernel equals softmax(q k^T / sqrt(d)) v per head, with k the gathered
+    latent + RoPE key and v the latent, for pages scattered in the pool."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    c, dr, bs, B, H = 8, 4, 4, 2, 3
+    pool = torch.randn(64, c + dr, generator=g, dtype=torch.float64)
+    tables = calibrate.random_block_tables(torch, B, 3, 16, 1, seed=1)[0]
+    slots = calibrate.block_slots(torch, tables, bs)
+    q = torch.randn(B, H, c + dr, generator=g, dtype=torch.float64)
+    got = calibrate.mla_decode_gather(torch, q, pool, slots, c)
+    for b in range(B):
+        kv = pool[slots[b]]
+        for h in range(H):
+            w = torch.softmax(kv @ q[b, h] / math.sqrt(c + dr), dim=0)
+            assert torch.allclose(got[b, h], w @ kv[:, :c], rtol=1e-6, atol=1e-6)  # (softmax in fp32)

@@ -194,3 +194,24 @@ def test_deepseek_v3_fits_eight_h200_only_with_8_bit_weights():
     out = json.loads(stdout)
     ops = {o["name"] for o in out["ops"]}
     assert {"mla_absorb", "shared_experts", "moe_router", "all_reduce_mlp"} <= ops
+
+
+def test_mla_decode_attention_reads_the_engines_measured_mla_kernel():
+    """torch-graph names a measured MLA decode kernel (mla_gather_bmm, one layer on the H200):
+    DeepSeek-V2-Lite's decode attention is that table's time at its 16 heads, not the roofline's;
+    an engine without one keeps the roofline, and a GQA model keeps its own table."""
+    from npusim.specs import load_engine_profile
+
+    hw, m = load_hardware("h200"), load_model("deepseek-v2-lite")
+    graph = load_engine_profile("torch-graph")
+    assert graph.mla_decode_attention_impl == "mla_gather_bmm"
+    cm = CostModel(hw, m, engine=graph)
+    B, ctx = 64, 8192
+    op = cm.attention_decode_op(B, B * ctx, B * ctx)
+    measured = cm.tables.decode_attention.time("mla_gather_bmm", 16, 1, 576, 16, B, ctx)
+    assert op.time_s == pytest.approx(measured, rel=1e-12)
+    assert cm.decode_attention_time(B, B * ctx, B * ctx) == op.time_s  # (the hot path's twin)
+    roofline = CostModel(hw, m, engine=graph.model_copy(update={"mla_decode_attention_impl": None}))
+    assert roofline.attention_decode_op(B, B * ctx, B * ctx).time_s < 0.8 * op.time_s
+    # the plain-PyTorch gather + bmm reads the latent at well under the HBM's bandwidth
+    assert m.kv_bytes_per_token("bf16") / m.num_layers * B * ctx / op.time_s < 0.25 * hw.memory_bandwidth_gbs * 1e9
