@@ -912,15 +912,18 @@ def bench_prefill_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
         causal_lower_right = None
     rows = []
     cases = [(n, 0) for n in plan["prefill_lengths"]] + [tuple(c) for c in plan["prefill_chunks"]]
-    for hq, hkv, d in plan["prefill_heads"]:
+    for layout in plan["prefill_heads"]:
+        # (Hq, Hkv, D) or (Hq, Hkv, D, Dv): V narrower than Q and K, as MLA's up-projected prefill
+        hq, hkv, d = layout[:3]
+        dv = layout[3] if len(layout) > 3 else d
         for chunk, cached in cases:
-            say(f"prefill attention Hq={hq} Hkv={hkv} D={d} chunk={chunk} cached={cached}")
+            say(f"prefill attention Hq={hq} Hkv={hkv} D={d} Dv={dv} chunk={chunk} cached={cached}")
             total = chunk + cached
-            kv_bytes = 2.0 * total * hkv * d * DTYPE_SIZE[dtype]
+            kv_bytes = total * hkv * (d + dv) * DTYPE_SIZE[dtype]
             copies = _copies(plan, kv_bytes)
             qs = [torch.randn(1, hq, chunk, d, device=dev.device, dtype=td) for _ in range(copies)]
             ks = [torch.randn(1, hkv, total, d, device=dev.device, dtype=td) for _ in range(copies)]
-            vs = [torch.randn_like(k) for k in ks]
+            vs = [torch.randn(1, hkv, total, dv, device=dev.device, dtype=td) for _ in range(copies)]
             if cached == 0:
                 kw: dict[str, Any] = {"is_causal": True}
                 mask = "causal (top-left = bottom-right, square)"
@@ -932,7 +935,9 @@ def bench_prefill_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
             pairs = attention_pairs(chunk, cached)
             row: dict[str, Any] = {"heads": hq, "kv_heads": hkv, "head_dim": d, "chunk": chunk,
                                    "cached": cached, "dtype": dtype, "mask": mask, "pairs": pairs,
-                                   "flops": 4.0 * hq * d * pairs, "kv_bytes": kv_bytes, "copies": copies}
+                                   "flops": 2.0 * hq * (d + dv) * pairs, "kv_bytes": kv_bytes, "copies": copies}
+            if dv != d:
+                row["v_head_dim"] = dv
             try:
                 backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b, **kw))
                 row["backend"] = backend
@@ -1002,7 +1007,7 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
             attn_impls=["gather_sdpa", "flex_paged", "mla_gather_bmm"], attn_max_kv_bytes=64 * MIB,
             attn_max_gather_bytes=64 * MIB, mla_heads=[4], mla_batch=[1, 2], mla_context=[32, 64],
             mla_latent=32, mla_rope=16, mla_block_size=16,
-            prefill_heads=[(4, 2, 16)], prefill_lengths=[32, 64], prefill_chunks=[(16, 48)],
+            prefill_heads=[(4, 2, 16), (4, 4, 24, 16)], prefill_lengths=[32, 64], prefill_chunks=[(16, 48)],
             rotate_bytes=0, max_copies=2, warmup=1, repeats=3, target_s=0.002, max_graph_calls=200)
     if quick:
         return dict(
@@ -1036,7 +1041,8 @@ def _sweep_plan(quick: bool, on_cpu: bool, l2_bytes: int | None) -> dict[str, An
         # MLA (DeepSeek-V2-Lite's 16 heads, V3's 128 over 8 devices = 16, and V3's 128 whole)
         mla_heads=[16, 128], mla_batch=[1, 4, 16, 64, 128], mla_context=[512, 2048, 8192],
         mla_latent=512, mla_rope=64, mla_block_size=16,
-        prefill_heads=[(32, 8, 128), (32, 8, 64), (40, 40, 128), (28, 4, 128)],
+        # the last: MLA prefill (DeepSeek-V2-Lite's 16 heads of 192 for q and k, 128 for v)
+        prefill_heads=[(32, 8, 128), (32, 8, 64), (40, 40, 128), (28, 4, 128), (16, 16, 192, 128)],
         prefill_lengths=[256, 512, 1024, 2048, 4096, 8192],
         prefill_chunks=[(128, 3968), (256, 1792), (512, 1536), (512, 3584), (512, 7680),
                         (1024, 3072), (2048, 2048), (2048, 6144)],

@@ -569,7 +569,11 @@ def test_committed_h200_calibration_is_sane():
         assert m["device"]["kind"] == "cuda" and "H200" in m["device"]["name"] and not m["quick"]
         assert m["dtype"] == "bf16"
         if "gemm_sweep" not in m:  # a run of some sections only (another SDPA backend, chains)
-            assert set(m["sections"]) <= {"kernel_chain", "decode_attention"}, m["sections"]
+            assert set(m["sections"]) <= {"kernel_chain", "decode_attention", "prefill_attention"}, m["sections"]
+            for r in m.get("prefill_attention", []):  # below the dense bf16 peak, and flops as counted
+                d, dv = r["head_dim"], r.get("v_head_dim", r["head_dim"])
+                assert r["flops"] == 2.0 * r["heads"] * (d + dv) * r["pairs"]
+                assert 0 < r["tflops"] < H200_PEAK_TFLOPS, r
             for c in m.get("kernel_chain", []):
                 assert 0 < c["graph"]["us_per_kernel"] < c["eager"]["host_us_per_kernel"]
             for r in m.get("decode_attention", []):
