@@ -249,11 +249,10 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
               tp: int = 1, ep: int = 1, pp: int = 1) -> dict:
     """Everything of a point except its comparison with the proportional law."""
     if pp > 1 and instances > 1:
-        raise NpusimError("pp > 1 runs one instance over pp stages: it does not share a device with other "
-                          "instances")
+        raise NpusimError(f"--pp {pp} runs one instance over {pp} stages: --instances must be 1, got {instances}")
     if batch % pp:
-        raise NpusimError(f"batch {batch} does not split into {pp} equal micro-batches, one per pipeline stage "
-                          f"in flight: use a multiple of {pp}")
+        raise NpusimError(f"--batch {batch} does not split into {pp} equal micro-batches (one per stage in "
+                          f"flight): use a multiple of --pp {pp}")
     setup = instance_setup(hw, model, instance_engine(
         batch=batch, block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
         utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep, pp=pp), instances, sharing)

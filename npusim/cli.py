@@ -535,11 +535,6 @@ def analyze(
         raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")
     if pp > 1 and compare:
         raise NpusimError("--compare runs the simulator on one device's grid: with --pp, use simulate --pp")
-    if pp > 1 and instances > 1:
-        raise NpusimError(f"--pp {pp} runs one instance over {pp} stages: --instances must be 1, got {instances}")
-    if batch % pp:
-        raise NpusimError(f"--batch {batch} does not split into {pp} equal micro-batches (one per stage in "
-                          f"flight): use a multiple of --pp {pp}")
     point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing,
                              tp=tp, ep=ep, pp=pp, **kw)
     # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)

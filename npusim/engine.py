@@ -315,6 +315,7 @@ class Simulation:
         self.record = RunRecord(instances=[])
         self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share, stages[i])
                           for i, s in enumerate(setups)]
+        self.replicas = [self.instances[i:i + self.group] for i in range(0, k, self.group)]
         self.limit = simpy.Resource(self.env, capacity=max_concurrency) if max_concurrency else None
         self._done = 0
         self._rr = 0
@@ -367,42 +368,34 @@ class Simulation:
         if self._in_flight > self.record.max_in_flight:
             self.record.max_in_flight = self._in_flight
         if self.group > 1:
-            inst = self._pipeline_engine(r)
-        elif self.router in ("least-outstanding", "prefix-aware"):  # the fewest requests in flight
-            inst = min(self.instances, key=lambda i: i.outstanding)
-            if self.router == "prefix-aware" and r.prefix_group >= 0:
-                # a shared prefix's requests go to one replica, where it is cached, while that
-                # replica is not far busier than the least busy (then balance wins)
-                home = self.instances[r.prefix_group % len(self.instances)]
-                if home.outstanding <= 2 * inst.outstanding + 4:
-                    inst = home
+            # a pipeline replica (its load: the requests in flight over its virtual engines), then
+            # the replica's virtual engine with the fewest unfinished requests (vLLM V0)
+            rep = self._route(self.replicas, lambda rep: sum(i.outstanding for i in rep), r)
+            inst = min(rep, key=lambda i: i.outstanding)
         else:
-            inst = self.instances[self._rr % len(self.instances)]
-            self._rr += 1
+            inst = self._route(self.instances, lambda i: i.outstanding, r)
         problem = inst.sched.capacity_problem(r)
         if problem:
             self.reject(r, problem)
         else:
             inst.submit(r)
 
-    def _pipeline_engine(self, r: Request) -> Instance:
-        """The router picks a replica (its requests in flight: the sum over its virtual engines),
-        then the replica's virtual engine with the fewest unfinished requests (vLLM V0)."""
-        g = self.group
-        replicas = [self.instances[i:i + g] for i in range(0, len(self.instances), g)]
-        load = lambda rep: sum(i.outstanding for i in rep)  # noqa: E731
-        if len(replicas) == 1:
-            rep = replicas[0]
-        elif self.router in ("least-outstanding", "prefix-aware"):
-            rep = min(replicas, key=load)
+    def _route(self, units: list, load: Callable, r: Request):
+        """The replica (or instance) the router sends `r` to, `load` giving its requests in flight."""
+        if len(units) == 1:
+            return units[0]
+        if self.router in ("least-outstanding", "prefix-aware"):  # the fewest requests in flight
+            unit = min(units, key=load)
             if self.router == "prefix-aware" and r.prefix_group >= 0:
-                home = replicas[r.prefix_group % len(replicas)]
-                if load(home) <= 2 * load(rep) + 4:
-                    rep = home
-        else:
-            rep = replicas[self._rr % len(replicas)]
-            self._rr += 1
-        return min(rep, key=lambda i: i.outstanding)
+                # a shared prefix's requests go to one replica, where it is cached, while that
+                # replica is not far busier than the least busy (then balance wins)
+                home = units[r.prefix_group % len(units)]
+                if load(home) <= 2 * load(unit) + 4:
+                    unit = home
+            return unit
+        unit = units[self._rr % len(units)]
+        self._rr += 1
+        return unit
 
     def _arrivals(self, specs: Iterable[RequestSpec]):
         env = self.env
