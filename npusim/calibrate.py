@@ -1260,6 +1260,8 @@ def profile_mapping(hw) -> dict[str, Any]:
             continue
         value = getattr(hw, field)
         if field in NUMBER_FIELDS:
+            if field not in hw.provenance:  # an optional number the profile leaves out
+                continue
             prov = hw.provenance[field]
             data[field] = {"value": value, "kind": prov.kind, "source": prov.source}
         elif field == "kv_block_sizes":

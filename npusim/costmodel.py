@@ -121,6 +121,11 @@ class CostModel:
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
         self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
+        self.gemm_fixed = hw.gemm_fixed_us * 1e-6  # a GEMM kernel's time beyond its roofline
+        # causal prefill attention's rate where no table measured it: its own share of the peak
+        # where the profile gives one, else the GEMM rate
+        self._flash_rate = (hw.matmul_tflops(compute_dtype) * 1e12 * hw.flash_attention_efficiency
+                            if hw.flash_attention_efficiency is not None else None)
         # measured kernel times of this device, when its profile was calibrated
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
         # the least time of one kernel of each op in this engine's implementation
@@ -191,16 +196,17 @@ class CostModel:
 
     # -- primitive pricing -----------------------------------------------------------------------
     def _price(self, flops: float, nbytes: float, rate: float, kernels: int,
-               floor: float | None = None) -> tuple[float, str]:
-        """One of the op's kernels does its work (the roofline, or less than that kernel's least
-        time); each other kernel costs its least time. A fused op (no kernel of its own) costs
-        only its work, in its neighbour's kernel."""
+               floor: float | None = None, fixed: float = 0.0) -> tuple[float, str]:
+        """One of the op's kernels does its work (the roofline plus the kernel's `fixed` time, or
+        less than that kernel's least time); each other kernel costs its least time. A fused op (no
+        kernel of its own) costs only its work, in its neighbour's kernel."""
         tc = flops / rate
         tm = nbytes / self.bw
         t = max(tc, tm)
         bound = "compute" if tc >= tm else "memory"
         if not kernels:
             return t, bound
+        t += fixed
         floor = self.latency if floor is None else floor
         if floor > t:
             t, bound = floor, "latency"
@@ -228,7 +234,7 @@ class CostModel:
             return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
                * _pad_efficiency(k, hw.matmul_tile_k))
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, floor)
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, floor, self.gemm_fixed)
         return Op(name, flops, nbytes, t, bound, kernels)
 
     def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
@@ -349,7 +355,7 @@ class CostModel:
         nbytes = H * c * (dn + dv) * self._linear_weight_bytes + D * H * (dn + 2 * c + dv) * ACT_BYTES
         eff = _pad_efficiency(D, self.hw.matmul_tile_m)
         k = self.kernels["mla_absorb"]
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, k, self.floor["mla_absorb"])
+        t, bound = self._price(flops, nbytes, self.mm_rate * eff, k, self.floor["mla_absorb"], self.gemm_fixed)
         return Op("mla_absorb", flops, nbytes, t, bound, k)
 
     def kv_b_proj_op(self, kv_tokens: int) -> Op:
@@ -396,7 +402,7 @@ class CostModel:
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
-                                   self.floor.get(name, self.latency))
+                                   self.floor.get(name, self.latency), self.gemm_fixed)
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
                 measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens * ranks,
                                       self._grouped_roofline(name))
@@ -510,8 +516,8 @@ class CostModel:
                                                         self._prefill_flops_per_pair * (c * p + c * (c + 1) / 2.0))
                     for c, p in chunks)
             return Op("attention_prefill", flops, nbytes, t, "compute", kernels)
-        eff = _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, self.floor["attention_prefill"])
+        rate = self._flash_rate or self.mm_rate * _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
+        t, bound = self._price(flops, nbytes, rate, kernels, self.floor["attention_prefill"])
         return Op("attention_prefill", flops, nbytes, t, bound, kernels)
 
     def ops(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,

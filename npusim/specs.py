@@ -229,6 +229,14 @@ class HardwareSpec(BaseModel):
     matmul_efficiency: float = Field(gt=0, le=1)
     vector_efficiency: float = Field(gt=0, le=1)
     memory_efficiency: float = Field(gt=0, le=1)
+    # Measured on the device where a profile has no calibration tables: what a GEMM kernel takes
+    # beyond its roofline (the intercept of decode GEMM times against their bytes: filling and
+    # draining the cube pipeline), and the share of the matmul peak causal flash attention reaches
+    # in prefill (None: the GEMM rate, matmul_efficiency). Optional: a profile without them has
+    # neither term; given, each needs its source like every other number.
+    gemm_fixed_us: float = Field(default=0.0, ge=0, description="GEMM time beyond its roofline")
+    flash_attention_efficiency: float | None = Field(
+        default=None, gt=0, le=1, description="share of the matmul peak causal prefill attention reaches")
     matmul_tile_m: int = Field(gt=0, description="hardware MMA tile rows")
     matmul_tile_n: int = Field(gt=0)
     matmul_tile_k: int = Field(gt=0)
@@ -242,7 +250,8 @@ class HardwareSpec(BaseModel):
     def _check(self) -> "HardwareSpec":
         if self.idle_w >= self.tdp_w:
             raise ValueError(f"idle_w ({self.idle_w}) must be below tdp_w ({self.tdp_w})")
-        missing = [f for f in NUMBER_FIELDS if f not in self.provenance]
+        missing = [f for f in NUMBER_FIELDS if f not in self.provenance
+                   and (f not in OPTIONAL_NUMBER_FIELDS or f in self.model_fields_set)]
         if missing:
             raise ValueError(f"no source given for {', '.join(missing)}")
         return self
@@ -284,9 +293,11 @@ class HardwareSpec(BaseModel):
         })
 
 
+# numbers a profile may leave out (their defaults add nothing); given, they need a source too
+OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency")
 NUMBER_FIELDS = tuple(
     name for name, info in HardwareSpec.model_fields.items()
-    if info.annotation in (int, float)
+    if info.annotation in (int, float) or name in OPTIONAL_NUMBER_FIELDS
 )
 
 

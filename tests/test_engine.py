@@ -444,8 +444,9 @@ def test_overload_is_flagged_when_the_arrivals_outrun_the_service():
     light = load("--model", "llama-3.2-1b", "--requests", "400", "--rate", "2")
     assert not light["load"]["overloaded"] and light["load"]["served_fraction"] > 0.9
     assert light["load"]["offered_rate"] == pytest.approx(2, rel=0.15)
-    # the default scenario at 4x its rate: after the warm-up, under 90 % of the arrivals complete
-    heavy = load("--rate", "32")
+    # the default scenario at 4x its rate, long enough for a steady state to be judged: after the
+    # warm-up, under 90 % of the arrivals complete
+    heavy = load("--rate", "32", "--requests", "1500")
     assert heavy["load"]["overloaded"] and heavy["load"]["served_fraction"] < 0.9
     assert heavy["load"]["in_system_second_half"] >= heavy["load"]["in_system_first_half"]
     # a burst too short for a steady state: judged by the queue at its last arrival
@@ -454,5 +455,5 @@ def test_overload_is_flagged_when_the_arrivals_outrun_the_service():
     assert burst["request_throughput"] < 0.5 * burst["load"]["offered_rate"]
     at_once = load("--model", "llama-3.2-1b", "--requests", "400", "--rate", "inf")
     assert not at_once["load"]["overloaded"] and at_once["load"]["offered_rate"] is None
-    rc, out, _ = run_cli("simulate", "--rate", "32")
+    rc, out, _ = run_cli("simulate", "--rate", "32", "--requests", "1500")
     assert "warning: overloaded: after the warm-up" in out

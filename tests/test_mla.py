@@ -152,16 +152,18 @@ def test_mla_decode_reads_the_latent_once_for_every_head():
 
 def test_the_latent_is_whole_on_every_tensor_parallel_device():
     """MLA under TP: the heads divide but every device caches the whole latent (vLLM), so KV bytes
-    per token do not fall with TP as GQA's do, and decode attention turns from compute-bound
-    (128 heads share one latent: ~240 FLOP a byte) to memory-bound (16 heads)."""
+    per token do not fall with TP as GQA's do, and decode attention goes from about 240 FLOP a byte
+    (128 heads share one latent) to 30, memory-bound (16 heads)."""
     m, gqa = load_model("deepseek-v3"), load_model("llama-3.1-70b")
     s = tp_shard(m, 8)
     assert s.num_heads == 16 and s.kv_bytes_per_token() == m.kv_bytes_per_token()
     assert tp_shard(gqa, 8).kv_bytes_per_token() == gqa.kv_bytes_per_token() / 8
     hw = load_hardware("ascend-910b2")
     ctx = 64 * 8192
-    assert CostModel(hw, m).attention_decode_op(64, ctx, ctx).bound == "compute"
-    assert CostModel(hw, s, tp=8).attention_decode_op(64, ctx, ctx).bound == "memory"
+    whole = CostModel(hw, m).attention_decode_op(64, ctx, ctx)
+    shard = CostModel(hw, s, tp=8).attention_decode_op(64, ctx, ctx)
+    assert whole.flops / whole.bytes > 200 and shard.flops / shard.bytes < 40
+    assert shard.bound == "memory"
     # the replicated compressions: qkv_proj (q_a + kv_a) does the whole model's work on each device
     full = next(o for o in CostModel(hw, m).layer_dense_ops(32) if o.name == "qkv_proj")
     part = next(o for o in CostModel(hw, s, tp=8).layer_dense_ops(32) if o.name == "qkv_proj")
