@@ -1,0 +1,61 @@
+"""Real Ascend kernel times (an Atlas 800 A3 die, from vllm-ascend profiles) beside npusim's price.
+
+    python benchmarks/validate_ascend_kernels.py [--cases benchmarks/ascend_kernel_cases.yaml]
+
+Rows marked as fitted set the Ascend profiles' GEMM and prefill-attention terms (their sources in
+hw_profiles/ say which); the rest were used for nothing and show how far those terms carry: other
+models, shapes, weight formats and the decode attention kernel. Prints each row and the median
+and largest |error| of the fitted and the held-out rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import yaml
+
+from npusim.costmodel import CostModel
+from npusim.specs import load_hardware, load_model, tp_shard
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=str(Path(__file__).with_name("ascend_kernel_cases.yaml")))
+    args = ap.parse_args()
+    cases = yaml.safe_load(Path(args.cases).read_text())
+    hw = load_hardware(cases["hw"])
+    rows = []
+    for r in cases["gemm"]:
+        cm = CostModel(hw, load_model("qwen3-8b"), weight_dtype=r["dtype"])
+        w = {"bf16": 2.0, "int8": 1.0}[r["dtype"]]
+        rows.append(("gemm", r, cm.gemm(r["m"], r["k"], r["n"], w).time_s * 1e6))
+    for r in cases["prefill_attention"]:
+        m = tp_shard(load_model(r["model"]), r["tp"])
+        cm = CostModel(hw, m, tp=r["tp"])
+        t = cm.attention_prefill_op([(r["tokens"], 0)] * r["sequences"]).time_s
+        rows.append(("prefill attention", r, t * 1e6))
+    for r in cases["decode_attention"]:
+        m = tp_shard(load_model(r["model"]), r["tp"])
+        cm = CostModel(hw, m, tp=r["tp"])
+        slots = r["batch"] * -(-r["context"] // cm.block_size) * cm.block_size
+        rows.append(("decode attention", r, cm.attention_decode_op(r["batch"], r["batch"] * r["context"], slots).time_s * 1e6))
+    print(f"{hw.name}: {cases['source'].split()[0]}")
+    print(f"{'kernel':20s} {'what':58s} {'shape':>22s} {'predicted us':>12s} {'measured us':>11s} {'error':>7s}  used")
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for kind, r, us in rows:
+        err = (us - r["us"]) / r["us"]
+        fit = bool(r.get("fit"))
+        errors[fit].append(abs(err))
+        shape = (f"{r['m']}x{r['k']}x{r['n']} {r['dtype']}" if kind == "gemm"
+                 else f"{r.get('sequences', r.get('batch'))}x{r.get('tokens', r.get('context'))}")
+        print(f"{kind:20s} {r['what'][:58]:58s} {shape:>22s} {us:12.1f} {r['us']:11.1f} {err:+7.1%}  {'fit' if fit else 'held out'}")
+    print()
+    for fit, e in errors.items():
+        if e:
+            print(f"{'fitted' if fit else 'held out':9s} median |error| {statistics.median(e):6.1%}, max {max(e):6.1%} over {len(e)} kernels")
+
+
+if __name__ == "__main__":
+    main()
