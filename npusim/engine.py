@@ -203,26 +203,20 @@ class Instance:
     def submit(self, r: Request) -> None:
         self.outstanding += 1  # (sent here and not finished: what a least-outstanding router reads)
         self.sched.submit(r)
-        if self._wake is not None and not self._wake.triggered:
-            self._wake.succeed()
+        wake = self.sim.lockstep_wake if self.sim.lockstep else self._wake
+        if wake is not None and not wake.triggered:
+            wake.succeed()
 
     def loop(self):
-        env, sched, rec, price = self.env, self.sched, self.record, self.cost.price
-        check = self.sim.check_invariants
+        env, sched, price = self.env, self.sched, self.cost.price
         while True:
             if not sched.has_work():
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
-            batch = sched.schedule()
+            batch = self.next_batch()
             if batch is None:
-                # Work waits but nothing can be admitted into an empty pool. capacity_problem()
-                # normally rejects such requests at arrival.
-                self.outstanding -= 1
-                self.sim.reject(sched.drop_head(), "could not be admitted into an empty KV pool")
                 continue
-            if check:
-                sched.check(batch)
             if self.stages is not None:
                 # Pipeline: the batch passes the stages in turn; while it is in one, another
                 # virtual engine's batch may run in another (a stage idle meanwhile is the bubble).
@@ -245,15 +239,32 @@ class Instance:
                 with self.lock.request() as grant:
                     yield grant
                     yield env.timeout(device_s + swap_s)
-            rec.host_bound_iterations += host_bound
-            rec.busy_s += device_s + swap_s
-            rec.swap_s += swap_s
-            now = env.now
-            for r in sched.complete(batch, now):
-                self.sim.complete(r, self)
-            if check:
-                sched.check()
-            self._sample(now)
+            self.finish_iteration(batch, device_s, swap_s, host_bound)
+
+    def next_batch(self):
+        """The scheduler's next batch, or None when a request waits that an empty pool cannot
+        admit (then rejected; capacity_problem() normally rejects such requests at arrival)."""
+        sched = self.sched
+        batch = sched.schedule()
+        if batch is None:
+            self.outstanding -= 1
+            self.sim.reject(sched.drop_head(), "could not be admitted into an empty KV pool")
+            return None
+        if self.sim.check_invariants:
+            sched.check(batch)
+        return batch
+
+    def finish_iteration(self, batch, device_s: float, swap_s: float, host_bound: bool) -> None:
+        rec, sched = self.record, self.sched
+        rec.host_bound_iterations += host_bound
+        rec.busy_s += device_s + swap_s
+        rec.swap_s += swap_s
+        now = self.env.now
+        for r in sched.complete(batch, now):
+            self.sim.complete(r, self)
+        if self.sim.check_invariants:
+            sched.check()
+        self._sample(now)
 
     def _sample(self, now: float) -> None:
         """Memory, queue and batch samples at the end of an iteration."""
@@ -316,6 +327,9 @@ class Simulation:
         self.instances = [Instance(self, i, s, engine, max_model_len, contiguous_policy, lock, share, stages[i])
                           for i, s in enumerate(setups)]
         self.replicas = [self.instances[i:i + self.group] for i in range(0, k, self.group)]
+        # data-parallel ranks whose experts span them (vLLM's DP attention with EP) step together
+        self.lockstep = sharing == "devices" and k > 1 and setups[0].cost.dp_ranks > 1
+        self.lockstep_wake: simpy.Event | None = None
         self.limit = simpy.Resource(self.env, capacity=max_concurrency) if max_concurrency else None
         self._done = 0
         self._rr = 0
@@ -397,6 +411,34 @@ class Simulation:
         self._rr += 1
         return unit
 
+    def _lockstep_loop(self):
+        """Data-parallel ranks whose MoE layers send tokens to each other's experts (vLLM's DP
+        attention with EP): every rank takes part in every step, a rank with no requests with a
+        dummy batch (it still joins each layer's all-to-all), so a step ends when the slowest
+        rank's does and every rank is busy for all of it. Each rank's batch is priced as its own
+        (the ranks' MoE layers taken as loaded alike), the step lasts the longest of them."""
+        env, ranks = self.env, self.instances
+        while True:
+            if not any(i.sched.has_work() for i in ranks):
+                self.lockstep_wake = env.event()
+                yield self.lockstep_wake
+                self.lockstep_wake = None
+            batches = [i.next_batch() if i.sched.has_work() else None for i in ranks]
+            priced = [i.cost.price(b) if b is not None else None for i, b in zip(ranks, batches)]
+            steps = [p[0] + p[1] + p[2] for p in priced if p is not None]
+            if not steps:
+                continue
+            step = max(steps)
+            yield env.timeout(step)
+            for i, b, p in zip(ranks, batches, priced):
+                if b is None:  # a dummy batch: busy the whole step, nothing to finish
+                    i.record.busy_s += step
+                    i._sample(env.now)
+                    continue
+                host_s, device_s, swap_s, host_bound = p
+                # waiting for the slowest rank keeps this one's device in the step
+                i.finish_iteration(b, step - host_s - swap_s, swap_s, host_bound)
+
     def _arrivals(self, specs: Iterable[RequestSpec]):
         env = self.env
         for spec in specs:
@@ -428,8 +470,11 @@ class Simulation:
             rec.arrival_span = span
             rec.arrival_bins = [b - a for a, b in zip(edges, edges[1:])]
             rec.completion_bins = [0] * LOAD_BINS
-        for inst in self.instances:
-            self.env.process(inst.loop())
+        if self.lockstep:
+            self.env.process(self._lockstep_loop())
+        else:
+            for inst in self.instances:
+                self.env.process(inst.loop())
         counted = _Counted(specs)
         self.env.process(self._arrivals(counted))
         self.env.run()

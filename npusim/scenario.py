@@ -407,6 +407,8 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
         "parallel": {"tensor_parallel_size": tp, "expert_parallel_size": insts[0].setup.engine.expert_parallel_size,
                      "data_parallel_size": sc.dp, "router": sc.router, "pipeline_parallel_size": pp,
                      "devices": tp * sc.dp * pp,  # (instances > 1 share one device)
+                     # data-parallel ranks whose experts span them run every step together
+                     "lock_step": sc.dp > 1 and insts[0].setup.cost.dp_ranks > 1,
                      "memory_per_device_gib": insts[0].setup.plan.device_bytes / 2**30,
                      "comm_share_of_decode_step": _comm_share(insts[0], record)},
         "load": load_check(record),

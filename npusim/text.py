@@ -35,6 +35,7 @@ SETUP, KV, ENERGY = "npusim: setup", "npusim: KV cache", "npusim: energy"
 def result_lines(r: dict) -> list[Line]:
     """Every line of a `simulate --json` result, in vllm bench serve's order, then npusim's."""
     kv, en, sc = r["kv_cache"], r["energy"], r["scenario"]
+    par = r.get("parallel") or {"devices": 1}  # (a result saved before it was reported)
     eng = sc["engine"]
     mode = ("paged" if eng["paging"] else f"contiguous ({sc['contiguous_policy']} reservation)") + \
         f", {r['batching']} batching"
@@ -59,6 +60,10 @@ def result_lines(r: dict) -> list[Line]:
         Line(SETUP, "Device / model", f"{r['hw']} / {r['model']}"),
         Line(SETUP, "Instances / sharing", f"{sc['instances']} / {sc['sharing']}"),
         Line(SETUP, "Engine", f"{r['engine_profile']} ({r['execution']})"),
+        *([Line(SETUP, "Devices (tp x dp x pp)", f"{par['devices']} ({par['tensor_parallel_size']} x "
+               f"{par['data_parallel_size']} x {par['pipeline_parallel_size']})"
+               + (f", experts over {par['expert_parallel_size']}" if par["expert_parallel_size"] > 1 else "")
+               + (", ranks in lock step" if par.get("lock_step") else ""))] if par["devices"] > 1 else []),
         Line(SETUP, "KV cache", mode),
         Line(SETUP, "Memory per instance", r["memory"]["verdict"]),
         Line(KV, "Block size", kv["block_size"], "d", "tokens"),

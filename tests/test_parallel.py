@@ -258,3 +258,40 @@ def test_simulate_data_parallel_experts_needs_as_many_replicas():
     assert rc == 0, err
     par = json.loads(out)["parallel"]
     assert par["devices"] == 2 and par["expert_parallel_size"] == 2 and par["comm_share_of_decode_step"] > 0
+
+
+def _dp_run(ep: int, prompts: list[int], out: int = 64):
+    """Two data-parallel ranks of Qwen3-30B-A3B on an H200 node, one request each (round robin),
+    sent at once; expert parallel over the ranks (ep 2) or every rank with all experts (ep 1)."""
+    from npusim.scenario import Scenario, simulate_scenario
+    from npusim.workload import WorkloadSpec
+    sc = Scenario(hw="h200", model="qwen3-30b-a3b", engine=EngineConfig(expert_parallel_size=ep),
+                  dp=2, workload=WorkloadSpec(input_lens=prompts, output_lens=[out] * len(prompts)), seed=0)
+    return simulate_scenario(sc)
+
+
+def test_expert_parallel_ranks_step_together():
+    """vLLM's DP attention with EP: every rank joins every step (an idle one with a dummy batch), so
+    a step lasts as long as the slowest rank's. A long prompt on rank 0, a short one on rank 1:
+    in lock step the short request's first token waits for the long one's first 8k-token chunk,
+    while independent replicas (ep 1) serve it at its own pace, as if the other rank were empty;
+    the long request, the slowest of every step, finishes when it would alone."""
+    lock, free = _dp_run(2, [16000, 16]), _dp_run(1, [16000, 16])
+    # independent replicas: the short request as if the other rank had nothing
+    assert min(free.e2el.values) == pytest.approx(min(_dp_run(1, [16]).e2el.values), rel=1e-9)
+    # lock step: it waits for the long prompt's first chunk, and is slower than with an idle partner
+    short_alone = _dp_run(2, [16])
+    assert min(lock.ttft.values) > 10 * min(short_alone.ttft.values)
+    assert min(lock.e2el.values) > min(short_alone.e2el.values)
+    # the long request is the slowest rank of every step: it finishes when it would alone
+    assert max(lock.e2el.values) == pytest.approx(max(_dp_run(2, [16000]).e2el.values), rel=1e-9)
+
+
+def test_a_rank_without_requests_still_takes_every_step():
+    """The idle rank's device runs the dummy batch of every step: busy as long as the run, at
+    least as long as the rank that has the request (whose host work comes first in each step)."""
+    run = _dp_run(2, [512])
+    busy, idle = sorted(run.instances, key=lambda i: i.stats.output_tokens, reverse=True)
+    assert busy.stats.output_tokens == 64 and idle.stats.output_tokens == 0
+    assert idle.busy_s >= busy.busy_s > 0
+    assert idle.busy_s == pytest.approx(max(run.e2el.values), rel=1e-9)
