@@ -421,7 +421,7 @@ def test_max_concurrent_requests_and_itl_spread():
     capped = run_scenario(scenario(n=30, prompt=128, output=8, workload={"max_concurrency": 4}))
     assert capped["max_concurrent_requests"] == 4
     # one request alone: its inter-token latencies are its decode iterations, exactly
-    P, O = 4000, 300  # long enough that attention, not its least kernel time, sets the step
+    P, O = 30000, 300  # long enough that attention, not its least kernel time, sets the step
     sc = scenario(n=1, prompt=P, output=O)
     r = run_scenario(sc)
     cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
