@@ -4,14 +4,18 @@
 
 Rows marked as fitted set the Ascend profiles' GEMM and prefill-attention terms (their sources in
 hw_profiles/ say which); the rest were used for nothing and show how far those terms carry: other
-models, shapes, weight formats and the decode attention kernel. Prints each row and the median
+models, shapes and weight formats, and whole decode steps (device, collectives and host) of
+another run. Prints each row and the median
 and largest |error| of the fitted and the held-out rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -41,6 +45,11 @@ def main() -> None:
         cm = CostModel(hw, m, tp=r["tp"])
         slots = r["batch"] * -(-r["context"] // cm.block_size) * cm.block_size
         rows.append(("decode attention", r, cm.attention_decode_op(r["batch"], r["batch"] * r["context"], slots).time_s * 1e6))
+    for r in cases.get("steps", []):
+        out = subprocess.run([sys.executable, "-m", "npusim", "step", "--hw", cases["hw"], "--model", r["model"],
+                              "--tp", str(r["tp"]), "--batch", str(r["batch"]), "--context", str(r["context"]),
+                              "--json"], capture_output=True, text=True, check=True).stdout
+        rows.append(("decode step", {**r, "us": r["ms"] * 1e3}, json.loads(out)["iteration_ms"] * 1e3))
     print(f"{hw.name}: {cases['source'].split()[0]}")
     print(f"{'kernel':20s} {'what':58s} {'shape':>22s} {'predicted us':>12s} {'measured us':>11s} {'error':>7s}  used")
     errors: dict[bool, list[float]] = {True: [], False: []}
@@ -49,7 +58,8 @@ def main() -> None:
         fit = bool(r.get("fit"))
         errors[fit].append(abs(err))
         shape = (f"{r['m']}x{r['k']}x{r['n']} {r['dtype']}" if kind == "gemm"
-                 else f"{r.get('sequences', r.get('batch'))}x{r.get('tokens', r.get('context'))}")
+                 else f"{r.get('sequences', r.get('batch'))}x{r.get('tokens', r.get('context'))}"
+                 + (f" tp{r['tp']}" if kind == "decode step" else ""))
         print(f"{kind:20s} {r['what'][:58]:58s} {shape:>22s} {us:12.1f} {r['us']:11.1f} {err:+7.1%}  {'fit' if fit else 'held out'}")
     print()
     for fit, e in errors.items():
