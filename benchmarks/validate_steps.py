@@ -4,7 +4,8 @@ The measurements: npusim's reference decoder (hw_profiles/measurements/reference
 lent H200, plain PyTorch with a paged KV cache read by gather + SDPA, decode in a CUDA graph
 ("graph") or launched eagerly ("eager"), five models, decode over batch x context, batch-1
 prefill, and mixed iterations (decodes plus one chunk): h200-2026-12-02-decoder-per-process.json
-(graph and eager, one fresh process per model) and h200-2026-12-02-decoder.json (the rest); and
+(graph and eager, one fresh process per model), h200-2026-12-02-decoder-{qwen3,1b}-compile.json
+(compile styles, one process each) and h200-2026-12-02-decoder.json (the rest); and
 DeepSeek-V2-Lite (MLA attention, 64 routed experts) in plain PyTorch, graph style, decode and
 prefill (mla_moe_decoder.py: h200-2026-12-02-mla-moe-decoder.json), kept out of the "all" rows.
 
@@ -16,8 +17,11 @@ What was fitted, and on what (everything else is a prediction):
 - torch-graph's kernels of the MLA and MoE ops (mla_absorb, moe_router, moe_combine): from ONE trace of
   the DeepSeek-V2-Lite decoder, decode at batch 8, context 2048;
 - torch-graph's MLA decode attention: a one-layer microbenchmark (h200-2026-12-02-calibrate-mla.json);
-- torch-compile's decode attention: a one-layer microbenchmark of the gather + SDPA through
-  torch.compile (h200-2026-12-02-calibrate-compiled.json), not a decoder step;
+- torch-compile's decode attention: the attention kernels of ONE compiled layer of the decoder
+  (llama-3.1-8b's and llama-3.2-1b's), over batch x context (compiled_attention.py:
+  h200-2026-12-02-compiled-attention.json), not a decoder step; the compiled decoder rows come from
+  one process per model (h200-2026-12-02-decoder-{qwen3,1b}-compile.json, then the older file's
+  llama-3.1-8b, the first model its process compiled): qwen3-8b's layers were never timed;
 - torch-eager's host dispatch per kernel: from ONE measured eager step, llama-3.1-8b decode at
   batch 1, context 512 (host-bound: its time over its kernels), see FIT_EAGER below.
 Rows used in fitting are marked and left out of the error statistics.
@@ -36,7 +40,9 @@ from npusim.costmodel import CostModel
 from npusim.specs import ceil_div, load_engine_profile, load_hardware, load_model
 
 MEAS = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"
-FILES = ("h200-2026-12-02-decoder-per-process.json", "h200-2026-12-02-decoder.json")
+FILES = ("h200-2026-12-02-decoder-qwen3-compile.json", "h200-2026-12-02-decoder-1b-compile.json",
+         "h200-2026-12-02-decoder-per-process.json",
+         "h200-2026-12-02-decoder.json")
 ENGINES = {"graph": "torch-graph", "eager": "torch-eager", "compile_graph": "torch-compile"}
 FIT_TRACE = ("llama-3.1-8b", "decode", 8, 2048)
 FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 1, 512)

@@ -567,6 +567,8 @@ class Runner:
             self.p["models"] = args.models.split(",")
         if args.styles:
             self.p["styles"] = args.styles.split(",")
+        if getattr(args, "compile_models", None):
+            self.p["compile_models"] = args.compile_models.split(",")
         if self.on_cpu:
             self.p["styles"] = [s for s in self.p["styles"] if "graph" not in s]
         self.t0 = time.perf_counter()
@@ -822,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--styles", help="comma-separated subset of eager, graph, compile, compile_graph")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
+    ap.add_argument("--compile-models", help="comma-separated models the compile styles run (default: llama-3.1-8b, llama-3.2-1b)")
     ap.add_argument("--trace-dir", help="write gzipped chrome traces here")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile styles (default: default)")
     ap.add_argument("--attn", default="gather", choices=["flex", "gather"],
