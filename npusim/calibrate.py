@@ -37,7 +37,7 @@ from npusim.errors import NpusimError
 INSTALL_HINT = "pip install -e '.[calibrate]'"
 SCHEMA_VERSION = 2  # 2 adds the shape-aware sections; every key of version 1 is kept
 GIB = 2**30
-DTYPE_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
 
 # --------------------------------------------------------------------------- device
@@ -436,18 +436,31 @@ def bench_linear(torch, dev: DeviceInfo, m: int, n: int, k: int, dtype: str, pla
                  layers: list[str] | None = None) -> dict:
     """y[m, n] = x[m, k] @ W[n, k]^T, the linear layer of a model (torch.mm on the transposed
     weight view, as F.linear does). W rotates over copies past the L2, as successive layers'
-    weights would; small M is replayed from a graph so launch gaps don't count."""
-    td = _torch_dtype(torch, dtype)
+    weights would; small M is replayed from a graph so launch gaps don't count. dtype "fp8": x
+    and W in float8 e4m3 with per-tensor scales, y in bf16, through torch._scaled_mm (W8A8 FP8,
+    as vLLM runs FP8 checkpoints on FP8 tensor cores)."""
     size = DTYPE_SIZE[dtype]
-    x = torch.randn(m, k, device=dev.device, dtype=td)
     copies = _copies(plan, n * k * size)
-    ws = [torch.randn(n, k, device=dev.device, dtype=td) for _ in range(copies)]
-    y = torch.empty(m, n, device=dev.device, dtype=td)
-    calls = [lambda w=w: torch.mm(x, w.t(), out=y) for w in ws]
+    if dtype == "fp8":
+        f8 = torch.float8_e4m3fn
+        x = torch.randn(m, k, device=dev.device, dtype=torch.bfloat16).to(f8)
+        ws = [torch.randn(n, k, device=dev.device, dtype=torch.bfloat16).to(f8) for _ in range(copies)]
+        one = torch.ones((), device=dev.device, dtype=torch.float32)
+        calls = [lambda w=w: torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+                 for w in ws]
+        op = "x @ W^T (torch._scaled_mm, float8 e4m3, per-tensor scales, bf16 out)"
+        nbytes = float(m * k + n * k + m * n * 2)
+    else:
+        td = _torch_dtype(torch, dtype)
+        x = torch.randn(m, k, device=dev.device, dtype=td)
+        ws = [torch.randn(n, k, device=dev.device, dtype=td) for _ in range(copies)]
+        y = torch.empty(m, n, device=dev.device, dtype=td)
+        calls = [lambda w=w: torch.mm(x, w.t(), out=y) for w in ws]
+        op = "x @ W^T (torch.mm, transposed weight)"
+        nbytes = float((m * k + n * k + m * n) * size)
     t = time_calls(torch, dev, calls, plan, use_graph=m <= plan["graph_max_m"])
     flops = 2.0 * m * n * k
-    nbytes = float((m * k + n * k + m * n) * size)
-    row = {"m": m, "n": n, "k": k, "dtype": dtype, "op": "x @ W^T (torch.mm, transposed weight)",
+    row = {"m": m, "n": n, "k": k, "dtype": dtype, "op": op,
            "layers": layers or [], "flops": flops, "bytes": nbytes, "weight_copies": copies, **t}
     row["tflops"] = flops / row["seconds"] / 1e12
     row["gbs"] = nbytes / row["seconds"] / 1e9
@@ -1074,6 +1087,7 @@ def run_calibration(device: str = "auto", quick: bool = False,
     sweep = _sweep_plan(quick, on_cpu, details.get("L2_cache_size"))
     sweep.update(overrides or {})  # e.g. other chains, another SDPA backend
     sweep_dtype = dtype
+    gemm_dtype = sweep.get("gemm_dtype") or dtype  # the GEMM sweep may time another format (fp8)
     _raise_recompile_limits(torch)
     now = _dt.datetime.now(_dt.timezone.utc)
     t_all = time.perf_counter()
@@ -1124,7 +1138,7 @@ def run_calibration(device: str = "auto", quick: bool = False,
             out["latency"] = bench_latency(torch, dev, plan)
         timed("basic", basic)
     if "gemm_sweep" in sections:
-        out["gemm_sweep"] = timed("gemm_sweep", lambda: bench_gemm_sweep(torch, dev, sweep_dtype, sweep, say))
+        out["gemm_sweep"] = timed("gemm_sweep", lambda: bench_gemm_sweep(torch, dev, gemm_dtype, sweep, say))
     if "bandwidth" in sections:
         def bandwidth() -> None:
             reads, copies = [], []
@@ -1459,6 +1473,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chains", default=None,
                    help="kernel chains to time instead of the default ones: OP:ROWSxCOLS,... with OP "
                         "add, mm or rms_norm")
+    p.add_argument("--gemm-dtype", default=None, choices=["bf16", "fp16", "fp8"],
+                   help="the gemm_sweep's format (default: the device's 16-bit type); fp8 times W8A8 "
+                        "GEMMs through torch._scaled_mm, rows of dtype fp8 that FP8 weights are priced by")
     p.add_argument("--attn-impls", default=None,
                    help="decode attention impls: gather_sdpa, flex_paged, gather_sdpa_compiled")
     args = p.parse_args(argv)
@@ -1479,6 +1496,8 @@ def main(argv: list[str] | None = None) -> int:
                 r, _, c = shape.partition("x")
                 chains.append((op.strip(), (int(r), int(c))))
             overrides["chains"] = chains
+        if args.gemm_dtype:
+            overrides["gemm_dtype"] = args.gemm_dtype
         if args.attn_impls:
             overrides["attn_impls"] = [i.strip() for i in args.attn_impls.split(",") if i.strip()]
         meas = run_calibration(args.device, args.quick, progress=progress, sections=sections,

@@ -116,18 +116,25 @@ class CostModel:
         self.kv_dtype = kv_dtype
         self.w_bytes = dtype_bytes(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         self.kv_bytes = dtype_bytes(kv_dtype, KV_DTYPES, "kv_dtype")
-        compute_dtype = "fp16" if weight_dtype == "fp16" else "bf16"
+        # linear layers compute in the weights' format where the device has its matrix units (FP8
+        # on Hopper), else at 16 bits; attention always at 16 bits
+        act16 = "fp16" if weight_dtype == "fp16" else "bf16"
+        compute_dtype = weight_dtype if weight_dtype in ("fp16", "fp8") else "bf16"
         self.mm_rate = hw.matmul_tflops(compute_dtype) * 1e12 * hw.matmul_efficiency
+        self.attn_rate = hw.matmul_tflops(act16) * 1e12 * hw.matmul_efficiency
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
         self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
         self.gemm_fixed = hw.gemm_fixed_us * 1e-6  # a GEMM kernel's time beyond its roofline
         # causal prefill attention's rate where no table measured it: its own share of the peak
         # where the profile gives one, else the GEMM rate
-        self._flash_rate = (hw.matmul_tflops(compute_dtype) * 1e12 * hw.flash_attention_efficiency
+        self._flash_rate = (hw.matmul_tflops(act16) * 1e12 * hw.flash_attention_efficiency
                             if hw.flash_attention_efficiency is not None else None)
         # measured kernel times of this device, when its profile was calibrated
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
+        # FP8 weights on a device with FP8 matrix units and its FP8 GEMMs timed
+        self._fp8_table = (self.tables.gemm_fp8 if self.tables is not None and weight_dtype == "fp8"
+                           and hw.matmul_tflops_fp8 is not None else None)
         # the least time of one kernel of each op in this engine's implementation
         floors = self.engine.kernel_floor_us
         self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MODEL_OP_KERNELS)}
@@ -141,7 +148,8 @@ class CostModel:
                 raise NpusimError(f"engine {self.engine.name}: norm kernel {norm!r} is not among "
                                   f"{hw.name}'s timed kernel chains")
             self.floor.update(self._norm_floor)
-        self._peak = hw.matmul_tflops("fp16" if weight_dtype == "fp16" else "bf16") * 1e12
+        self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
+        self._peak16 = hw.matmul_tflops(act16) * 1e12  # what the tables were measured at
         self._peak_bw = hw.memory_bandwidth_gbs * 1e9
         self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
         self.kv_bytes_per_token_layer = model.kv_values_per_token_layer * self.kv_bytes
@@ -175,7 +183,7 @@ class CostModel:
             self._prefill_flops_per_pair = self._attn_flops_per_ctx
         group = m.num_heads // m.num_kv_heads
         # GQA packs the query heads of one KV head as the rows of a small GEMM.
-        self._attn_decode_rate = self.mm_rate * _pad_efficiency(group, hw.matmul_tile_m)
+        self._attn_decode_rate = self.attn_rate * _pad_efficiency(group, hw.matmul_tile_m)
         self._decode_kernels = self.kernels["attention_decode"]
         self._decode_floor = self.floor["attention_decode"]
         impl = self.engine.mla_decode_attention_impl if m.mla else self.engine.decode_attention_impl
@@ -189,6 +197,8 @@ class CostModel:
                                   f"{hw.name}'s calibration ({', '.join(sorted(self.tables.decode_attention.impls()))})")
             self._decode_table = self.tables.decode_attention
         self._decode_cache: dict[tuple[int, int], float] = {}
+        # the tables timed a 16-bit cache: an 8-bit one reads half the bytes in the same kernel
+        self._kv_table_scale = self.kv_bytes / ACT_BYTES
         self._absorb_cache: dict[int, float] = {}
         self._kind_cache: dict[int, tuple[float, float, float, float]] = {}
         # kernels an iteration launches outside attention
@@ -212,9 +222,11 @@ class CostModel:
             t, bound = floor, "latency"
         return t + (kernels - 1) * floor, bound
 
-    def _gemm_roofline(self, m: int, n: int, k: int, weight_bytes: float = ACT_BYTES) -> float:
-        """The datasheet roofline of a GEMM: only a ratio between shapes, for the measured table."""
-        return max(2.0 * m * n * k / self._peak,
+    def _gemm_roofline(self, m: int, n: int, k: int, weight_bytes: float = ACT_BYTES,
+                       peak: float | None = None) -> float:
+        """The datasheet roofline of a GEMM (at the 16-bit peak the tables were measured at, or
+        `peak`): only a ratio between shapes and formats, for the measured table."""
+        return max(2.0 * m * n * k / (peak or self._peak16),
                    (n * k * weight_bytes + (m * k + m * n) * ACT_BYTES) / self._peak_bw)
 
     def gemm(self, m: int, k: int, n: int, weight_bytes_per_elem: float = ACT_BYTES, kernels: int = 1,
@@ -226,10 +238,18 @@ class CostModel:
         flops = 2.0 * m * n * k
         nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
         floor = self.floor.get(name, self.latency)
+        if self.tables is not None and kernels and self._fp8_table is not None and weight_bytes_per_elem == 1.0:
+            # FP8 weights on FP8 tensor cores, timed on this device: their own table, carried
+            # between shapes by the FP8 roofline
+            t = self._fp8_table.time(m, n, k, lambda mm, nn, kk: self._gemm_roofline(mm, nn, kk, 1.0, self._peak))
+            bound = "compute" if flops / self._peak >= nbytes / self._peak_bw else "memory"
+            return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         if self.tables is not None and kernels:
             t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
-            if weight_bytes_per_elem != ACT_BYTES:  # measured in bf16: carried to the weight's bytes
-                t *= self._gemm_roofline(m, n, k, weight_bytes_per_elem) / self._gemm_roofline(m, n, k)
+            if weight_bytes_per_elem != ACT_BYTES or self._peak != self._peak16:
+                # measured in bf16: carried to the weight's bytes (and FP8's compute rate)
+                t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, self._peak)
+                      / self._gemm_roofline(m, n, k))
             bound = "compute" if flops / self._peak >= nbytes / self._peak_bw else "memory"
             return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
@@ -407,7 +427,8 @@ class CostModel:
                 measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens * ranks,
                                       self._grouped_roofline(name))
                 if measured is not None:
-                    t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw else 1.0)
+                    t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw
+                                    else self._peak16 / self._peak)
                     if ep > 1:  # measured on split experts: carried to whole ones by the roofline
                         split = (n_in, n_out // ep) if name == "gate_up_proj" else (n_in // ep, n_out)
                         t *= self._grouped_time(here, here_active, n_in, n_out) / self._grouped_time(
@@ -439,7 +460,7 @@ class CostModel:
     def _grouped_time(self, routed: float, active: float, n_in: int, n_out: int) -> float:
         """The datasheet roofline of a grouped GEMM (bf16) of `routed` rows over `active` experts:
         only a ratio, to carry a measured time to another layout."""
-        return max(2.0 * routed * n_in * n_out / self._peak,
+        return max(2.0 * routed * n_in * n_out / self._peak16,
                    (active * n_in * n_out + routed * (n_in + n_out)) * ACT_BYTES / self._peak_bw)
 
     def _grouped_roofline(self, op: str):
@@ -516,7 +537,7 @@ class CostModel:
                                                         self._prefill_flops_per_pair * (c * p + c * (c + 1) / 2.0))
                     for c, p in chunks)
             return Op("attention_prefill", flops, nbytes, t, "compute", kernels)
-        rate = self._flash_rate or self.mm_rate * _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
+        rate = self._flash_rate or self.attn_rate * _pad_efficiency(max(1, new), self.hw.matmul_tile_m)
         t, bound = self._price(flops, nbytes, rate, kernels, self.floor["attention_prefill"])
         return Op("attention_prefill", flops, nbytes, t, bound, kernels)
 
@@ -716,7 +737,7 @@ class CostModel:
                 # the measured kernel at this batch, each sequence reading its mean pages, never
                 # below its kernels' least time
                 t = self._decode_table.time(*self._decode_layout, self.block_size, num_decodes,
-                                            kv_slots / num_decodes)
+                                            kv_slots / num_decodes) * self._kv_table_scale
                 t = max(t, self._decode_kernels * self._decode_floor)
                 if len(self._decode_cache) >= 65536:  # bounded: a long run sees many shapes
                     self._decode_cache.clear()

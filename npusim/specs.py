@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from npusim.errors import NpusimError
 
-DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
-WEIGHT_DTYPES = ("bf16", "fp16", "int8", "int4")
-KV_DTYPES = ("bf16", "fp16", "int8")
+DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "fp16", "fp8", "int8")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HW_PROFILE_DIR = REPO_ROOT / "hw_profiles"
@@ -200,6 +200,9 @@ class HardwareSpec(BaseModel):
     matmul_tflops_fp16: float = Field(gt=0)
     matmul_tflops_bf16: float = Field(gt=0)
     matmul_tflops_int8: float = Field(gt=0)
+    # dense FP8 matrix throughput (Hopper's FP8 tensor cores); None: no FP8 matrix unit, FP8
+    # weights run weight-only (dequantised to 16 bits before the cube, as vLLM's FP8 Marlin)
+    matmul_tflops_fp8: float | None = Field(default=None, gt=0)
     vector_tflops: float = Field(gt=0, description="fp16 elementwise/vector throughput")
     # memory
     memory_gib: float = Field(gt=0)
@@ -257,7 +260,9 @@ class HardwareSpec(BaseModel):
         return self
 
     def matmul_tflops(self, dtype: str) -> float:
-        if dtype in ("int8", "int4"):
+        if dtype == "fp8" and self.matmul_tflops_fp8 is not None:
+            return self.matmul_tflops_fp8  # W8A8 FP8: weights and activations on the FP8 units
+        if dtype in ("fp8", "int8", "int4"):
             # weight-only quantisation dequantises to 16-bit before the cube/tensor core
             return self.matmul_tflops_bf16
         return self.matmul_tflops_fp16 if dtype == "fp16" else self.matmul_tflops_bf16
@@ -286,6 +291,7 @@ class HardwareSpec(BaseModel):
             "matmul_tflops_fp16": self.matmul_tflops_fp16 * f,
             "matmul_tflops_bf16": self.matmul_tflops_bf16 * f,
             "matmul_tflops_int8": self.matmul_tflops_int8 * f,
+            "matmul_tflops_fp8": self.matmul_tflops_fp8 * f if self.matmul_tflops_fp8 is not None else None,
             "vector_tflops": self.vector_tflops * f,
             "memory_gib": self.memory_gib * memory_fraction,
             "memory_bandwidth_gbs": bw,
@@ -294,7 +300,7 @@ class HardwareSpec(BaseModel):
 
 
 # numbers a profile may leave out (their defaults add nothing); given, they need a source too
-OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency")
+OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency", "matmul_tflops_fp8")
 NUMBER_FIELDS = tuple(
     name for name, info in HardwareSpec.model_fields.items()
     if info.annotation in (int, float) or name in OPTIONAL_NUMBER_FIELDS
@@ -1121,8 +1127,8 @@ class EngineConfig(BaseModel):
     # "auto": continuous batching with paging, static batching without (the article's baseline);
     # "continuous" without paging is Orca-style iteration-level scheduling on contiguous reservations.
     batching: Literal["auto", "continuous", "static"] = "auto"
-    weight_dtype: Literal["bf16", "fp16", "int8", "int4"] = "bf16"
-    kv_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
+    weight_dtype: Literal["bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
+    kv_dtype: Literal["bf16", "fp16", "fp8", "int8"] = "bf16"
     tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
     # experts over the tensor-parallel group, whole on one device each, instead of every expert
     # split over all of them (vLLM's --enable-expert-parallel); with --tp 1, more than one: the

@@ -581,6 +581,13 @@ def test_committed_h200_calibration_is_sane():
                 assert r["gbs"] < H200_PEAK_GBS * 1.05, r
             continue
         sweep = m["gemm_sweep"]
+        if m["sections"] == ["gemm_sweep"]:  # the FP8 sweep (--gemm-dtype fp8): its own peak
+            assert {g["dtype"] for g in sweep} == {"fp8"}
+            for g in sweep:
+                assert g["flops"] == 2.0 * g["m"] * g["n"] * g["k"]
+                assert 0 < g["tflops"] < 1979.0, g  # the H200's dense FP8 peak
+                assert g["bytes"] / g["seconds"] / 1e9 < H200_PEAK_GBS * 1.05, g
+            continue
         assert {g["m"] for g in sweep} == set(calibrate.SWEEP_M)
         assert {(g["n"], g["k"]) for g in sweep} == {(p["n"], p["k"]) for p in calibrate.zoo_gemm_pairs()}
         for g in sweep + m["gemm"]:
