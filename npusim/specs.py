@@ -942,8 +942,11 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
         if key in cfg and not isinstance(cfg[key], bool):
             raise NpusimError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
     if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) else None
+        hint = " (an fp8 checkpoint: --weight-dtype fp8)" if method == "fp8" else ""
         raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
-                          "--weight-dtype (bf16, fp16, int8, int4); give the unquantized config and that flag")
+                          f"--weight-dtype ({', '.join(WEIGHT_DTYPES)}); give the config without "
+                          f"quantization_config and that flag{hint}")
     if cfg.get("use_sliding_window") or (family in ("mistral", "mixtral") and cfg.get("sliding_window")):
         raise NpusimError(f"{where}: sliding-window attention (sliding_window {cfg.get('sliding_window')}) is "
                           "not modelled: npusim prices full attention over the whole context")
