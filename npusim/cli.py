@@ -129,7 +129,9 @@ def step(
                     "tokens_per_s_one_batch": per_tokens / one,
                     # pp batches, each passing every stage in `one`, but one stage runs one at a time
                     "tokens_per_s_pipelined": min(pp * per_tokens / one, per_tokens / max(stage_s)),
-                    "bubble_one_batch": 1.0 - held_s / (pp * one)}
+                    "bubble_one_batch": 1.0 - held_s / (pp * one),
+                    # stage i on devices i*tp..: the hand-overs that leave a node use the link between nodes
+                    "nodes": ceil_div(tp * pp, h.node_devices), "sends_between_nodes": sum(cm.cross_node)}
     iteration_s = host_s + held_s
     comm_s = sum(o.time_s for o in ops if o.bound == "comm")
     need_blocks = batch * ceil_div(context if phase == "decode" else prompt, bs)
@@ -177,7 +179,9 @@ def step(
                       f"of the device time); memory per device:")
     if pipeline is not None:
         stages = ", ".join(f"{n} layers {t:.3f} ms" for n, t in zip(pipeline["stage_layers"], pipeline["stage_ms"]))
-        console.print(f"pipeline of {pp} stages ({stages}): one batch passes them in {iteration_s * 1e3:.3f} ms "
+        over = (f" over {pipeline['nodes']} nodes ({pipeline['sends_between_nodes']} hand-over(s) between nodes, "
+                f"{h.internode_link_gbs:g} GB/s, {h.internode_latency_us:g} us)") if pipeline["nodes"] > 1 else ""
+        console.print(f"pipeline of {pp} stages{over} ({stages}): one batch passes them in {iteration_s * 1e3:.3f} ms "
                       f"({pipeline['tokens_per_s_one_batch']:,.1f} tokens/s, each stage idle "
                       f"{pipeline['bubble_one_batch']:.0%} of the time); {pp} such batches in flight: "
                       f"{pipeline['tokens_per_s_pipelined']:,.1f} tokens/s")

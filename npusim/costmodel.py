@@ -108,6 +108,9 @@ class CostModel:
         self.dp_ranks = ep // tp if ep > tp else 1
         self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
         self.stages = pp_stages(model, pp)  # (MoE layers, dense layers) of each stage
+        # stage i on devices i*tp .. (i+1)*tp - 1: its hand-over to stage i+1 leaves the node when
+        # that stage starts a node of its own
+        self.cross_node = [(i + 1) * tp % hw.node_devices == 0 for i in range(pp - 1)]
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
         self.block_size = block_size or self.engine.kv_block_sizes.recommended
@@ -567,17 +570,21 @@ class CostModel:
         layer[at:at] = [_add(None, o, m.num_layers) for o in attention]
         edge = self.edge_ops(tokens, sampled)
         if self.pp > 1:  # each stage but the last sends its tokens' activations to the next
-            send = self.pp_send_op(tokens)
-            edge.append(Op(send.name, 0.0, send.bytes * (self.pp - 1), send.time_s * (self.pp - 1), "comm",
-                           send.kernels * (self.pp - 1)))
+            sends = [self.pp_send_op(tokens, cross) for cross in self.cross_node]
+            edge.append(Op("pp_send", 0.0, sum(o.bytes for o in sends), sum(o.time_s for o in sends), "comm",
+                           len(sends)))
         return edge[:1] + layer + edge[1:]
 
-    def pp_send_op(self, tokens: int) -> Op:
+    def pp_send_op(self, tokens: int, cross_node: bool = False) -> Op:
         """One stage's hand-over to the next: the tokens' hidden states and residual (vLLM's
-        IntermediateTensors), point to point over the node's link."""
+        IntermediateTensors), point to point over the node's link, or the link between nodes
+        where the next stage is on another node."""
         nbytes = 2.0 * tokens * self.model.hidden_size * ACT_BYTES
         hw = self.hw
-        t = hw.link_latency_us * 1e-6 + nbytes / (hw.link_gbs * 1e9 * hw.link_efficiency)
+        if cross_node:
+            t = hw.internode_latency_us * 1e-6 + nbytes / (hw.internode_link_gbs * 1e9)
+        else:
+            t = hw.link_latency_us * 1e-6 + nbytes / (hw.link_gbs * 1e9 * hw.link_efficiency)
         return Op("pp_send", 0.0, nbytes, t, "comm", 1)
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -608,7 +615,7 @@ class CostModel:
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
         t = self.dense_time(tokens, sampled)
         if self.pp > 1:
-            t += (self.pp - 1) * self.pp_send_op(tokens).time_s
+            t += sum(self.pp_send_op(tokens, cross).time_s for cross in self.cross_node)
         return t + self.model.num_layers * self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots,
                                                                prefill_chunks)
 
@@ -644,13 +651,14 @@ class CostModel:
             layer = lambda moe: sum(o.time_s for o in self.layer_dense_ops(tokens, moe=moe))  # noqa: E731
             kinds = self._kind_cache[tokens] = (layer(True) if m.num_moe_layers else 0.0,
                                                 layer(False) if m.num_dense_mlp_layers else 0.0,
-                                                self.embedding_op(tokens).time_s, self.pp_send_op(tokens).time_s)
-        moe_t, dense_t, emb, send = kinds
+                                                self.embedding_op(tokens).time_s,
+                                                tuple(self.pp_send_op(tokens, c).time_s for c in self.cross_node))
+        moe_t, dense_t, emb, sends = kinds
         attn = self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots, prefill_chunks)
         head = self._head_time(sampled)
         last = len(self.stages) - 1
         return [moe * moe_t + dense * dense_t + (moe + dense) * attn + (emb if i == 0 else 0.0)
-                + (head if i == last else send) for i, (moe, dense) in enumerate(self.stages)]
+                + (head if i == last else sends[i]) for i, (moe, dense) in enumerate(self.stages)]
 
     def kernels_per_iteration(self, has_decode: bool, has_prefill: bool) -> int:
         """Device kernels one iteration launches (the head's only when rows are sampled)."""
@@ -918,8 +926,13 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     if pp > 1:
         pp_stages(model, pp)  # (refuses more stages than layers)
         if tp * pp > hw.node_devices:
-            raise NpusimError(f"--pp {pp} x --tp {tp} = {tp * pp} devices exceed the {hw.node_devices} of one "
-                              f"{hw.name} node (node_devices): npusim has no profile of the links between nodes")
+            if hw.internode_link_gbs is None:
+                raise NpusimError(f"--pp {pp} x --tp {tp} = {tp * pp} devices exceed the {hw.node_devices} of one "
+                                  f"{hw.name} node (node_devices), and its profile has no link between nodes "
+                                  f"(internode_link_gbs)")
+            if hw.node_devices % tp:
+                raise NpusimError(f"--pp {pp} x --tp {tp} spans nodes of {hw.node_devices} devices, which --tp {tp} "
+                                  f"does not divide: a stage's tensor-parallel group would straddle two nodes")
         if instances > 1:
             raise NpusimError(f"--pp {pp} with --instances {instances}: a pipeline spans devices of its own; "
                               "run one instance")

@@ -222,6 +222,10 @@ class HardwareSpec(BaseModel):
     link_efficiency: float = Field(gt=0, le=1, description="share of link_gbs a collective reaches")
     link_topology: Literal["full-mesh", "switch", "ring"] = Field(
         description="full-mesh (HCCS) or switch (NVSwitch, PCIe switch): a collective in 2 steps; ring: 2(N-1)")
+    # Between nodes (RoCE, InfiniBand), what one device sends one way and the latency of a message:
+    # a pipeline's stages may sit on different nodes. None: the profile knows no such link.
+    internode_link_gbs: float | None = Field(default=None, gt=0, description="one-way bandwidth between nodes, per device")
+    internode_latency_us: float | None = Field(default=None, ge=0, description="latency of one message between nodes")
     # power
     tdp_w: float = Field(gt=0)
     idle_w: float = Field(gt=0)
@@ -257,6 +261,8 @@ class HardwareSpec(BaseModel):
                    and (f not in OPTIONAL_NUMBER_FIELDS or f in self.model_fields_set)]
         if missing:
             raise ValueError(f"no source given for {', '.join(missing)}")
+        if (self.internode_link_gbs is None) != (self.internode_latency_us is None):
+            raise ValueError("internode_link_gbs and internode_latency_us come together (the link between nodes)")
         return self
 
     def matmul_tflops(self, dtype: str) -> float:
@@ -300,7 +306,8 @@ class HardwareSpec(BaseModel):
 
 
 # numbers a profile may leave out (their defaults add nothing); given, they need a source too
-OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency", "matmul_tflops_fp8")
+OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency", "matmul_tflops_fp8",
+                          "internode_link_gbs", "internode_latency_us")
 NUMBER_FIELDS = tuple(
     name for name, info in HardwareSpec.model_fields.items()
     if info.annotation in (int, float) or name in OPTIONAL_NUMBER_FIELDS

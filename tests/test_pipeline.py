@@ -126,11 +126,13 @@ def test_virtual_engines_split_the_blocks():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--pp", "8", "--tp", "2"], "--pp 8 x --tp 2 = 16 devices exceed the 8 of one h200 node"),
+    (["--pp", "8", "--tp", "2", "--hw", "ascend-310p3"],
+     "--pp 8 x --tp 2 = 16 devices exceed the 2 of one ascend-310p3 node"),
     (["--pp", "2", "--instances", "2"], "--pp 2 with --instances 2"),
 ])
 def test_infeasible_pipelines_say_why(args, needle):
-    rc, _, err = run_cli("simulate", "--hw", "h200", "--model", "llama-3.1-8b", "--requests", "4", *args)
+    hw = [] if "--hw" in args else ["--hw", "h200"]
+    rc, _, err = run_cli("simulate", *hw, "--model", "llama-3.1-8b", "--requests", "4", *args)
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -147,3 +149,56 @@ def test_step_reports_each_stage():
     assert p["tokens_per_s_one_batch"] < p["tokens_per_s_pipelined"] <= 2 * p["tokens_per_s_one_batch"] + 1e-9
     assert p["tokens_per_s_pipelined"] <= 16 / (max(p["stage_ms"]) / 1e3) + 1e-9
     assert 0.45 < p["bubble_one_batch"] < 0.55
+
+
+def test_a_pipeline_over_two_nodes_hands_over_between_them_on_the_scale_out_link():
+    """Stage i runs on devices i*tp ..: with 8 GPUs a node, TP 8 x PP 2 puts each stage on a node
+    of its own, and its hand-over goes over the InfiniBand link (50 GB/s, the profile's latency)
+    instead of NVLink; TP 4 x PP 4 leaves the node once, between stages 1 and 2."""
+    from npusim.costmodel import CostModel
+    from npusim.specs import load_hardware, load_model, tp_shard
+    hw = load_hardware("h200")
+    m = load_model("llama-3.1-70b")
+    cm = CostModel(hw, tp_shard(m, 8), tp=8, pp=2)
+    assert cm.cross_node == [True]
+    op = next(o for o in cm.ops(num_decodes=32, decode_context_tokens=32 * 2048, decode_kv_slots=32 * 2048)
+              if o.name == "pp_send")
+    nbytes = 2.0 * 32 * m.hidden_size * 2
+    assert op.bytes == nbytes
+    assert op.time_s == pytest.approx(hw.internode_latency_us * 1e-6 + nbytes / (hw.internode_link_gbs * 1e9))
+    four = CostModel(hw, tp_shard(m, 4), tp=4, pp=4)
+    assert four.cross_node == [False, True, False]
+    inside, across = four.pp_send_op(32).time_s, four.pp_send_op(32, cross_node=True).time_s
+    assert across > inside
+    stages = four.stage_times(num_decodes=32, decode_context_tokens=32 * 2048, decode_kv_slots=32 * 2048)
+    assert sum(stages) == pytest.approx(four.step_time(num_decodes=32, decode_context_tokens=32 * 2048,
+                                                       decode_kv_slots=32 * 2048), rel=1e-12)
+    plain = CostModel(hw, tp_shard(m, 4), tp=4, pp=4)
+    plain.cross_node = [False, False, False]  # the same stages, every hand-over inside a node
+    assert four.step_time(32, 32 * 2048, 32 * 2048) - plain.step_time(32, 32 * 2048, 32 * 2048) == \
+        pytest.approx(across - inside, rel=1e-9)
+
+
+def test_pipelines_beyond_a_node_need_the_link_and_whole_tp_groups(tmp_path):
+    import yaml
+    from conftest import assert_one_line_error
+    from npusim.specs import HW_PROFILE_DIR
+    assert_one_line_error("step", ["--hw", "ascend-310p3", "--model", "llama-3.1-8b", "--tp", "2", "--pp", "4"],
+                          "no link between nodes (internode_link_gbs)")
+    data = yaml.safe_load((HW_PROFILE_DIR / "h200.yaml").read_text())
+    data["node_devices"]["value"] = 6  # a node of six: a TP-4 stage cannot sit in whole nodes
+    data["calibration_files"] = []
+    p = tmp_path / "six.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert_one_line_error("step", ["--hw", str(p), "--model", "llama-3.1-8b", "--tp", "4", "--pp", "2"],
+                          "straddle two nodes")
+
+
+def test_the_link_between_nodes_is_given_whole():
+    import yaml
+    from npusim.errors import NpusimError
+    from npusim.specs import HW_PROFILE_DIR, hardware_from_mapping
+    data = yaml.safe_load((HW_PROFILE_DIR / "h200.yaml").read_text())
+    del data["internode_latency_us"]
+    with pytest.raises(NpusimError, match="internode_link_gbs and internode_latency_us come together"):
+        hardware_from_mapping(data, "my.yaml")
