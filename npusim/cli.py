@@ -81,6 +81,7 @@ def step(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or with --tp 1 over N data-parallel ranks (one rank priced, the others loaded alike)"),
+    expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -103,7 +104,7 @@ def step(
 
     setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
                                          kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
-                                         pipeline_parallel_size=pp))
+                                         pipeline_parallel_size=pp, expert_imbalance=expert_imbalance))
     profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
     if phase == "decode":
@@ -223,6 +224,7 @@ def simulate(
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
     ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or with --tp 1 over the --dp ranks (--dp N --ep N)"),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
+    expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
     router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware (a shared prefix's requests to one replica): how requests reach replicas"),
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", help="SLOs for request_goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS (repeat the flag, or one quoted list)"),

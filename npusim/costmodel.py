@@ -98,7 +98,8 @@ class CostModel:
 
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
                  kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
-                 block_size: int | None = None, tp: int = 1, ep: int = 1, pp: int = 1):
+                 block_size: int | None = None, tp: int = 1, ep: int = 1, pp: int = 1,
+                 expert_imbalance: float | None = None):
         self.hw = hw
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
@@ -106,6 +107,7 @@ class CostModel:
         # ep > tp (tp 1): experts over ep data-parallel ranks, each with its own batch, here taken
         # as loaded like this one (symmetric ranks); tokens go to their experts' ranks all-to-all
         self.dp_ranks = ep // tp if ep > tp else 1
+        self.expert_imbalance = expert_imbalance  # busiest / mean EP device's tokens; None: uniform
         self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
         self.stages = pp_stages(model, pp)  # (MoE layers, dense layers) of each stage
         # stage i on devices i*tp .. (i+1)*tp - 1: its hand-over to stage i+1 leaves the node when
@@ -405,9 +407,12 @@ class CostModel:
         if ep > 1:  # whole experts, E/ep on each device: the busiest device sets the pace
             fe, E_local = fe * ep, E // ep  # (the shard split each expert; expert parallelism keeps them whole)
             mean = routed / ep
-            # uniform routing: a device's share of the assignments is about Poisson, the busiest of
-            # ep devices near mean + sqrt(2 mean ln ep)
-            here = min(float(routed), mean + math.sqrt(2.0 * mean * math.log(ep)))
+            if self.expert_imbalance is not None:  # measured on the user's traffic
+                here = min(float(routed), mean * self.expert_imbalance)
+            else:
+                # uniform routing: a device's share of the assignments is about Poisson, the busiest
+                # of ep devices near mean + sqrt(2 mean ln ep)
+                here = min(float(routed), mean + math.sqrt(2.0 * mean * math.log(ep)))
             here_active = _reached(E_local, 1.0 / E_local, here)
         else:
             here, here_active = routed, active
@@ -900,6 +905,9 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     memory in either mode). The plan says whether it fits; callers decide what a misfit means."""
     profile, engine = resolve_engine(hw, engine)
     tp, ep, pp = engine.tensor_parallel_size, engine.expert_parallel_size, engine.pipeline_parallel_size
+    if engine.expert_imbalance is not None and ep == 1:
+        raise NpusimError(f"--expert-imbalance {engine.expert_imbalance:g} is the busiest expert-parallel device's "
+                          "load over the mean: it needs --ep > 1")
     if ep > 1:
         if not model.num_experts:
             raise NpusimError(f"--ep {ep}: {model.name} has no experts (a dense model)")
@@ -941,7 +949,8 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
         plan = memory_plan(hw, model, engine, memory_fraction=1.0 / instances)
     else:
         plan = memory_plan(part, model, engine)
-    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep, pp)
+    cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep, pp,
+                     engine.expert_imbalance)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

@@ -77,6 +77,7 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "weight_dtype": ("engine", "weight_dtype", None), "kv_dtype": ("engine", "kv_dtype", None),
     "tp": ("engine", "tensor_parallel_size", None), "ep": ("engine", "expert_parallel_size", None),
     "pp": ("engine", "pipeline_parallel_size", None),
+    "expert_imbalance": ("engine", "expert_imbalance", None),
     "dp": (None, "dp", None), "router": (None, "router", None),
     "batching": ("engine", "batching", None), "no_paging": ("engine", "paging", _flag),
     "no_chunked_prefill": ("engine", "enable_chunked_prefill", _flag),

@@ -1146,6 +1146,11 @@ class EngineConfig(BaseModel):
     # (DeepSeek's layout, tokens exchanged all-to-all)
     expert_parallel_size: int = Field(default=1, gt=0, le=64,
                                       description="--ep: 1, the --tp size, or with --tp 1 the data-parallel ranks")
+    # the busiest expert-parallel device's routed tokens over the mean, as measured on the user's
+    # traffic (vLLM's expert-load statistics, EPLB's logs); None: uniform routing, the busiest of
+    # ep devices near mean + sqrt(2 mean ln ep)
+    expert_imbalance: float | None = Field(default=None, ge=1, le=64, allow_inf_nan=False,
+                                           description="busiest / mean routed tokens per EP device (--expert-imbalance)")
     # pipeline stages, each on --tp devices of its own, the layers split as vLLM splits them
     pipeline_parallel_size: int = Field(default=1, gt=0, le=64, description="pipeline stages (--pp)")
 

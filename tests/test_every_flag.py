@@ -63,6 +63,10 @@ EFFECTS = {
     "--ep": (["--ep", "2", "--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b"],
              lambda d, b: d["parallel"]["expert_parallel_size"] == 2
              and d["duration"] != _run("--tp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b")["duration"]),
+    "--expert-imbalance": (["--ep", "2", "--dp", "2", "--hw", "h200", "--model", "qwen3-30b-a3b",
+                            "--expert-imbalance", "3"],
+                           lambda d, b: d["duration"] > _run("--ep", "2", "--dp", "2", "--hw", "h200", "--model",
+                                                             "qwen3-30b-a3b")["duration"]),
     "--pp": (["--pp", "2", "--hw", "h200"], lambda d, b: d["parallel"]["pipeline_parallel_size"] == 2
              and d["parallel"]["devices"] == 2 and len(d["per_instance"]) == 2  # (its virtual engines)
              and d["memory"]["weights_gib"] < 0.6 * _run("--hw", "h200")["memory"]["weights_gib"]),
@@ -166,6 +170,11 @@ STEP_EFFECTS = {
     "--ep": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2", "--batch", "64"],
              lambda d, b: d["ep"] == 2 and d["device_ms"] != _json(*STEP[:-2], "--model", "qwen3-30b-a3b", "--tp", "2",
                                                                    "--batch", "64")["device_ms"]),
+    "--expert-imbalance": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2", "--phase", "prefill",
+                            "--prompt", "4096", "--expert-imbalance", "2"],
+                           lambda d, b: d["device_ms"] > _json(*STEP[:-2], "--model", "qwen3-30b-a3b", "--tp", "2",
+                                                               "--ep", "2", "--phase", "prefill", "--prompt",
+                                                               "4096")["device_ms"]),
     "--tp": (["--tp", "2"], lambda d, b: d["tp"] == 2 and d["comm_ms"] > 0 and b["comm_ms"] == 0
              and d["memory"]["weights_gib"] < 0.51 * b["memory"]["weights_gib"]),
     "--pp": (["--pp", "2"], lambda d, b: d["pp"] == 2 and d["devices"] == 2 and b["pipeline"] is None

@@ -190,3 +190,33 @@ def test_engine_profile_counts_the_router_and_combine_kernels():
     assert more["moe_router"].kernels == 14 and more["moe_combine"].kernels == 6
     assert more["moe_router"].time_s > default["moe_router"].time_s
     assert more["moe_combine"].time_s > default["moe_combine"].time_s
+
+
+def test_a_measured_expert_imbalance_sets_the_busiest_devices_rows():
+    """With --ep the busiest device sets the pace: by default the uniform-routing estimate (mean +
+    sqrt(2 mean ln ep)); given the measured busiest/mean ratio, exactly that many rows."""
+    import math
+    from npusim.costmodel import CostModel
+    from npusim.specs import load_hardware, load_model, tp_shard
+    m, hw = load_model("qwen3-30b-a3b"), load_hardware("h200")
+    T, ep = 8192, 8
+    mean = T * m.experts_per_token / ep
+
+    def gate_up(imbalance):
+        cm = CostModel(hw, tp_shard(m, ep), tp=ep, ep=ep, expert_imbalance=imbalance)
+        return next(o for o in cm.layer_dense_ops(T) if o.name == "gate_up_proj")
+
+    uniform, balanced, skewed = gate_up(None), gate_up(1.0), gate_up(2.0)
+    n_in, n_out = m.hidden_size, 2 * m.moe_intermediate_size  # whole experts under EP
+    assert uniform.flops == pytest.approx(2 * (mean + math.sqrt(2 * mean * math.log(ep))) * n_in * n_out)
+    assert balanced.flops == pytest.approx(2 * mean * n_in * n_out)
+    assert skewed.flops == pytest.approx(2 * 2 * mean * n_in * n_out)
+    assert balanced.time_s < uniform.time_s < skewed.time_s
+
+
+def test_expert_imbalance_needs_expert_parallelism():
+    from conftest import assert_one_line_error
+    assert_one_line_error("step", ["--hw", "h200", "--model", "qwen3-30b-a3b", "--expert-imbalance", "1.5"],
+                          "needs --ep > 1")
+    assert_one_line_error("simulate", ["--hw", "h200", "--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2",
+                                       "--expert-imbalance", "0.5", "--requests", "4"], "--expert-imbalance")

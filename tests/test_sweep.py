@@ -341,9 +341,11 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "trace": ("t.csv", lambda s: s.workload.trace == "t.csv"),
     "shared_prefix_len": ("64", lambda s: s.workload.shared_prefix_len == 64),
     "pp": ("2", lambda s: s.engine.pipeline_parallel_size == 2),
+    "expert_imbalance": ("1.5", lambda s: s.engine.expert_imbalance == 1.5),
 }
 # settings a sample needs beside it to be a valid scenario
-NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "ep": {"tp": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
+NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "ep": {"tp": "2"},
+         "expert_imbalance": {"tp": "2", "ep": "2"}, "contiguous_policy": {"paging": "off"}, "burstiness": {"rate": "3"},
          "preemption": {}, "trace": {}}
 
 
