@@ -110,8 +110,8 @@ class CostModel:
         self.expert_imbalance = expert_imbalance  # busiest / mean EP device's tokens; None: uniform
         self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
         self.stages = pp_stages(model, pp)  # (MoE layers, dense layers) of each stage
-        # stage i on devices i*tp .. (i+1)*tp - 1: its hand-over to stage i+1 leaves the node when
-        # that stage starts a node of its own
+        # stage i on devices i*tp .. (i+1)*tp - 1 of a pipeline placed from a node's first device:
+        # its hand-over to stage i+1 leaves the node when that stage starts a node of its own
         self.cross_node = [(i + 1) * tp % hw.node_devices == 0 for i in range(pp - 1)]
         self.engine = load_engine_profile(engine if engine is not None else hw.default_engine)
         # the KV page size, for a measured paged-attention kernel that pays per page
@@ -243,6 +243,10 @@ class CostModel:
         flops = 2.0 * m * n * k
         nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
         floor = self.floor.get(name, self.latency)
+        # a GEMM whose weight is kept in 16 bits (the LM head, the router) computes at 16 bits
+        # whatever the other layers' format
+        lin16 = weight_bytes_per_elem == ACT_BYTES
+        peak, rate = (self._peak16, self.attn_rate) if lin16 else (self._peak, self.mm_rate)
         if self.tables is not None and kernels and self._fp8_table is not None and weight_bytes_per_elem == 1.0:
             # FP8 weights on FP8 tensor cores, timed on this device: their own table, carried
             # between shapes by the FP8 roofline
@@ -251,15 +255,15 @@ class CostModel:
             return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         if self.tables is not None and kernels:
             t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
-            if weight_bytes_per_elem != ACT_BYTES or self._peak != self._peak16:
+            if not lin16 or peak != self._peak16:
                 # measured in bf16: carried to the weight's bytes (and FP8's compute rate)
-                t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, self._peak)
+                t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, peak)
                       / self._gemm_roofline(m, n, k))
-            bound = "compute" if flops / self._peak >= nbytes / self._peak_bw else "memory"
+            bound = "compute" if flops / peak >= nbytes / self._peak_bw else "memory"
             return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
                * _pad_efficiency(k, hw.matmul_tile_k))
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, kernels, floor, self.gemm_fixed)
+        t, bound = self._price(flops, nbytes, rate * eff, kernels, floor, self.gemm_fixed)
         return Op(name, flops, nbytes, t, bound, kernels)
 
     def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
@@ -380,7 +384,8 @@ class CostModel:
         nbytes = H * c * (dn + dv) * self._linear_weight_bytes + D * H * (dn + 2 * c + dv) * ACT_BYTES
         eff = _pad_efficiency(D, self.hw.matmul_tile_m)
         k = self.kernels["mla_absorb"]
-        t, bound = self._price(flops, nbytes, self.mm_rate * eff, k, self.floor["mla_absorb"], self.gemm_fixed)
+        # (vLLM keeps the absorbed up-projections in 16 bits: attention's rate)
+        t, bound = self._price(flops, nbytes, self.attn_rate * eff, k, self.floor["mla_absorb"], self.gemm_fixed)
         return Op("mla_absorb", flops, nbytes, t, bound, k)
 
     def kv_b_proj_op(self, kv_tokens: int) -> Op:
@@ -586,8 +591,9 @@ class CostModel:
         where the next stage is on another node."""
         nbytes = 2.0 * tokens * self.model.hidden_size * ACT_BYTES
         hw = self.hw
-        if cross_node:
-            t = hw.internode_latency_us * 1e-6 + nbytes / (hw.internode_link_gbs * 1e9)
+        if cross_node:  # the library's cost of a message, the network's latency, its bandwidth
+            t = ((hw.link_latency_us + hw.internode_latency_us) * 1e-6
+                 + nbytes / (hw.internode_link_gbs * 1e9 * hw.link_efficiency))
         else:
             t = hw.link_latency_us * 1e-6 + nbytes / (hw.link_gbs * 1e9 * hw.link_efficiency)
         return Op("pp_send", 0.0, nbytes, t, "comm", 1)
@@ -750,7 +756,12 @@ class CostModel:
                 # the measured kernel at this batch, each sequence reading its mean pages, never
                 # below its kernels' least time
                 t = self._decode_table.time(*self._decode_layout, self.block_size, num_decodes,
-                                            kv_slots / num_decodes) * self._kv_table_scale
+                                            kv_slots / num_decodes)
+                if self._kv_table_scale != 1.0:
+                    # timed with a 16-bit cache: an 8-bit one saves the time of the bytes it does
+                    # not read (at the device's streaming rate), never more than that share
+                    saved = kv_slots * self._kv_read_bytes_per_slot * (1.0 / self._kv_table_scale - 1.0) / self.bw
+                    t = max(t * self._kv_table_scale, t - saved)
                 t = max(t, self._decode_kernels * self._decode_floor)
                 if len(self._decode_cache) >= 65536:  # bounded: a long run sees many shapes
                     self._decode_cache.clear()

@@ -429,10 +429,12 @@ class Simulation:
             if not steps:
                 continue
             step = max(steps)
+            # a rank with a dummy batch holds its device from the first rank's launch on
+            launched = min(p[0] for p in priced if p is not None)
             yield env.timeout(step)
             for i, b, p in zip(ranks, batches, priced):
-                if b is None:  # a dummy batch: busy the whole step, nothing to finish
-                    i.record.busy_s += step
+                if b is None:  # a dummy batch: busy for the step, nothing to finish
+                    i.record.busy_s += step - launched
                     i._sample(env.now)
                     continue
                 host_s, device_s, swap_s, host_bound = p

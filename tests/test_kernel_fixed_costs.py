@@ -101,4 +101,6 @@ def test_ascend_profiles_carry_the_measured_terms_with_their_source(name):
     hw = load_hardware(name)
     for field in ("gemm_fixed_us", "flash_attention_efficiency", "memory_efficiency", "link_latency_us"):
         prov = hw.provenance[field]
-        assert prov.kind == "third-party" and "msModeling" in prov.source, (name, field)
+        # (the 910B4's HBM is half as fast: the measured share is assumed for it)
+        kind = "assumed" if (name, field) == ("ascend-910b4", "memory_efficiency") else "third-party"
+        assert prov.kind == kind and "msModeling" in prov.source, (name, field)
