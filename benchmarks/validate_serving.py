@@ -4,7 +4,7 @@
 
 For every case (see serving_cases.yaml: source, server, workload, what the source does not say)
 it simulates the same workload against the same server and prints predicted vs measured duration,
-mean TTFT and mean TPOT, with the engine profile used, then the median absolute error per metric.
+mean TTFT, mean TPOT and output throughput (tokens/s), with the engine profile used, then the median absolute error per metric.
 No case was used for fitting.
 """
 
@@ -20,7 +20,7 @@ from npusim.scenario import Scenario, simulate_scenario, summarize
 from npusim.specs import EngineConfig
 from npusim.workload import WorkloadSpec
 
-METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms")
+METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 
 
 def predict(case: dict) -> dict:

@@ -111,9 +111,11 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
         return hw.partition(cores, cores / hw.ai_cores)
     if scaling == "fixed-bandwidth":
         part = hw.partition(cores, 1.0)
+        # the whole device's streaming kept: its fewer cores each pull as much more as it takes
+        pull = max(part.per_core_bandwidth_gbs, hw.streaming_gbs / cores)
         return part.model_copy(update={
             "name": f"{hw.name}[{cores}c, {hw.memory_bandwidth_gbs:g} GB/s]",
-            "memory_bandwidth_gbs": hw.memory_bandwidth_gbs,
+            "memory_bandwidth_gbs": hw.memory_bandwidth_gbs, "per_core_bandwidth_gbs": pull,
         })
     raise NpusimError(f"core scaling must be one of {', '.join(CORE_SCALINGS)}, got {scaling!r}")
 

@@ -1335,13 +1335,14 @@ def _fits(hw, meas: dict) -> tuple[dict[str, tuple[float, str]], list[str]]:
 
     c = _need(meas, "copy", "measurements")
     gbs = _positive(_need(c, "gbs", "measurements: copy"), "measurements: copy.gbs")
-    eff = gbs / hw.memory_bandwidth_gbs
+    ceiling = hw.streaming_gbs  # (HBM, or what the cores can pull where that is less)
+    eff = gbs / ceiling
     size = f"{c.get('bytes', 0) / GIB:g} GiB device copy"
     if eff > 1:
         problems.append(f"{size} measured {gbs:.0f} GB/s, above {hw.name}'s bandwidth of "
-                        f"{hw.memory_bandwidth_gbs:g} GB/s (memory efficiency {eff:.2f} > 1)")
+                        f"{ceiling:g} GB/s (memory efficiency {eff:.2f} > 1)")
     fitted["memory_efficiency"] = (eff, f"{where}: {size} {gbs:.0f} GB/s (read + write) of "
-                                        f"{hw.memory_bandwidth_gbs:g} peak")
+                                        f"{ceiling:g} peak")
 
     lat = _need(meas, "latency", "measurements")
     eager = _positive(_need(lat, "us_per_op", "measurements: latency"), "measurements: latency.us_per_op")

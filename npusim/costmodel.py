@@ -128,7 +128,9 @@ class CostModel:
         self.mm_rate = hw.matmul_tflops(compute_dtype) * 1e12 * hw.matmul_efficiency
         self.attn_rate = hw.matmul_tflops(act16) * 1e12 * hw.matmul_efficiency
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
-        self.bw = hw.memory_bandwidth_gbs * 1e9 * hw.memory_efficiency
+        # streaming from HBM: its bandwidth or the cores' pull, whichever is less, at the share
+        # kernels reach
+        self.bw = hw.streaming_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
         self.gemm_fixed = hw.gemm_fixed_us * 1e-6  # a GEMM kernel's time beyond its roofline
         # causal prefill attention's rate where no table measured it: its own share of the peak

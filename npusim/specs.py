@@ -235,7 +235,7 @@ class HardwareSpec(BaseModel):
     # roofline efficiencies (fractions of peak)
     matmul_efficiency: float = Field(gt=0, le=1)
     vector_efficiency: float = Field(gt=0, le=1)
-    memory_efficiency: float = Field(gt=0, le=1)
+    memory_efficiency: float = Field(gt=0, le=1, description="share of streaming_gbs (HBM, or the cores' pull) kernels reach")
     # Measured on the device where a profile has no calibration tables: what a GEMM kernel takes
     # beyond its roofline (the intercept of decode GEMM times against their bytes: filling and
     # draining the cube pipeline), and the share of the matmul peak causal flash attention reaches
@@ -264,6 +264,13 @@ class HardwareSpec(BaseModel):
         if (self.internode_link_gbs is None) != (self.internode_latency_us is None):
             raise ValueError("internode_link_gbs and internode_latency_us come together (the link between nodes)")
         return self
+
+    @property
+    def streaming_gbs(self) -> float:
+        """What the device can stream from HBM: its bandwidth, or what its cores can pull (each
+        at most per_core_bandwidth_gbs: a 20-core 910B3 at 32 B a cycle a core reaches 1.15 of
+        its 1.6 TB/s), whichever is less. memory_efficiency is the share of this kernels reach."""
+        return min(self.memory_bandwidth_gbs, self.ai_cores * self.per_core_bandwidth_gbs)
 
     def matmul_tflops(self, dtype: str) -> float:
         if dtype == "fp8" and self.matmul_tflops_fp8 is not None:

@@ -10,7 +10,7 @@ from npusim.costmodel import instance_setup
 from npusim.specs import EngineConfig, load_hardware, load_model
 
 CASES = Path(__file__).resolve().parents[1] / "benchmarks" / "serving_cases.yaml"
-METRICS = {"duration", "mean_ttft_ms", "mean_tpot_ms"}
+METRICS = {"duration", "mean_ttft_ms", "mean_tpot_ms", "output_throughput"}
 
 
 def test_every_serving_case_is_sourced_and_describes_a_server_that_fits():
