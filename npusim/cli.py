@@ -706,7 +706,7 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
     """One profile, every number with its kind and source."""
     h = load_hardware(name)
     if as_json:
-        _print_json(h.model_dump())
+        _print_json({**h.model_dump(), "streaming_gbs": h.streaming_gbs})
         return
     from npusim.text import hardware_rows
 
@@ -716,6 +716,11 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
     for row in hardware_rows(h):
         t.add_row(*row)
     console.print(t)
+    pull = h.ai_cores * h.per_core_bandwidth_gbs
+    console.print(f"streams {h.streaming_gbs:g} GB/s from memory ("
+                  + (f"what its {h.ai_cores} cores pull, below the {h.memory_bandwidth_gbs:g} GB/s HBM"
+                     if pull < h.memory_bandwidth_gbs else "its HBM bandwidth")
+                  + f"); kernels reach {h.memory_efficiency:g} of it: {h.streaming_gbs * h.memory_efficiency:.0f} GB/s")
 
 
 @engine_app.command("list")

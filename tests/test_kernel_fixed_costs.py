@@ -106,3 +106,14 @@ def test_ascend_profiles_carry_the_measured_terms_with_their_source(name):
         # (the 910B4's HBM is half as fast: the measured share is assumed for it)
         kind = "assumed" if (name, field) == ("ascend-910b4", "memory_efficiency") else "third-party"
         assert prov.kind == kind and "msModeling" in prov.source, (name, field)
+
+
+def test_hw_show_says_what_the_device_streams():
+    import json
+    from conftest import run_cli
+    rc, out, err = run_cli("hw", "show", "ascend-910b3", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["streaming_gbs"] == pytest.approx(min(d["memory_bandwidth_gbs"], d["ai_cores"] * d["per_core_bandwidth_gbs"]))
+    rc, out, _ = run_cli("hw", "show", "ascend-910b3")
+    assert "streams 1152 GB/s from memory (what its 20 cores pull, below the 1600 GB/s HBM)" in " ".join(out.split())
