@@ -192,7 +192,9 @@ class CostModel:
         # GQA packs the query heads of one KV head as the rows of a small GEMM.
         self._attn_decode_rate = self.attn_rate * _pad_efficiency(group, hw.matmul_tile_m)
         self._decode_kernels = self.kernels["attention_decode"]
-        self._decode_floor = self.floor["attention_decode"]
+        # MLA's decode kernel where the engine timed it apart (else the op's)
+        mla_floor = self.engine.kernel_floor_us.get("attention_decode_mla") if m.mla else None
+        self._decode_floor = mla_floor * 1e-6 if mla_floor is not None else self.floor["attention_decode"]
         impl = self.engine.mla_decode_attention_impl if m.mla else self.engine.decode_attention_impl
         # the table's key: an MLA kernel reads one latent (+ RoPE key) of kv_dim values a token
         self._decode_layout = (impl, m.num_heads, 1, m.kv_dim) if m.mla else \
@@ -521,7 +523,7 @@ class CostModel:
         flops = self._attn_flops_per_ctx * context_tokens
         nbytes = kv_slots * self._kv_read_bytes_per_slot + num_decodes * self._decode_q_bytes
         kernels = self.kernels["attention_decode"]
-        t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels, self.floor["attention_decode"])
+        t, bound = self._price(flops, nbytes, self._attn_decode_rate, kernels, self._decode_floor)
         if self._decode_table is not None:
             t = self.decode_attention_time(num_decodes, context_tokens, kv_slots)
         return Op("attention_decode", flops, nbytes, t, bound, kernels)

@@ -431,6 +431,9 @@ STEP_OPS = ("embedding", "final_norm", "lm_head", "sampling")
 # latent's up-projections into q and out of the output, prefill's up-projection of the latent to
 # K and V. MoE: the router (score GEMM, softmax, top-k, the tokens sorted by expert) and the
 # combine (each token's expert outputs weighted and summed back into its row).
+# least kernel times an engine may give beyond its ops': MLA's decode attention (one latent for
+# all heads) is a kernel of other costs than GQA's, under the same op
+FLOOR_ONLY_KEYS = ("attention_decode_mla",)
 MODEL_OP_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1, "moe_router": 3, "moe_combine": 1}
 
 
@@ -486,7 +489,8 @@ class EngineProfile(BaseModel):
         bad = [f"{o} = {n}" for o, n in self.kernels.items() if n < 0]
         if bad:
             raise ValueError(f"kernels must be >= 0, got {', '.join(bad)}")
-        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS) - set(MODEL_OP_KERNELS))
+        unknown = sorted(set(self.kernel_floor_us) - set(LAYER_OPS) - set(STEP_OPS) - set(MODEL_OP_KERNELS)
+                         - set(FLOOR_ONLY_KEYS))
         if unknown:
             raise ValueError(f"kernel_floor_us: unknown op(s) {', '.join(unknown)}")
         bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]

@@ -117,3 +117,26 @@ def test_hw_show_says_what_the_device_streams():
     assert d["streaming_gbs"] == pytest.approx(min(d["memory_bandwidth_gbs"], d["ai_cores"] * d["per_core_bandwidth_gbs"]))
     rc, out, _ = run_cli("hw", "show", "ascend-910b3")
     assert "streams 1152 GB/s from memory (what its 20 cores pull, below the 1600 GB/s HBM)" in " ".join(out.split())
+
+
+def test_vllm_ascend_decode_attention_floors_gqa_and_mla_apart():
+    """FusedInferAttentionScore took 58-64 us a layer in Qwen3-32B's decode whatever the batch and
+    context, and 28 us for DeepSeek-V3's MLA at two requests: each model gets its own least time."""
+    from npusim.specs import tp_shard
+    hw = load_hardware("ascend-910c-die")
+    mla = CostModel(hw, tp_shard(load_model("deepseek-v3"), 8), tp=8, weight_dtype="int8")
+    gqa = CostModel(hw, tp_shard(load_model("qwen3-32b"), 16), tp=16)
+    assert mla.engine.name == gqa.engine.name == "vllm-ascend-graph"
+    for cm, floor in ((mla, 28e-6), (gqa, 58e-6)):
+        op = cm.attention_decode_op(1, 512, 512)
+        assert op.time_s == pytest.approx(floor) and op.bound == "latency"
+        assert cm.decode_attention_time(1, 512, 512) == op.time_s
+
+
+def test_a_floor_for_an_op_the_engine_does_not_have_is_refused(tmp_path):
+    from npusim.specs import ENGINE_PROFILE_DIR, load_engine_profile
+    text = (ENGINE_PROFILE_DIR / "vllm-ascend-graph.yaml").read_text()
+    p = tmp_path / "e.yaml"
+    p.write_text(text.replace("  attention_decode_mla:", "  attention_decode_gqa:"))
+    with pytest.raises(NpusimError, match="unknown op.*attention_decode_gqa"):
+        load_engine_profile(str(p))
