@@ -210,7 +210,7 @@ class DeviceTables:
             def timed_any(key):  # (rows with several times, e.g. a grouped GEMM's two ops)
                 return [r for r in data.get(key, []) if r.get("dtype", "bf16") == "bf16"]
             self.gemm = GemmTable(timed("gemm_sweep"))
-            # W8A8 FP8 GEMMs, where the device's were timed (calibrate run --gemm-dtype fp8)
+            # W8A8 FP8 GEMMs, where the device's were timed (python -m npusim.calibrate --gemm-dtype fp8)
             fp8 = [r for r in data.get("gemm_sweep", []) if "seconds" in r and r.get("dtype") == "fp8"]
             self.gemm_fp8 = GemmTable(fp8) if fp8 else None
             self.decode_attention = DecodeAttentionTable(timed("decode_attention"))
