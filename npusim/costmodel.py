@@ -125,8 +125,10 @@ class CostModel:
         # on Hopper), else at 16 bits; attention always at 16 bits
         act16 = "fp16" if weight_dtype == "fp16" else "bf16"
         compute_dtype = weight_dtype if weight_dtype in ("fp16", "fp8") else "bf16"
-        self.mm_rate = hw.matmul_tflops(compute_dtype) * 1e12 * hw.matmul_efficiency
-        self.attn_rate = hw.matmul_tflops(act16) * 1e12 * hw.matmul_efficiency
+        self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
+        self._peak16 = hw.matmul_tflops(act16) * 1e12  # attention's, and what the tables were measured at
+        self.mm_rate = self._peak * hw.matmul_efficiency
+        self.attn_rate = self._peak16 * hw.matmul_efficiency
         self.vec_rate = hw.vector_tflops * 1e12 * hw.vector_efficiency
         # streaming from HBM: its bandwidth or the cores' pull, whichever is less, at the share
         # kernels reach
@@ -135,7 +137,7 @@ class CostModel:
         self.gemm_fixed = hw.gemm_fixed_us * 1e-6  # a GEMM kernel's time beyond its roofline
         # causal prefill attention's rate where no table measured it: its own share of the peak
         # where the profile gives one, else the GEMM rate
-        self._flash_rate = (hw.matmul_tflops(act16) * 1e12 * hw.flash_attention_efficiency
+        self._flash_rate = (self._peak16 * hw.flash_attention_efficiency
                             if hw.flash_attention_efficiency is not None else None)
         # measured kernel times of this device, when its profile was calibrated
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
@@ -155,8 +157,6 @@ class CostModel:
                 raise NpusimError(f"engine {self.engine.name}: norm kernel {norm!r} is not among "
                                   f"{hw.name}'s timed kernel chains")
             self.floor.update(self._norm_floor)
-        self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
-        self._peak16 = hw.matmul_tflops(act16) * 1e12  # what the tables were measured at
         self._peak_bw = hw.memory_bandwidth_gbs * 1e9
         self.host_link_bytes_per_s = hw.host_link_gbs * 1e9
         self.kv_bytes_per_token_layer = model.kv_values_per_token_layer * self.kv_bytes
@@ -206,8 +206,9 @@ class CostModel:
                                   f"{hw.name}'s calibration ({', '.join(sorted(self.tables.decode_attention.impls()))})")
             self._decode_table = self.tables.decode_attention
         self._decode_cache: dict[tuple[int, int], float] = {}
-        # the tables timed a 16-bit cache: an 8-bit one reads half the bytes in the same kernel
+        # the tables timed a 16-bit cache: an 8-bit one reads fewer bytes in the same kernel
         self._kv_table_scale = self.kv_bytes / ACT_BYTES
+        self._kv_unread_bytes_per_slot = self._kv_read_bytes_per_slot * (1.0 / self._kv_table_scale - 1.0)
         self._absorb_cache: dict[int, float] = {}
         self._kind_cache: dict[int, tuple[float, float, float, float]] = {}
         # kernels an iteration launches outside attention
@@ -251,18 +252,17 @@ class CostModel:
         # whatever the other layers' format
         lin16 = weight_bytes_per_elem == ACT_BYTES
         peak, rate = (self._peak16, self.attn_rate) if lin16 else (self._peak, self.mm_rate)
-        if self.tables is not None and kernels and self._fp8_table is not None and weight_bytes_per_elem == 1.0:
-            # FP8 weights on FP8 tensor cores, timed on this device: their own table, carried
-            # between shapes by the FP8 roofline
-            t = self._fp8_table.time(m, n, k, lambda mm, nn, kk: self._gemm_roofline(mm, nn, kk, 1.0, self._peak))
-            bound = "compute" if flops / self._peak >= nbytes / self._peak_bw else "memory"
-            return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         if self.tables is not None and kernels:
-            t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
-            if not lin16 or peak != self._peak16:
-                # measured in bf16: carried to the weight's bytes (and FP8's compute rate)
-                t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, peak)
-                      / self._gemm_roofline(m, n, k))
+            if self._fp8_table is not None and not lin16:
+                # FP8 weights on FP8 tensor cores, timed on this device: their own table, carried
+                # between shapes by the FP8 roofline
+                t = self._fp8_table.time(m, n, k, lambda mm, nn, kk: self._gemm_roofline(mm, nn, kk, 1.0, peak))
+            else:
+                t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
+                if not lin16 or peak != self._peak16:
+                    # measured in bf16: carried to the weight's bytes (and FP8's compute rate)
+                    t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, peak)
+                          / self._gemm_roofline(m, n, k))
             bound = "compute" if flops / peak >= nbytes / self._peak_bw else "memory"
             return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
         eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
@@ -764,8 +764,7 @@ class CostModel:
                 if self._kv_table_scale != 1.0:
                     # timed with a 16-bit cache: an 8-bit one saves the time of the bytes it does
                     # not read (at the device's streaming rate), never more than that share
-                    saved = kv_slots * self._kv_read_bytes_per_slot * (1.0 / self._kv_table_scale - 1.0) / self.bw
-                    t = max(t * self._kv_table_scale, t - saved)
+                    t = max(t * self._kv_table_scale, t - kv_slots * self._kv_unread_bytes_per_slot / self.bw)
                 t = max(t, self._decode_kernels * self._decode_floor)
                 if len(self._decode_cache) >= 65536:  # bounded: a long run sees many shapes
                     self._decode_cache.clear()
