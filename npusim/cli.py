@@ -80,7 +80,7 @@ def step(
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | fp8 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
-    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or with --tp 1 over N data-parallel ranks (one rank priced, the others loaded alike)"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or over N/tp data-parallel ranks of --tp devices each (one rank priced, the others loaded alike)"),
     expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -174,10 +174,15 @@ def step(
     console.print(f"device: [bold]{step_s * 1e3:.3f} ms[/] in {kernels} kernels   host: "
                   f"{(iteration_s - step_s) * 1e3:.3f} ms   iteration: {iteration_s * 1e3:.3f} ms   "
                   f"throughput: {tokens / iteration_s:,.1f} tokens/s")
-    if tp > 1:
-        console.print(f"tensor parallel over {tp} devices of a {h.name} node ({h.link_topology}, "
-                      f"{h.link_gbs:g} GB/s one way): all-reduces {comm_s * 1e3:.3f} ms ({comm_s / step_s:.1%} "
-                      f"of the device time); memory per device:")
+    if ep > 1:
+        ranks = f"{ep // tp} data-parallel ranks of {tp} device(s), each with a batch like this one, in lock step; " \
+            if ep > tp else ""
+        console.print(f"experts over {ep} devices: {ranks}{m.num_experts // ep} whole experts a device")
+    if tp > 1 or ep > tp:
+        what = "all-reduces" if ep <= tp else ("all-reduces and all-to-alls" if tp > 1 else "all-to-alls")
+        console.print(f"{'tensor parallel over ' + str(tp) + ' devices' if tp > 1 else 'one rank'} of a {h.name} node "
+                      f"({h.link_topology}, {h.link_gbs:g} GB/s one way): {what} {comm_s * 1e3:.3f} ms "
+                      f"({comm_s / step_s:.1%} of the device time); memory per device:")
     if pipeline is not None:
         stages = ", ".join(f"{n} layers {t:.3f} ms" for n, t in zip(pipeline["stage_layers"], pipeline["stage_ms"]))
         over = (f" over {pipeline['nodes']} nodes ({pipeline['sends_between_nodes']} hand-over(s) between nodes, "
@@ -222,7 +227,7 @@ def simulate(
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
-    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or with --tp 1 over the --dp ranks (--dp N --ep N)"),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or over the --dp ranks of --tp devices each (--ep = tp x dp)"),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
@@ -509,7 +514,7 @@ def analyze(
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     compare: bool = typer.Option(False, "--compare", help="also run the discrete-event simulator on a grid around the point, and under load"),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (the point; the grid stays on one device)"),
-    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1, the --tp size, or with --tp 1 the data-parallel ranks"),
+    ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1, the --tp size, or tp x the data-parallel ranks"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices; --batch is "
                                                   "split into --pp micro-batches in flight"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

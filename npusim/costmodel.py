@@ -104,8 +104,9 @@ class CostModel:
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
         self.ep = ep  # experts over the tp devices (1: every expert split over them)
-        # ep > tp (tp 1): experts over ep data-parallel ranks, each with its own batch, here taken
-        # as loaded like this one (symmetric ranks); tokens go to their experts' ranks all-to-all
+        # ep > tp: experts over ep / tp data-parallel ranks of tp devices each, each rank with its
+        # own batch, here taken as loaded like this one (symmetric ranks); tokens go to their
+        # experts' devices all-to-all
         self.dp_ranks = ep // tp if ep > tp else 1
         self.expert_imbalance = expert_imbalance  # busiest / mean EP device's tokens; None: uniform
         self.pp = pp  # pipeline stages; ops and step_time are of the whole model, summed over them
@@ -313,17 +314,20 @@ class CostModel:
         return self.w_bytes
 
     # -- op lists --------------------------------------------------------------------------------
-    def layer_groups(self, tokens: int) -> list[tuple[int, list[Op]]]:
+    def layer_groups(self, tokens: int, all_tokens: int | None = None) -> list[tuple[int, list[Op]]]:
         """(layers, ops of one of them) for each kind of layer the model has: MoE layers, and the
-        dense ones (every layer of a dense model; DeepSeek's first layers)."""
+        dense ones (every layer of a dense model; DeepSeek's first layers). `all_tokens`: see
+        _moe_ops."""
         m = self.model
-        groups = [(m.num_moe_layers, self.layer_dense_ops(tokens, moe=True)) if m.num_moe_layers else None,
+        groups = [(m.num_moe_layers, self.layer_dense_ops(tokens, moe=True, all_tokens=all_tokens))
+                  if m.num_moe_layers else None,
                   (m.num_dense_mlp_layers, self.layer_dense_ops(tokens, moe=False)) if m.num_dense_mlp_layers else None]
         return [g for g in groups if g is not None]
 
-    def layer_dense_ops(self, tokens: int, moe: bool | None = None) -> list[Op]:
+    def layer_dense_ops(self, tokens: int, moe: bool | None = None, all_tokens: int | None = None) -> list[Op]:
         """Ops of one layer whose cost depends only on the number of new tokens (attention aside):
-        an MoE layer (the default, when the model has experts) or a dense one."""
+        an MoE layer (the default, when the model has experts) or a dense one. `all_tokens`: see
+        _moe_ops."""
         m = self.model
         moe = bool(m.num_experts) if moe is None else moe
         h, f, T, w = m.hidden_size, m.intermediate_size, tokens, self._linear_weight_bytes
@@ -345,7 +349,7 @@ class CostModel:
             *self._all_reduce("all_reduce_attn", T),
             self._vector("residual_attn", T * h, 3.0 * T * h * ACT_BYTES),
             self._vector("rmsnorm_mlp", 4.0 * T * h, 2.0 * T * h * ACT_BYTES + h * ACT_BYTES),
-            *(self._moe_ops(T) if moe else [
+            *(self._moe_ops(T, all_tokens) if moe else [
                 self._gemm("gate_up_proj", T, h, 2 * f, w),
                 self._vector("silu_mul", 5.0 * T * f, 3.0 * T * f * ACT_BYTES),
                 self._gemm("down_proj", T, f, h, w)]),
@@ -400,18 +404,21 @@ class CostModel:
         return self._gemm("kv_b_proj", kv_tokens, m.kv_lora_rank, m.num_heads * (dn + m.v_head_dim),
                           self._linear_weight_bytes)
 
-    def _moe_ops(self, tokens: int) -> list[Op]:
+    def _moe_ops(self, tokens: int, all_tokens: int | None = None) -> list[Op]:
         """A mixture-of-experts MLP: the router (a GEMM to the experts' scores, top-k, and the
         permutation of tokens by expert), then each expert's SwiGLU on the tokens routed to it as
         grouped GEMMs. With uniform routing, T tokens choosing k of E experts reach
         E (1 - (1 - k/E)^T) of them on average; each of those experts' weights is read once, and
         its GEMMs have M = T k / active rows. A grouped GEMM is one kernel over all experts,
-        priced by the roofline, or by the device's measured grouped GEMMs where it has them."""
+        priced by the roofline, or by the device's measured grouped GEMMs where it has them.
+        With data-parallel ranks the experts get every rank's tokens: `all_tokens` of this step,
+        or, not given, `tokens` from each rank."""
         m, hw = self.model, self.hw
         h, E, k, fe, w = m.hidden_size, m.num_experts, m.experts_per_token, m.moe_intermediate_size, self._linear_weight_bytes
-        ranks = self.dp_ranks  # every rank's tokens reach the experts (1 without data-parallel ranks)
-        routed = tokens * k * ranks
-        active = _reached(E, k / E, tokens * ranks)
+        ranks = self.dp_ranks  # (1 without data-parallel ranks)
+        total = tokens * ranks if all_tokens is None or ranks == 1 else all_tokens
+        routed = total * k
+        active = _reached(E, k / E, total)
         ep = self.ep
         if ep > 1:  # whole experts, E/ep on each device: the busiest device sets the pace
             fe, E_local = fe * ep, E // ep  # (the shard split each expert; expert parallelism keeps them whole)
@@ -429,8 +436,12 @@ class CostModel:
         # router: the score GEMM (16-bit), then softmax/top-k and the gather of tokens by expert
         router = self.gemm(tokens, h, E, ACT_BYTES, kernels=self.kernels["moe_router"], name="moe_router")
         ops = [router]
-        if ranks > 1:  # each rank sends its tokens' rows to the ranks of their experts, and back
-            sent = tokens * k * h * ACT_BYTES
+        # each rank sends its tokens' rows to the devices of their experts, and back; within a rank
+        # of tp devices each sends 1/tp of the rank's tokens (vllm-ascend's MC2 dispatch splits
+        # them over the TP group; the layer's TP all-reduce then stands for gathering them back)
+        mine = tokens / self.tp
+        if ranks > 1:
+            sent = mine * k * h * ACT_BYTES
             ops.append(self.collective("all_to_all_dispatch", "all_to_all", sent, ep))
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
@@ -441,7 +452,7 @@ class CostModel:
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
                                    self.floor.get(name, self.latency), self.gemm_fixed)
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
-                measured = table.time(name, E, k, h, m.moe_intermediate_size, tokens * ranks,
+                measured = table.time(name, E, k, h, m.moe_intermediate_size, total,
                                       self._grouped_roofline(name))
                 if measured is not None:
                     t = measured * (w / ACT_BYTES if nbytes > flops / self._peak * self._peak_bw
@@ -456,8 +467,8 @@ class CostModel:
         if ranks > 1:
             ops.append(self.collective("all_to_all_combine", "all_to_all", sent, ep))
         # combine: every routed row read once (weighted), each token's row written once
-        back = tokens * k if ranks > 1 else here
-        ops.append(self._vector("moe_combine", 2.0 * back, (back + tokens) * h * ACT_BYTES))
+        back, own = (mine * k, mine) if ranks > 1 else (here, tokens)
+        ops.append(self._vector("moe_combine", 2.0 * back, (back + own) * h * ACT_BYTES))
         if m.num_shared_experts:
             ops.append(self._shared_experts_op(tokens))
         return ops
@@ -559,15 +570,17 @@ class CostModel:
         return Op("attention_prefill", flops, nbytes, t, bound, kernels)
 
     def ops(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
-            prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> list[Op]:
-        """Every op of one iteration, per-layer ops summed over the layers."""
+            prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None,
+            all_tokens: int | None = None) -> list[Op]:
+        """Every op of one iteration, per-layer ops summed over the layers (`all_tokens`: see
+        _moe_ops)."""
         tokens = num_decodes + sum(c for c, _ in prefill_chunks)
         if tokens <= 0:
             raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
         m = self.model
         rows: dict[str, Op] = {}  # each op summed over the layers that have it (MoE layers first)
-        for count, layer in self.layer_groups(tokens):
+        for count, layer in self.layer_groups(tokens, all_tokens):
             for o in layer:
                 rows[o.name] = _add(rows.get(o.name), o, count)
         attention = []
@@ -603,14 +616,18 @@ class CostModel:
         return Op("pp_send", 0.0, nbytes, t, "comm", 1)
 
     # -- the hot path ----------------------------------------------------------------------------
-    def dense_time(self, tokens: int, sampled: int) -> float:
-        """Seconds of every op but attention: the layers and the embedding depend on the tokens,
-        the head on the sampled rows; each is memoised, since iterations repeat shapes."""
-        t = self._layer_cache.get(tokens)
+    def dense_time(self, tokens: int, sampled: int, all_tokens: int | None = None) -> float:
+        """Seconds of every op but attention: the layers and the embedding depend on the tokens
+        (and an MoE layer of data-parallel ranks on `all_tokens`, every rank's), the head on the
+        sampled rows; each is memoised, since iterations repeat shapes."""
+        key = tokens if all_tokens is None or self.dp_ranks == 1 else (tokens, all_tokens)
+        t = self._layer_cache.get(key)
         if t is None:
-            t = (sum(n * sum(o.time_s for o in ops) for n, ops in self.layer_groups(tokens))
+            t = (sum(n * sum(o.time_s for o in ops) for n, ops in self.layer_groups(tokens, all_tokens))
                  + self.embedding_op(tokens).time_s)
-            self._layer_cache[tokens] = t
+            if len(self._layer_cache) >= 65536:  # bounded: lock-stepped ranks see many pairs
+                self._layer_cache.clear()
+            self._layer_cache[key] = t
         return t + self._head_time(sampled)
 
     def _head_time(self, sampled: int) -> float:
@@ -620,15 +637,17 @@ class CostModel:
         return e
 
     def step_time(self, num_decodes: int = 0, decode_context_tokens: int = 0, decode_kv_slots: int = 0,
-                  prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None) -> float:
-        """Device seconds of one iteration (equal to the sum of `ops(...)`, without building them)."""
+                  prefill_chunks: Sequence[tuple[int, int]] = (), num_sampled: int | None = None,
+                  all_tokens: int | None = None) -> float:
+        """Device seconds of one iteration (equal to the sum of `ops(...)`, without building them);
+        `all_tokens`: every data-parallel rank's tokens in this step (see _moe_ops)."""
         tokens = num_decodes
         for c, _ in prefill_chunks:
             tokens += c
         if tokens <= 0:
             raise NpusimError("an iteration needs at least one token (a decode or a prefill chunk)")
         sampled = num_decodes + len(prefill_chunks) if num_sampled is None else num_sampled
-        t = self.dense_time(tokens, sampled)
+        t = self.dense_time(tokens, sampled, all_tokens)
         if self.pp > 1:
             t += sum(self.pp_send_op(tokens, cross).time_s for cross in self.cross_node)
         return t + self.model.num_layers * self.attention_time(num_decodes, decode_context_tokens, decode_kv_slots,
@@ -728,17 +747,19 @@ class CostModel:
         busy = sum(kernels)
         return host, held, swap, host + sum(held) - busy > busy
 
-    def price(self, batch: Batch) -> tuple[float, float, float, bool]:
+    def price(self, batch: Batch, all_tokens: int | None = None) -> tuple[float, float, float, bool]:
         """(host, device, swap, host_bound) of one iteration: seconds of host work the device waits
         for, seconds the device is held (its kernels, or their eager launches when those take
         longer), seconds of KV pages copied over the host link before it runs, and whether the
         host's share (its work and any launches the kernels wait for) exceeds the kernels' own
-        time. A batch with no tokens (everything in it was preempted) costs host and swap time."""
+        time. A batch with no tokens (everything in it was preempted) costs host and swap time.
+        `all_tokens`: every data-parallel rank's tokens in this step, whose experts' work this
+        rank's devices share (not given: each rank's like this one's)."""
         device = 0.0
         decodes, chunks = batch.num_decodes, batch.prefill_chunks
         if decodes or chunks:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
-                                    chunks, batch.num_sampled)
+                                    chunks, batch.num_sampled, all_tokens)
             kernels_s = device
             if self._graph:  # the common case, inlined: host_times(...) says the same
                 host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
@@ -925,18 +946,16 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     if ep > 1:
         if not model.num_experts:
             raise NpusimError(f"--ep {ep}: {model.name} has no experts (a dense model)")
-        if ep != tp and tp != 1:
-            raise NpusimError(f"--ep {ep} with --tp {tp}: experts run over the tensor-parallel group (--ep {tp}) "
-                              f"or, with --tp 1, over data-parallel ranks; a mix of both is not modelled")
+        if ep % tp:
+            raise NpusimError(f"--ep {ep} with --tp {tp}: the experts run over the tensor-parallel group (--ep {tp}) "
+                              f"or over whole groups of data-parallel ranks (a multiple of {tp})")
         if model.num_experts % ep:
             raise NpusimError(f"--ep {ep}: {model.name}'s {model.num_experts} experts do not divide among {ep} devices")
         if ep > hw.node_devices:
             raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node "
                               f"(node_devices): the all-to-all runs over the node's fabric")
-        if tp == 1:
-            if instances > 1:
-                raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own a device")
-            model = ep_shard(model, ep)  # (one data-parallel rank: whole attention, E/ep experts)
+        if ep > tp and instances > 1:
+            raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own their devices")
     if tp > 1:
         if tp > hw.node_devices:
             raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "
@@ -945,6 +964,8 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
             raise NpusimError(f"--tp {tp} with --instances {instances}: an instance spanning devices does not "
                               f"share them with another; run one instance per device group")
         model = tp_shard(model, tp)  # (what each device holds and computes)
+    if ep > tp:  # ep / tp data-parallel ranks of tp devices each: attention per rank, E/ep experts a device
+        model = ep_shard(model, ep // tp, ep)
     if pp > 1:
         pp_stages(model, pp)  # (refuses more stages than layers)
         if tp * pp > hw.node_devices:

@@ -416,7 +416,8 @@ class Simulation:
         attention with EP): every rank takes part in every step, a rank with no requests with a
         dummy batch (it still joins each layer's all-to-all), so a step ends when the slowest
         rank's does and every rank is busy for all of it. Each rank's batch is priced as its own
-        (the ranks' MoE layers taken as loaded alike), the step lasts the longest of them."""
+        but for its experts, which work on every rank's tokens of the step; the step lasts the
+        longest of them."""
         env, ranks = self.env, self.instances
         while True:
             if not any(i.sched.has_work() for i in ranks):
@@ -424,7 +425,8 @@ class Simulation:
                 yield self.lockstep_wake
                 self.lockstep_wake = None
             batches = [i.next_batch() if i.sched.has_work() else None for i in ranks]
-            priced = [i.cost.price(b) if b is not None else None for i, b in zip(ranks, batches)]
+            everyone = sum(b.num_tokens for b in batches if b is not None)  # (a dummy batch brings none)
+            priced = [i.cost.price(b, everyone) if b is not None else None for i, b in zip(ranks, batches)]
             steps = [p[0] + p[1] + p[2] for p in priced if p is not None]
             if not steps:
                 continue

@@ -64,12 +64,12 @@ class Scenario(BaseModel):
     def _check(self) -> "Scenario":
         pp = self.engine.pipeline_parallel_size
         ep, tp = self.engine.expert_parallel_size, self.engine.tensor_parallel_size
-        if ep > 1 and tp == 1 and pp > 1:
-            raise ValueError(f"--pp {pp} with data-parallel experts (--ep {ep} --tp 1): ranks in lock step "
+        if ep > tp and pp > 1:
+            raise ValueError(f"--pp {pp} with data-parallel experts (--ep {ep} --tp {tp}): ranks in lock step "
                              "through pipeline stages are not modelled")
-        if ep > 1 and tp == 1 and self.dp != ep:
-            raise ValueError(f"--ep {ep} with --tp 1 spreads the experts over {ep} data-parallel ranks: it needs "
-                             f"--dp {ep} (got {self.dp})")
+        if ep > tp and ep % tp == 0 and self.dp != ep // tp:
+            raise ValueError(f"--ep {ep} with --tp {tp} spreads the experts over {ep // tp} data-parallel ranks of "
+                             f"{tp} devices: it needs --dp {ep // tp} (got {self.dp})")
         if pp > 1 and self.instances > 1:
             raise ValueError(f"--pp {pp} with --instances {self.instances}: a pipeline spans devices of its own; "
                              "run one instance")

@@ -883,20 +883,21 @@ def tp_shard(model: ModelSpec, tp: int) -> ModelSpec:
         "vocab_size": ceil_div(model.vocab_size, tp), "moe_intermediate_size": model.moe_intermediate_size // tp})
 
 
-def ep_shard(model: ModelSpec, ep: int) -> ModelSpec:
-    """What one of `ep` data-parallel ranks holds when the experts spread over all of them
-    (DeepSeek's layout: attention data-parallel, each rank whole attention and its own sequences'
-    KV, E/ep routed experts each). Held as tp_shard holds experts split ep ways (the same bytes and
-    per-expert work as E/ep whole ones; the cost model prices them whole); the shared experts stay
-    whole on every rank: ep times as many of 1/ep the size."""
-    if ep == 1:
+def ep_shard(model: ModelSpec, ranks: int, ep: int | None = None) -> ModelSpec:
+    """What one device of one of `ranks` data-parallel ranks holds when the experts spread over all
+    of them, `ep` devices in all (DeepSeek's layout: attention data-parallel, each rank whole
+    attention, or its tp_shard, and its own sequences' KV; E/ep routed experts a device). Held as
+    tp_shard holds experts, split `ranks` ways more (the same bytes and per-expert work as E/ep
+    whole ones; the cost model prices them whole); the shared experts stay as the rank holds them:
+    `ranks` times as many of 1/ranks the size."""
+    if ranks == 1:
         return model
-    if model.moe_intermediate_size % ep:
-        raise NpusimError(f"--ep {ep}: {model.name}'s expert size {model.moe_intermediate_size} does not "
-                          f"divide among {ep} ranks")
+    if model.moe_intermediate_size % ranks:
+        raise NpusimError(f"--ep {ep or ranks}: {model.name}'s expert size {model.moe_intermediate_size} does not "
+                          f"divide among {ranks} ranks")
     return model.model_copy(update={
-        "name": f"{model.name}[ep{ep}]", "moe_intermediate_size": model.moe_intermediate_size // ep,
-        "num_shared_experts": model.num_shared_experts * ep})
+        "name": f"{model.name}[ep{ep or ranks}]", "moe_intermediate_size": model.moe_intermediate_size // ranks,
+        "num_shared_experts": model.num_shared_experts * ranks})
 
 
 def pp_layers(num_layers: int, pp: int) -> list[int]:
@@ -1152,11 +1153,12 @@ class EngineConfig(BaseModel):
     kv_dtype: Literal["bf16", "fp16", "fp8", "int8"] = "bf16"
     tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
     # experts over the tensor-parallel group, whole on one device each, instead of every expert
-    # split over all of them (vLLM's --enable-expert-parallel); with --tp 1, more than one: the
-    # experts over that many data-parallel ranks, attention on each rank's own sequences
-    # (DeepSeek's layout, tokens exchanged all-to-all)
+    # split over all of them (vLLM's --enable-expert-parallel); a multiple k of the tp size: the
+    # experts over k data-parallel ranks of tp devices each, attention on each rank's own
+    # sequences (DeepSeek's layout, vLLM's --data-parallel-size k with EP; tokens exchanged
+    # all-to-all)
     expert_parallel_size: int = Field(default=1, gt=0, le=64,
-                                      description="--ep: 1, the --tp size, or with --tp 1 the data-parallel ranks")
+                                      description="--ep: 1, the --tp size, or tp x the data-parallel ranks")
     # the busiest expert-parallel device's routed tokens over the mean, as measured on the user's
     # traffic (vLLM's expert-load statistics, EPLB's logs); None: uniform routing, the busiest of
     # ep devices near mean + sqrt(2 mean ln ep)

@@ -82,7 +82,7 @@ GRID_SETTINGS: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "max_num_batched_tokens": (_ints(1), "token budgets per iteration"),
     "gpu_memory_utilization": (_float, "memory fractions"), "num_blocks": (_ints(1), "KV block counts"),
     "max_model_len": (_ints(1), "max model lengths"), "weight_dtype": (_text, "weight dtypes"),
-    "kv_dtype": (_text, "KV dtypes"), "tp": (_ints(1), "tensor-parallel sizes"), "ep": (_ints(1), "expert-parallel sizes (1 or the tp size)"),
+    "kv_dtype": (_text, "KV dtypes"), "tp": (_ints(1), "tensor-parallel sizes"), "ep": (_ints(1), "expert-parallel sizes (1, the tp size, or tp x dp)"),
     "pp": (_ints(1), "pipeline-parallel stages"),
     "expert_imbalance": (_float, "busiest / mean routed tokens per expert-parallel device"),
     "dp": (_ints(1), "data-parallel replicas"), "router": (_choice("round-robin", "least-outstanding", "prefix-aware"), "round-robin,least-outstanding,prefix-aware"),

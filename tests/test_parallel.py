@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from npusim.costmodel import CostModel, instance_setup
+from npusim.costmodel import Batch, CostModel, instance_setup
 from npusim.errors import NpusimError
 from npusim.specs import EngineConfig, ModelSpec, ep_shard, load_hardware, load_model, tp_shard
 
@@ -191,7 +191,8 @@ def test_expert_parallelism_keeps_experts_whole_and_pays_for_the_busiest_device(
 
 @pytest.mark.parametrize("args, needle", [
     (["--model", "llama-3.1-8b", "--tp", "2", "--ep", "2"], "--ep 2: llama-3.1-8b has no experts"),
-    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 with --tp 4: experts run over the tensor-parallel group"),
+    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 with --tp 4: the experts run over the tensor-parallel group"),
+    (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "6"], "or over whole groups of data-parallel ranks (a multiple of 4)"),
     (["--model", "qwen3-30b-a3b", "--ep", "16"], "--ep 16 exceeds the 8 devices of one h200 node"),
 ])
 def test_expert_parallel_layouts_that_cannot_run_say_why(args, needle):
@@ -275,7 +276,8 @@ def test_expert_parallel_ranks_step_together():
     a step lasts as long as the slowest rank's. A long prompt on rank 0, a short one on rank 1:
     in lock step the short request's first token waits for the long one's first 8k-token chunk,
     while independent replicas (ep 1) serve it at its own pace, as if the other rank were empty;
-    the long request, the slowest of every step, finishes when it would alone."""
+    the long request, the slowest of every step, finishes a little after it would alone: its
+    experts also take the short request's tokens."""
     lock, free = _dp_run(2, [16000, 16]), _dp_run(1, [16000, 16])
     # independent replicas: the short request as if the other rank had nothing
     assert min(free.e2el.values) == pytest.approx(min(_dp_run(1, [16]).e2el.values), rel=1e-9)
@@ -283,8 +285,13 @@ def test_expert_parallel_ranks_step_together():
     short_alone = _dp_run(2, [16])
     assert min(lock.ttft.values) > 10 * min(short_alone.ttft.values)
     assert min(lock.e2el.values) > min(short_alone.e2el.values)
-    # the long request is the slowest rank of every step: it finishes when it would alone
-    assert max(lock.e2el.values) == pytest.approx(max(_dp_run(2, [16000]).e2el.values), rel=1e-9)
+    # the long request is the slowest rank of every step; the partner's tokens (16, then one a
+    # step) reach its experts too: in decode twice the tokens, up to twice the experts read
+    alone = max(_dp_run(2, [16000]).e2el.values)
+    assert alone < max(lock.e2el.values) < 1.1 * alone
+    # two alike ranks: each as loaded as the other, both done together
+    twin = _dp_run(2, [16000, 16000])
+    assert min(twin.e2el.values) == max(twin.e2el.values) > max(lock.e2el.values)
 
 
 def test_a_rank_without_requests_still_takes_every_step():
@@ -295,3 +302,71 @@ def test_a_rank_without_requests_still_takes_every_step():
     assert busy.stats.output_tokens == 64 and idle.stats.output_tokens == 0
     assert idle.busy_s == pytest.approx(busy.busy_s, rel=1e-9) and idle.busy_s > 0
     assert idle.busy_s < max(run.e2el.values)  # (the host's share of each step is not device time)
+
+
+# --------------------------------------------------------------------------- EP over data-parallel ranks of TP groups
+
+def test_a_device_of_tp_by_dp_ranks_holds_what_the_layout_says():
+    """--tp 2 --ep 8: 4 ranks of 2 devices; a device holds half the attention and E/8 whole experts."""
+    hw, m = load_hardware("h200"), load_model("qwen3-30b-a3b")
+    mixed = instance_setup(hw, m, EngineConfig(tensor_parallel_size=2, expert_parallel_size=8))
+    tp2 = instance_setup(hw, m, EngineConfig(tensor_parallel_size=2))
+    routed = m.num_moe_layers * m.num_experts * 3 * m.hidden_size * m.moe_intermediate_size * 2  # bf16
+    # tp 2 holds half of every expert; ep 8 an eighth of them: 1/2 - 1/8 of all routed bytes fewer
+    assert tp2.plan.weight_bytes - mixed.plan.weight_bytes == pytest.approx(routed * (1 / 2 - 1 / 8), rel=1e-6)
+    assert mixed.cost.model.num_heads == m.num_heads // 2
+    assert mixed.plan.kv_bytes_per_token == tp2.plan.kv_bytes_per_token
+    assert mixed.cost.dp_ranks == 4
+
+
+def test_tp_by_dp_experts_do_the_work_of_the_whole_ep_group():
+    """Symmetric ranks: the busiest device's experts get the same work whether 4 ranks of 2 devices
+    each bring T tokens or one tensor-parallel group of 8 devices brings 4 T; each of a rank's
+    devices sends half its rank's tokens all-to-all."""
+    hw, m = load_hardware("h200"), load_model("qwen3-30b-a3b")
+    mixed = CostModel(hw, ep_shard(tp_shard(m, 2), 4, 8), tp=2, ep=8)
+    group = CostModel(hw, tp_shard(m, 8), tp=8, ep=8)
+    T = 32
+    r = {o.name: o for o in mixed.layer_dense_ops(T)}
+    g = {o.name: o for o in group.layer_dense_ops(4 * T)}
+    for name in ("gate_up_proj", "down_proj"):
+        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
+        assert r[name].bytes == pytest.approx(g[name].bytes, rel=1e-12)
+    sent = T / 2 * m.experts_per_token * m.hidden_size * 2
+    assert r["all_to_all_dispatch"].bytes == pytest.approx(sent * 7 / 8)
+    assert "all_reduce_mlp" in r and "all_reduce_attn" in r  # (the rank's own TP collectives stay)
+
+
+def test_lock_step_ranks_experts_see_every_ranks_tokens():
+    hw, m = load_hardware("h200"), load_model("qwen3-30b-a3b")
+    cost = CostModel(hw, ep_shard(m, 4), tp=1, ep=4)
+    one = Batch(num_decodes=1, decode_context_tokens=1000, decode_kv_slots=1000)
+    full = Batch(num_decodes=61, decode_context_tokens=61000, decode_kv_slots=61000)
+    # not given, the others are taken as loaded alike: the same as giving 4 x this rank's tokens
+    assert cost.price(one) == cost.price(one, 4)
+    assert cost.price(full, 4 * 61) == cost.price(full)
+    # a rank of 1 token beside three of 61 does its share of the experts' work on all 184: what
+    # four alike ranks of 46 tokens give each device's experts
+    alone = dict((o.name, o) for o in cost.ops(1, 1000, 1000))
+    shared = dict((o.name, o) for o in cost.ops(1, 1000, 1000, all_tokens=1 + 3 * 61))
+    even = dict((o.name, o) for o in cost.ops(46, 46000, 46000))
+    for name in ("gate_up_proj", "down_proj"):
+        assert shared[name].flops == pytest.approx(even[name].flops, rel=1e-12)
+        assert shared[name].bytes == pytest.approx(even[name].bytes, rel=1e-12)
+        assert shared[name].flops > 20 * alone[name].flops
+    assert shared["attention_decode"].time_s == alone["attention_decode"].time_s  # (its own sequences')
+    assert shared["all_to_all_dispatch"].bytes == alone["all_to_all_dispatch"].bytes  # (its own tokens')
+    assert cost.price(one, 1 + 3 * 61)[1] > cost.price(one)[1]
+    # the sum of ops and the hot path agree under all_tokens too
+    assert sum(o.time_s for o in cost.ops(1, 1000, 1000, all_tokens=184)) == pytest.approx(
+        cost.step_time(1, 1000, 1000, all_tokens=184), rel=1e-12)
+
+
+def test_simulate_tp_by_dp_experts_runs_every_device_in_lock_step():
+    assert_one_line_error("simulate", ["--hw", "h200", "--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4",
+                                       "--requests", "4"], "it needs --dp 2")
+    rc, out, err = run_cli("simulate", "--hw", "h200", "--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4",
+                           "--dp", "2", "--requests", "16", "--json")
+    assert rc == 0, err
+    par = json.loads(out)["parallel"]
+    assert par["devices"] == 4 and par["lock_step"] and par["expert_parallel_size"] == 4
