@@ -24,8 +24,10 @@ METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 
 
 def predict(case: dict) -> dict:
+    # (dp, router: data-parallel ranks behind vLLM's load balancer, where the case has them)
     sc = Scenario(hw=case["hw"], model=case["model"], engine=EngineConfig(**case["engine"]),
-                  workload=WorkloadSpec(**case["workload"]), seed=0)
+                  workload=WorkloadSpec(**case["workload"]), dp=case.get("dp", 1),
+                  **({"router": case["router"]} if "router" in case else {}), seed=0)
     return summarize(simulate_scenario(sc), sc)
 
 

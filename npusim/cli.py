@@ -177,7 +177,9 @@ def step(
     if ep > 1:
         ranks = f"{ep // tp} data-parallel ranks of {tp} device(s), each with a batch like this one, in lock step; " \
             if ep > tp else ""
-        console.print(f"experts over {ep} devices: {ranks}{m.num_experts // ep} whole experts a device")
+        nodes = (f" of {ep // h.node_devices} nodes ({h.internode_link_gbs:g} GB/s a device between them)"
+                 if ep > h.node_devices else "")
+        console.print(f"experts over {ep} devices{nodes}: {ranks}{m.num_experts // ep} whole experts a device")
     if tp > 1 or ep > tp:
         what = "all-reduces" if ep <= tp else ("all-reduces and all-to-alls" if tp > 1 else "all-to-alls")
         console.print(f"{'tensor parallel over ' + str(tp) + ' devices' if tp > 1 else 'one rank'} of a {h.name} node "

@@ -298,6 +298,8 @@ class CostModel:
         n, hw = n or self.tp, self.hw
         if n == 1 or nbytes <= 0:
             return Op(name, 0.0, 0.0, 0.0, "comm", 0)
+        if n > hw.node_devices:  # (only an all-to-all spans nodes: instance_setup says so)
+            return self._all_to_all_across_nodes(name, nbytes, n)
         factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
         if hw.link_topology == "ring":
             steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
@@ -306,6 +308,19 @@ class CostModel:
         moved = factor * nbytes
         t = steps * hw.link_latency_us * 1e-6 + moved / (hw.link_gbs * 1e9 * hw.link_efficiency)
         return Op(name, 0.0, moved, t, "comm", 1)
+
+    def _all_to_all_across_nodes(self, name: str, nbytes: float, n: int) -> Op:
+        """An all-to-all over n devices of n / node_devices whole nodes: of what each device holds,
+        (node - 1)/n goes to the devices of its own node over the node's link and (n - node)/n to
+        the other nodes' over the link between nodes, both at once (separate ports), so the
+        slower of the two sets the time, after the message latencies of both."""
+        hw, node = self.hw, self.hw.node_devices
+        local, remote = (node - 1) / n * nbytes, (n - node) / n * nbytes
+        steps = node - 1 if hw.link_topology == "ring" else 1
+        t = ((steps * hw.link_latency_us + hw.internode_latency_us) * 1e-6
+             + max(local / (hw.link_gbs * 1e9 * hw.link_efficiency),
+                   remote / (hw.internode_link_gbs * 1e9 * hw.link_efficiency)))
+        return Op(name, 0.0, local + remote, t, "comm", 1)
 
     @property
     def _linear_weight_bytes(self) -> float:
@@ -952,8 +967,15 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
         if model.num_experts % ep:
             raise NpusimError(f"--ep {ep}: {model.name}'s {model.num_experts} experts do not divide among {ep} devices")
         if ep > hw.node_devices:
-            raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node "
-                              f"(node_devices): the all-to-all runs over the node's fabric")
+            # the experts' all-to-all may cross nodes (vLLM's multi-node DP with EP); each rank's
+            # tensor-parallel group stays within one
+            if hw.internode_link_gbs is None:
+                raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node "
+                                  f"(node_devices), and its profile has no link between nodes (internode_link_gbs)")
+            if ep % hw.node_devices or ep == tp or hw.node_devices % tp:
+                raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node: across "
+                                  f"nodes it must fill whole nodes (a multiple of {hw.node_devices}) with "
+                                  f"data-parallel ranks of --tp devices each")
         if ep > tp and instances > 1:
             raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own their devices")
     if tp > 1:

@@ -193,7 +193,9 @@ def test_expert_parallelism_keeps_experts_whole_and_pays_for_the_busiest_device(
     (["--model", "llama-3.1-8b", "--tp", "2", "--ep", "2"], "--ep 2: llama-3.1-8b has no experts"),
     (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "2"], "--ep 2 with --tp 4: the experts run over the tensor-parallel group"),
     (["--model", "qwen3-30b-a3b", "--tp", "4", "--ep", "6"], "or over whole groups of data-parallel ranks (a multiple of 4)"),
-    (["--model", "qwen3-30b-a3b", "--ep", "16"], "--ep 16 exceeds the 8 devices of one h200 node"),
+    # (a tensor-parallel group stays in one node; only data-parallel ranks' all-to-all crosses)
+    (["--model", "qwen3-30b-a3b", "--tp", "16", "--ep", "16"], "--ep 16 exceeds the 8 devices of one h200 node: "
+     "across nodes it must fill whole nodes (a multiple of 8) with data-parallel ranks"),
 ])
 def test_expert_parallel_layouts_that_cannot_run_say_why(args, needle):
     assert_one_line_error("step", ["--hw", "h200", *args], needle)
@@ -370,3 +372,22 @@ def test_simulate_tp_by_dp_experts_runs_every_device_in_lock_step():
     assert rc == 0, err
     par = json.loads(out)["parallel"]
     assert par["devices"] == 4 and par["lock_step"] and par["expert_parallel_size"] == 4
+
+
+def test_an_all_to_all_over_two_nodes_waits_for_the_slower_link():
+    """--tp 8 --ep 16 on 8-device nodes: each device sends 7/16 of its rows within its node and
+    8/16 to the other node, both at once; the slower link (between nodes) sets the time."""
+    hw, m = load_hardware("ascend-910b3"), load_model("qwen3-235b-a22b")
+    cost = instance_setup(hw, m, EngineConfig(tensor_parallel_size=8, expert_parallel_size=16)).cost
+    T = 64
+    op = next(o for o in cost.layer_dense_ops(T) if o.name == "all_to_all_dispatch")
+    rows = T / 8 * m.experts_per_token * m.hidden_size * 2
+    assert op.bytes == pytest.approx(rows * 15 / 16)
+    remote = rows * 8 / 16 / (hw.internode_link_gbs * 1e9 * hw.link_efficiency)
+    local = rows * 7 / 16 / (hw.link_gbs * 1e9 * hw.link_efficiency)
+    assert remote > local
+    assert op.time_s == pytest.approx((hw.link_latency_us + hw.internode_latency_us) * 1e-6 + remote, rel=1e-12)
+    # a profile without a link between nodes keeps the experts in one node
+    no_link = hw.model_copy(update={"internode_link_gbs": None, "internode_latency_us": None})
+    with pytest.raises(NpusimError, match="no link between nodes"):
+        instance_setup(no_link, m, EngineConfig(tensor_parallel_size=8, expert_parallel_size=16))
