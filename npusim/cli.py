@@ -182,8 +182,10 @@ def step(
         console.print(f"experts over {ep} devices{nodes}: {ranks}{m.num_experts // ep} whole experts a device")
     if tp > 1 or ep > tp:
         what = "all-reduces" if ep <= tp else ("all-reduces and all-to-alls" if tp > 1 else "all-to-alls")
-        console.print(f"{'tensor parallel over ' + str(tp) + ' devices' if tp > 1 else 'one rank'} of a {h.name} node "
-                      f"({h.link_topology}, {h.link_gbs:g} GB/s one way): {what} {comm_s * 1e3:.3f} ms "
+        where = (f"of {tp // h.node_devices} {h.name} nodes ({h.internode_link_gbs:g} GB/s a device between them; "
+                 if tp > h.node_devices else f"of a {h.name} node (")
+        console.print(f"{'tensor parallel over ' + str(tp) + ' devices' if tp > 1 else 'one rank'} {where}"
+                      f"{h.link_topology}, {h.link_gbs:g} GB/s one way within): {what} {comm_s * 1e3:.3f} ms "
                       f"({comm_s / step_s:.1%} of the device time); memory per device:")
     if pipeline is not None:
         stages = ", ".join(f"{n} layers {t:.3f} ms" for n, t in zip(pipeline["stage_layers"], pipeline["stage_ms"]))

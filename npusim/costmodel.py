@@ -298,8 +298,10 @@ class CostModel:
         n, hw = n or self.tp, self.hw
         if n == 1 or nbytes <= 0:
             return Op(name, 0.0, 0.0, 0.0, "comm", 0)
-        if n > hw.node_devices:  # (only an all-to-all spans nodes: instance_setup says so)
-            return self._all_to_all_across_nodes(name, nbytes, n)
+        if n > hw.node_devices:  # whole nodes (instance_setup says so)
+            if kind == "all_to_all":
+                return self._all_to_all_across_nodes(name, nbytes, n)
+            return self._hierarchical(name, kind, nbytes, n)
         factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
         if hw.link_topology == "ring":
             steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
@@ -321,6 +323,28 @@ class CostModel:
              + max(local / (hw.link_gbs * 1e9 * hw.link_efficiency),
                    remote / (hw.internode_link_gbs * 1e9 * hw.link_efficiency)))
         return Op(name, 0.0, local + remote, t, "comm", 1)
+
+    def _hierarchical(self, name: str, kind: str, nbytes: float, n: int) -> Op:
+        """An all-reduce (or all-gather) over n devices of n / node_devices whole nodes, as NCCL and
+        HCCL run it across nodes: a reduce-scatter within each node (an all-reduce only), the
+        collective over the nodes of each device's 1/node share, device to device over the link
+        between nodes, then an all-gather within each node. Each phase as collective() prices it,
+        the middle one at the link between nodes and its latency, one after another."""
+        hw, node = self.hw, self.hw.node_devices
+        nodes = n // node
+        ring = hw.link_topology == "ring"
+        intra = (node - 1) / node * nbytes  # each within-node phase moves this through a device
+        intra_steps = node - 1 if ring else 1
+        phases = 2 if kind == "all_reduce" else 1
+        # (between nodes a ring: 2 (nodes - 1) steps for an all-reduce, nodes - 1 for a gather)
+        inter_factor = 2.0 * (nodes - 1) / nodes if kind == "all_reduce" else (nodes - 1) / nodes
+        inter = inter_factor * nbytes / node
+        inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
+        link = hw.link_gbs * 1e9 * hw.link_efficiency
+        t = (phases * (intra_steps * hw.link_latency_us * 1e-6 + intra / link)
+             + inter_steps * (hw.link_latency_us + hw.internode_latency_us) * 1e-6
+             + inter / (hw.internode_link_gbs * 1e9 * hw.link_efficiency))
+        return Op(name, 0.0, phases * intra + inter, t, "comm", 1)
 
     @property
     def _linear_weight_bytes(self) -> float:
@@ -972,16 +996,20 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
             if hw.internode_link_gbs is None:
                 raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node "
                                   f"(node_devices), and its profile has no link between nodes (internode_link_gbs)")
-            if ep % hw.node_devices or ep == tp or hw.node_devices % tp:
+            if ep % hw.node_devices or (hw.node_devices % tp and tp % hw.node_devices):
                 raise NpusimError(f"--ep {ep} exceeds the {hw.node_devices} devices of one {hw.name} node: across "
-                                  f"nodes it must fill whole nodes (a multiple of {hw.node_devices}) with "
-                                  f"data-parallel ranks of --tp devices each")
+                                  f"nodes it must fill whole nodes (a multiple of {hw.node_devices}), each rank's "
+                                  f"--tp {tp} devices within a node or filling whole ones")
         if ep > tp and instances > 1:
             raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own their devices")
     if tp > 1:
-        if tp > hw.node_devices:
-            raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "
-                              f"(node_devices): tensor parallelism runs over the node's fabric")
+        if tp > hw.node_devices:  # across nodes: whole nodes, collectives hierarchical
+            if hw.internode_link_gbs is None:
+                raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node "
+                                  f"(node_devices), and its profile has no link between nodes (internode_link_gbs)")
+            if tp % hw.node_devices:
+                raise NpusimError(f"--tp {tp} exceeds the {hw.node_devices} devices of one {hw.name} node: across "
+                                  f"nodes it must fill whole nodes (a multiple of {hw.node_devices})")
         if instances > 1:
             raise NpusimError(f"--tp {tp} with --instances {instances}: an instance spanning devices does not "
                               f"share them with another; run one instance per device group")
@@ -995,9 +1023,9 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
                 raise NpusimError(f"--pp {pp} x --tp {tp} = {tp * pp} devices exceed the {hw.node_devices} of one "
                                   f"{hw.name} node (node_devices), and its profile has no link between nodes "
                                   f"(internode_link_gbs)")
-            if hw.node_devices % tp:
+            if hw.node_devices % tp and tp % hw.node_devices:
                 raise NpusimError(f"--pp {pp} x --tp {tp} spans nodes of {hw.node_devices} devices, which --tp {tp} "
-                                  f"does not divide: a stage's tensor-parallel group would straddle two nodes")
+                                  f"neither divides nor fills: a stage's tensor-parallel group would straddle two nodes")
         if instances > 1:
             raise NpusimError(f"--pp {pp} with --instances {instances}: a pipeline spans devices of its own; "
                               "run one instance")
