@@ -228,6 +228,17 @@ def test_data_parallel_ranks_hold_whole_attention_and_their_share_of_the_experts
     assert rank.plan.kv_bytes_per_token == one.plan.kv_bytes_per_token
 
 
+def _same_expert_work(rank: CostModel, group: CostModel, T: int):
+    """The ops of one MoE layer of a rank bringing T tokens (of 4 alike ranks) and of a group
+    bringing 4 T, after checking that their experts' GEMMs do the same work."""
+    r = {o.name: o for o in rank.layer_dense_ops(T)}
+    g = {o.name: o for o in group.layer_dense_ops(4 * T)}
+    for name in ("gate_up_proj", "down_proj"):
+        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
+        assert r[name].bytes == pytest.approx(g[name].bytes, rel=1e-12)
+    return r, g
+
+
 def test_a_rank_of_ep_sees_what_a_tp_group_sees_with_every_ranks_tokens():
     """Symmetric ranks: the busiest device's experts get the same work whether ep ranks each bring
     T tokens (data-parallel attention) or one tensor-parallel group of ep devices brings ep x T."""
@@ -235,11 +246,7 @@ def test_a_rank_of_ep_sees_what_a_tp_group_sees_with_every_ranks_tokens():
     rank = CostModel(hw, ep_shard(m, 4), tp=1, ep=4)
     group = CostModel(hw, tp_shard(m, 4), tp=4, ep=4)
     T = 32
-    r = {o.name: o for o in rank.layer_dense_ops(T)}
-    g = {o.name: o for o in group.layer_dense_ops(4 * T)}
-    for name in ("gate_up_proj", "down_proj"):
-        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
-        assert r[name].bytes == pytest.approx(g[name].bytes, rel=1e-12)
+    r, g = _same_expert_work(rank, group, T)
     # tokens cross the ranks both ways: (ep - 1)/ep of each rank's routed rows, over the node link
     sent = T * m.experts_per_token * m.hidden_size * 2
     for name in ("all_to_all_dispatch", "all_to_all_combine"):
@@ -325,11 +332,7 @@ def test_tp_by_dp_experts_do_the_work_of_the_whole_ep_group():
     mixed = CostModel(hw, ep_shard(tp_shard(m, 2), 4, 8), tp=2, ep=8)
     group = CostModel(hw, tp_shard(m, 8), tp=8, ep=8)
     T = 32
-    r = {o.name: o for o in mixed.layer_dense_ops(T)}
-    g = {o.name: o for o in group.layer_dense_ops(4 * T)}
-    for name in ("gate_up_proj", "down_proj"):
-        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
-        assert r[name].bytes == pytest.approx(g[name].bytes, rel=1e-12)
+    r, g = _same_expert_work(mixed, group, T)
     sent = T / 2 * m.experts_per_token * m.hidden_size * 2
     assert r["all_to_all_dispatch"].bytes == pytest.approx(sent * 7 / 8)
     assert "all_reduce_mlp" in r and "all_reduce_attn" in r  # (the rank's own TP collectives stay)
