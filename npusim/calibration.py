@@ -22,6 +22,8 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+from scipy.optimize import isotonic_regression
+
 from npusim.errors import NpusimError
 from npusim.specs import read_json_file
 
@@ -146,7 +148,10 @@ class GroupedGemmTable:
                 if key in r:
                     shape = (r["experts"], r["top_k"], r["hidden"], r["expert_size"], op)
                     by_shape.setdefault(shape, {})[r["tokens"]] = r[key]
-        self.curves = {s: (sorted(c), [c[t] for t in sorted(c)]) for s, c in by_shape.items()}
+        # More tokens over the same experts is at least the same work: a measured curve is made
+        # non-decreasing (pool-adjacent-violators), its dips being the repeats' noise (h200: <= 3 %)
+        self.curves = {s: (sorted(c), [float(x) for x in isotonic_regression([c[t] for t in sorted(c)]).x])
+                       for s, c in by_shape.items()}
 
     def time(self, op: str, experts: int, top_k: int, hidden: int, expert_size: int, tokens: int,
              roofline) -> float | None:

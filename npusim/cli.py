@@ -79,7 +79,7 @@ def step(
     weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | fp8 | int8 | int4 (fp8: on FP8 tensor cores where the device has them, else weight-only)"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | fp8 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
-    tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices of the node one instance spans"),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (within a node, or whole nodes)"),
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or over N/tp data-parallel ranks of --tp devices each (one rank priced, the others loaded alike)"),
     expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
@@ -182,8 +182,13 @@ def step(
         console.print(f"experts over {ep} devices{nodes}: {ranks}{m.num_experts // ep} whole experts a device")
     if tp > 1 or ep > tp:
         what = "all-reduces" if ep <= tp else ("all-reduces and all-to-alls" if tp > 1 else "all-to-alls")
-        where = (f"of {tp // h.node_devices} {h.name} nodes ({h.internode_link_gbs:g} GB/s a device between them; "
-                 if tp > h.node_devices else f"of a {h.name} node (")
+        if tp > h.node_devices:
+            where = f"of {tp // h.node_devices} {h.name} nodes ({h.internode_link_gbs:g} GB/s a device between them; "
+        elif ep > h.node_devices:  # (each rank's group within a node, the all-to-alls between nodes)
+            where = (f"within a {h.name} node, all-to-alls over {ep // h.node_devices} nodes "
+                     f"({h.internode_link_gbs:g} GB/s a device between them; ")
+        else:
+            where = f"of a {h.name} node ("
         console.print(f"{'tensor parallel over ' + str(tp) + ' devices' if tp > 1 else 'one rank'} {where}"
                       f"{h.link_topology}, {h.link_gbs:g} GB/s one way within): {what} {comm_s * 1e3:.3f} ms "
                       f"({comm_s / step_s:.1%} of the device time); memory per device:")
@@ -230,7 +235,7 @@ def simulate(
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
-    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices of the node the instance spans"),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices the instance spans (within a node, or whole nodes)"),
     ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or over the --dp ranks of --tp devices each (--ep = tp x dp)"),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
     expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),

@@ -1002,6 +1002,9 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
                                   f"--tp {tp} devices within a node or filling whole ones")
         if ep > tp and instances > 1:
             raise NpusimError(f"--ep {ep} with --instances {instances}: expert-parallel ranks each own their devices")
+        if ep > tp and pp > 1:
+            raise NpusimError(f"--pp {pp} with data-parallel experts (--ep {ep} --tp {tp}): ranks in lock step "
+                              "through pipeline stages are not modelled")
     if tp > 1:
         if tp > hw.node_devices:  # across nodes: whole nodes, collectives hierarchical
             if hw.internode_link_gbs is None:

@@ -67,9 +67,13 @@ class Scenario(BaseModel):
         if ep > tp and pp > 1:
             raise ValueError(f"--pp {pp} with data-parallel experts (--ep {ep} --tp {tp}): ranks in lock step "
                              "through pipeline stages are not modelled")
+        if ep > tp and self.instances > 1:
+            raise ValueError(f"--ep {ep} with --instances {self.instances}: expert-parallel ranks each own their "
+                             "devices")
         if ep > tp and ep % tp == 0 and self.dp != ep // tp:
+            devices = "device" if tp == 1 else f"{tp} devices"
             raise ValueError(f"--ep {ep} with --tp {tp} spreads the experts over {ep // tp} data-parallel ranks of "
-                             f"{tp} devices: it needs --dp {ep // tp} (got {self.dp})")
+                             f"{devices} each: it needs --dp {ep // tp} (got {self.dp})")
         if pp > 1 and self.instances > 1:
             raise ValueError(f"--pp {pp} with --instances {self.instances}: a pipeline spans devices of its own; "
                              "run one instance")

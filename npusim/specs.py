@@ -893,8 +893,10 @@ def ep_shard(model: ModelSpec, ranks: int, ep: int | None = None) -> ModelSpec:
     if ranks == 1:
         return model
     if model.moe_intermediate_size % ranks:
-        raise NpusimError(f"--ep {ep or ranks}: {model.name}'s expert size {model.moe_intermediate_size} does not "
-                          f"divide among {ranks} ranks")
+        tp = (ep or ranks) // ranks
+        per = f" (its size on each of --tp {tp} devices)" if tp > 1 else ""
+        raise NpusimError(f"--ep {ep or ranks}: {model.name}'s expert size {model.moe_intermediate_size}{per} does "
+                          f"not divide among {ranks} ranks")
     return model.model_copy(update={
         "name": f"{model.name}[ep{ep or ranks}]", "moe_intermediate_size": model.moe_intermediate_size // ranks,
         "num_shared_experts": model.num_shared_experts * ranks})

@@ -147,6 +147,29 @@ def test_grouped_gemm_table_interpolates_its_layout_and_carries_others_by_the_ro
     assert table.time("qkv_proj", 8, 2, 4096, 14336, 16, roofline) is None
 
 
+def test_a_measured_grouped_gemm_curve_never_prices_more_tokens_faster():
+    """A dip in the measured times (repeats' noise) is pooled with its neighbours: more tokens over
+    the same experts is at least as much work, so the time is non-decreasing in tokens."""
+    from npusim.calibration import GroupedGemmTable
+
+    table = GroupedGemmTable(_rows((8, 2, 4096, 14336), {1: 100e-6, 16: 400e-6, 64: 380e-6, 256: 420e-6}))
+    tokens, times = table.curves[(8, 2, 4096, 14336, "gate_up_proj")]
+    assert tokens == [1, 16, 64, 256]
+    assert times == pytest.approx([100e-6, 390e-6, 390e-6, 420e-6])  # (400 and 380 pooled)
+
+    def roofline(E, k, h, f, t):
+        return E * h * f * (1 + t / 1000)
+
+    priced = [table.time("gate_up_proj", 8, 2, 4096, 14336, t, roofline) for t in range(1, 400, 3)]
+    assert all(b >= a for a, b in zip(priced, priced[1:]))
+    # the h200's own measured table: an MoE layer's expert time never falls as the batch grows
+    for model in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        cm = CostModel(load_hardware("h200"), load_model(model))
+        t = [sum(o.time_s for o in cm.layer_dense_ops(n) if o.name in ("gate_up_proj", "down_proj"))
+             for n in (1, 8, 40, 64, 128, 256, 512, 1000, 1024, 2048, 4096)]
+        assert all(b >= a * (1 - 1e-12) for a, b in zip(t, t[1:])), t
+
+
 def test_a_device_with_measured_grouped_gemms_prices_moe_layers_from_them(tmp_path):
     import yaml
 

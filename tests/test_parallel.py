@@ -338,6 +338,40 @@ def test_tp_by_dp_experts_do_the_work_of_the_whole_ep_group():
     assert "all_reduce_mlp" in r and "all_reduce_attn" in r  # (the rank's own TP collectives stay)
 
 
+@pytest.mark.parametrize("hw_name, model, tp, ep", [("h200", "qwen3-30b-a3b", 2, 8),
+                                                     ("ascend-910b3", "qwen3-235b-a22b", 8, 16)])  # (2 nodes)
+def test_uneven_ranks_experts_get_every_ranks_tokens_with_tp_groups(hw_name, model, tp, ep):
+    """Ranks of tp devices bringing unequal batches: the experts of every device do the work of all
+    the step's tokens (`all_tokens`, as one group of ep devices would), while what a device sends
+    all-to-all follows its own rank's tokens only (1/tp of them each)."""
+    hw, m = load_hardware(hw_name), load_model(model)
+    mixed = instance_setup(hw, m, EngineConfig(tensor_parallel_size=tp, expert_parallel_size=ep)).cost
+    group = CostModel(hw.model_copy(update={"node_devices": ep}), tp_shard(m, ep), tp=ep, ep=ep)
+    T, everyone = 24, 24 + 200  # this rank 24 tokens, the others 200 between them
+    r = {o.name: o for o in mixed.layer_dense_ops(T, all_tokens=everyone)}
+    g = {o.name: o for o in group.layer_dense_ops(everyone)}
+    alone = {o.name: o for o in mixed.layer_dense_ops(T)}
+    for name in ("gate_up_proj", "down_proj"):
+        assert r[name].flops == pytest.approx(g[name].flops, rel=1e-12)
+        assert r[name].flops > 2 * alone[name].flops
+    rows = T / tp * m.experts_per_token * m.hidden_size * 2
+    assert r["all_to_all_dispatch"].bytes == pytest.approx(rows * (ep - 1) / ep)
+    assert r["all_to_all_dispatch"].bytes == alone["all_to_all_dispatch"].bytes
+
+
+def test_pipeline_with_data_parallel_experts_is_refused_in_one_line():
+    for args in (["step", "--tp", "4", "--ep", "8", "--pp", "2"],
+                 ["simulate", "--tp", "4", "--ep", "8", "--pp", "2", "--dp", "2", "--requests", "4"]):
+        assert_one_line_error(args[0], ["--hw", "h200", "--model", "qwen3-30b-a3b", *args[1:]],
+                              "--pp 2 with data-parallel experts (--ep 8 --tp 4)")
+    with pytest.raises(NpusimError, match="ranks in lock step through pipeline stages"):
+        instance_setup(load_hardware("h200"), load_model("qwen3-30b-a3b"),
+                       EngineConfig(tensor_parallel_size=2, expert_parallel_size=4, pipeline_parallel_size=2))
+    # instances are refused before the replica count is asked for
+    assert_one_line_error("simulate", ["--hw", "h200", "--model", "qwen3-30b-a3b", "--ep", "2", "--instances", "2",
+                                       "--requests", "4"], "expert-parallel ranks each own their devices")
+
+
 def test_lock_step_ranks_experts_see_every_ranks_tokens():
     hw, m = load_hardware("h200"), load_model("qwen3-30b-a3b")
     cost = CostModel(hw, ep_shard(m, 4), tp=1, ep=4)
