@@ -608,7 +608,7 @@ def unloaded_ttft(hw: HardwareSpec | str, model: ModelSpec | str, *, prompt: int
     while done < prompt:
         n = min(chunk, prompt - done)
         device = setup.cost.step_time(prefill_chunks=[(n, done)], num_sampled=1)
-        host, held = setup.cost.host_times(1, device, has_decode=False, has_prefill=True)
+        host, held = setup.cost.host_times(1, device, has_decode=False, has_prefill=True, tokens=n)
         total += host + held
         done += n
         iterations += 1

@@ -13,7 +13,7 @@ import typer
 from npusim.costmodel import CostModel
 from npusim.errors import NpusimError
 
-from npusim.specs import (MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
+from npusim.specs import (CUDAGRAPH_MODES, MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
                           load_engine_profile, load_hardware, load_model)
 
 # Plain click help (rich_markup_mode=None): it wraps long option names at any width instead of
@@ -60,6 +60,17 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+CUDAGRAPH_HELP = ("vLLM engines: which steps replay captured graphs, as vLLM's cudagraph_mode: "
+                  "full_and_piecewise | full_decode_only | full | piecewise | none (default: the engine's)")
+CAPTURE_HELP = "vLLM engines: the largest step captured, in tokens (default as vLLM: min(max_num_seqs x 2, 512); vllm-ascend x 1)"
+
+
+def _choice(flag: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise NpusimError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    return value
+
+
 def _engine(**kw) -> EngineConfig:
     from npusim.specs import _validate
     return _validate(EngineConfig, {k: v for k, v in kw.items() if v is not None}, "engine")
@@ -83,6 +94,8 @@ def step(
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices (1 or the --tp size), or over N/tp data-parallel ranks of --tp devices each (one rank priced, the others loaded alike)"),
     expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
+    cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
+    max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """One forward iteration: per-op FLOPs, bytes, kernels, time and bound; device, host and iteration time."""
@@ -104,7 +117,9 @@ def step(
 
     setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
                                          kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
-                                         pipeline_parallel_size=pp, expert_imbalance=expert_imbalance))
+                                         pipeline_parallel_size=pp, expert_imbalance=expert_imbalance,
+                                         cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
+                                         max_cudagraph_capture_size=max_cudagraph_capture_size))
     profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
     if phase == "decode":
@@ -118,7 +133,8 @@ def step(
     ops = cm.ops(**args)
     step_s = sum(o.time_s for o in ops)
     kernels = sum(o.kernels for o in ops)
-    host_s, held_s = cm.host_times(batch, step_s, phase == "decode", phase == "prefill")
+    host_s, held_s = cm.host_times(batch, step_s, phase == "decode", phase == "prefill",
+                                   batch if phase == "decode" else batch * prompt)
     pipeline = None
     if pp > 1:  # the batch passes the stages in turn; pp such batches in flight keep every stage busy
         from npusim.costmodel import Batch
@@ -145,13 +161,14 @@ def step(
         raise NpusimError(f"this {phase} batch needs {need_blocks} KV blocks of {bs} tokens ({kv_tokens} tokens) "
                           f"but {plan.num_blocks} fit: lower --batch or --{'context' if phase == 'decode' else 'prompt'}")
     tokens = batch if phase == "decode" else batch * prompt
+    launch = cm.launch_mode(tokens, phase == "prefill")  # (a graph engine may run this step eagerly)
     if as_json:
         _print_json({
             "hw": h.name, "model": m.name, "phase": phase, "batch": batch,
             "context": context if phase == "decode" else None,
             "prompt": prompt if phase == "prefill" else None, "block_size": bs,
             "weight_dtype": weight_dtype, "kv_dtype": kv_dtype, "engine": profile.name,
-            "execution": profile.execution,
+            "execution": profile.execution, "launch": launch,
             "step_ms": step_s * 1e3, "device_ms": step_s * 1e3,
             "host_ms": (iteration_s - step_s) * 1e3, "iteration_ms": iteration_s * 1e3,
             "kernels": kernels, "tokens_per_s": tokens / iteration_s,
@@ -163,7 +180,7 @@ def step(
         })
         return
     what = f"decode, batch {batch}, context {context}" if phase == "decode" else f"prefill, batch {batch}, prompt {prompt}"
-    t = Table(title=f"{m.name} on {h.name} with {profile.name} ({profile.execution}): {what}, block {bs}, "
+    t = Table(title=f"{m.name} on {h.name} with {profile.name} ({profile.execution}{'' if launch == profile.execution else f'; this step {launch}'}): {what}, block {bs}, "
                     f"weights {weight_dtype}, KV {kv_dtype}")
     for col in ("op", "kernels", "GFLOP", "MB", "time ms", "share", "bound"):
         t.add_column(col, justify="left" if col in ("op", "bound") else "right")
@@ -230,6 +247,8 @@ def simulate(
     batching: Optional[str] = typer.Option(None, "--batching", help="auto | continuous | static (auto: static without paging)"),
     no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),
     preemption: Optional[str] = typer.Option(None, "--preemption", help="recompute | swap"),
+    cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
+    max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
     prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching", help="default: the engine's (vLLM V1: on)"),
     shared_prefix_len: Optional[int] = typer.Option(None, "--shared-prefix-len", min=0, help="tokens of a system prompt all requests share"),
     weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
@@ -939,6 +958,8 @@ def calibrate_serve(
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
+    cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
+    max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Fit an engine profile's host terms to serving benchmarks of that engine (vllm bench serve results)."""
@@ -956,7 +977,9 @@ def calibrate_serve(
     base = load_engine_profile(engine or h.default_engine)
     cfg = _engine(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
-                  max_model_len=max_model_len)
+                  max_model_len=max_model_len,
+                  cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
+                  max_cudagraph_capture_size=max_cudagraph_capture_size)
     benches = [read_bench(b) for b in bench]
     kw = dict(hw=hw, model=model, base=base, engine=cfg)
     with tempfile.TemporaryDirectory() as tmp:

@@ -99,7 +99,8 @@ class CostModel:
     def __init__(self, hw: HardwareSpec, model: ModelSpec, weight_dtype: str = "bf16",
                  kv_dtype: str = "bf16", engine: EngineProfile | str | None = None,
                  block_size: int | None = None, tp: int = 1, ep: int = 1, pp: int = 1,
-                 expert_imbalance: float | None = None):
+                 expert_imbalance: float | None = None, graph_mode: str | None = None,
+                 capture_tokens: int | None = None):
         self.hw = hw
         self.model = model  # under tensor parallelism: one device's shard (specs.tp_shard)
         self.tp = tp
@@ -168,7 +169,20 @@ class CostModel:
         self.host_per_sequence_s = e.host_per_sequence_us * 1e-6
         self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
         self.graph_launch_s = e.graph_launch_us * 1e-6
-        self._graph = e.execution == "graph"
+        # Which steps run from captured graphs (vLLM's cudagraph_mode; "none": every step eager),
+        # and the largest captured step in tokens (None: no limit). Default: the profile's mode,
+        # captured up to its max_capture_tokens.
+        self.graph_mode = graph_mode or e.graph_mode
+        self.capture_tokens = capture_tokens if capture_tokens is not None else e.max_capture_tokens
+        if e.execution != "graph" and self.graph_mode != e.graph_mode:
+            raise NpusimError(f"cudagraph_mode {self.graph_mode}: engine {e.name} runs {e.execution}, "
+                              "without captured graphs")
+        # every step one captured graph, of any size (the common case, inlined in price())
+        self._graph = e.execution == "graph" and self.graph_mode == "full" and self.capture_tokens is None
+        # decode-only steps of at most this many tokens are one captured graph
+        self._decode_graph_tokens = -1
+        if e.execution == "graph" and self.graph_mode in ("full", "full_and_piecewise", "full_decode_only"):
+            self._decode_graph_tokens = self.capture_tokens if self.capture_tokens is not None else 1 << 62
         # ops of MLA and MoE models, by their defaults where the profile does not count them
         for op, n in MODEL_OP_KERNELS.items():
             self.kernels.setdefault(op, n)
@@ -743,23 +757,46 @@ class CostModel:
             n += self.model.num_layers * (self.kernels["attention_prefill"] + (self.kernels["kv_b_proj"] if mla else 0))
         return n
 
+    def launch_mode(self, tokens: int, has_prefill: bool) -> str:
+        """How the engine launches a step of `tokens` tokens: "graph" (one captured graph),
+        "piecewise" (captured pieces between eagerly launched attention) or "eager". vLLM's rule:
+        a step of more tokens than it captured runs eagerly; below that, a decode-only step
+        replays one graph, and a step with prefill runs piecewise (full_and_piecewise), eagerly
+        (full_decode_only) or as one graph (full)."""
+        e = self.engine.execution
+        if e != "graph":
+            return e
+        mode = self.graph_mode
+        if mode == "none" or (self.capture_tokens is not None and tokens > self.capture_tokens):
+            return "eager"
+        if mode == "piecewise" or (has_prefill and mode == "full_and_piecewise"):
+            return "piecewise"
+        if has_prefill and mode == "full_decode_only":
+            return "eager"
+        return "graph"
+
     def host_times(self, num_sequences: int, device_s: float, has_decode: bool = True,
-                   has_prefill: bool = False) -> tuple[float, float]:
+                   has_prefill: bool = False, tokens: int | None = None) -> tuple[float, float]:
         """(host seconds that the device waits for, seconds the device is held) of one iteration
-        of `num_sequences` sequences whose kernels take `device_s` on the device.
+        of `num_sequences` sequences (`tokens` tokens; default one each) whose kernels take
+        `device_s` on the device.
 
         The engine's scheduler, input preparation and per-sequence output processing run before
         the device has work. Then, eagerly, the CPU launches kernel after kernel and the device
         runs them as they come, so the device is held for the longer of the two (a host-bound
         iteration leaves it idle between kernels); a captured graph is launched once and runs
-        at device speed; piecewise graphs launch the captured pieces between eager attention."""
+        at device speed; piecewise graphs launch the captured pieces between eager attention.
+        Which of these a step gets: launch_mode(...)."""
         host = self.host_overhead_s + self.host_per_sequence_s * num_sequences
-        return host, self._held(device_s, has_decode, has_prefill)
+        mode = self.launch_mode(num_sequences if tokens is None else tokens, has_prefill)
+        return host, self._held(device_s, has_decode, has_prefill, 1.0, mode)
 
-    def _held(self, device_s: float, has_decode: bool, has_prefill: bool, share: float = 1.0) -> float:
-        """Seconds the device is held by kernels that take `device_s`: `share` of the model's
-        layers (a pipeline stage's; each stage's worker launches its own kernels)."""
-        mode = self.engine.execution
+    def _held(self, device_s: float, has_decode: bool, has_prefill: bool, share: float = 1.0,
+              mode: str | None = None) -> float:
+        """Seconds the device is held by kernels that take `device_s`, launched as `mode` says
+        (default: the engine's execution): `share` of the model's layers (a pipeline stage's;
+        each stage's worker launches its own kernels)."""
+        mode = mode or self.engine.execution
         if mode == "graph":
             return self.graph_launch_s + device_s
         if mode == "eager":
@@ -781,7 +818,8 @@ class CostModel:
         kernels = self.stage_times(decodes, batch.decode_context_tokens, batch.decode_kv_slots, chunks,
                                    batch.num_sampled)
         L = self.model.num_layers
-        held = [self._held(t, bool(decodes), bool(chunks), (moe + dense) / L)
+        mode = self.launch_mode(decodes + sum(n for n, _ in chunks), bool(chunks))
+        held = [self._held(t, bool(decodes), bool(chunks), (moe + dense) / L, mode)
                 for t, (moe, dense) in zip(kernels, self.stages)]
         busy = sum(kernels)
         return host, held, swap, host + sum(held) - busy > busy
@@ -800,11 +838,13 @@ class CostModel:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
                                     chunks, batch.num_sampled, all_tokens)
             kernels_s = device
-            if self._graph:  # the common case, inlined: host_times(...) says the same
+            if self._graph or (not chunks and decodes <= self._decode_graph_tokens):
+                # the common case, one captured graph, inlined: host_times(...) says the same
                 host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
                 device += self.graph_launch_s
             else:
-                host, device = self.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks))
+                host, device = self.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks),
+                                               decodes + sum(n for n, _ in chunks))
             host_bound = host + device - kernels_s > kernels_s
         else:
             host, host_bound = self.host_overhead_s, True
@@ -1038,7 +1078,7 @@ def instance_setup(hw: HardwareSpec, model: ModelSpec, engine: EngineConfig, ins
     else:
         plan = memory_plan(part, model, engine)
     cost = CostModel(part, model, engine.weight_dtype, engine.kv_dtype, profile, engine.block_size, tp, ep, pp,
-                     engine.expert_imbalance)
+                     engine.expert_imbalance, engine.cudagraph_mode, engine.max_cudagraph_capture_size)
     usable = plan.num_blocks - int(engine.watermark * plan.num_blocks) if plan.fits else 0
     return InstanceSetup(part, cost, plan, usable, engine, profile)
 

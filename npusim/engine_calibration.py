@@ -24,7 +24,7 @@ from typing import Any
 
 from npusim.errors import NpusimError
 from npusim.profiler_import import KernelRecord, classify_kernel, load_kernels
-from npusim.specs import LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec
+from npusim.specs import ENGINE_NUMBER_FIELDS, LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec
 
 MAX_SAMPLING_KERNELS = 64  # more after the LM head is not sampling: another step, or a backward pass
 _SMALL = ("norm", "rope", "elementwise", "activation", "kv_write", "copy", "other", "sampling")
@@ -215,8 +215,10 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
             "source": base.provenance[f"scheduler_defaults.{k}"].source}
         for k, v in base.scheduler_defaults.items()}
     prov = base.provenance
-    for f in ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us", "dispatch_per_kernel_us",
-              "graph_launch_us"):
+    for f in ENGINE_NUMBER_FIELDS:
+        if getattr(base, f) is None:  # (optional, not set)
+            del mapping[f]
+            continue
         mapping[f] = {"value": getattr(base, f), "kind": prov[f].kind, "source": prov[f].source}
     total = sum(len(ks) for _, ks in calls)
     # The host span of a profiled step is reported, not used: the profiler's own bookkeeping

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from npusim.errors import NpusimError
-from npusim.specs import EngineConfig, EngineProfile, read_json_file
+from npusim.specs import ENGINE_NUMBER_FIELDS, EngineConfig, EngineProfile, read_json_file
 
 METRICS = ("duration", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")
 # the host terms fitted, with the bounds a physical host time stays in
@@ -115,8 +115,10 @@ def profile_mapping(profile: EngineProfile) -> dict:
     prov = profile.provenance
     d = profile.model_dump()
     out = {k: v for k, v in d.items() if k not in ("provenance", "kernels", "kernel_floor_us", "scheduler_defaults")}
-    for f in ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us", "dispatch_per_kernel_us",
-              "graph_launch_us"):
+    for f in ENGINE_NUMBER_FIELDS:
+        if d[f] is None:  # (optional, not set)
+            del out[f]
+            continue
         out[f] = {"value": d[f], "kind": prov[f].kind, "source": prov[f].source}
     for group in ("kernels", "kernel_floor_us", "scheduler_defaults"):
         out[group] = {k: {"value": v, "kind": prov[f"{group}.{k}"].kind, "source": prov[f"{group}.{k}"].source}

@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from npusim.errors import NpusimError
-from npusim.specs import _validate
+from npusim.specs import CUDAGRAPH_MODES, _validate
 
 if TYPE_CHECKING:  # (the simulator is imported by the commands that build a scenario, not by every one)
     from npusim.scenario import Scenario
@@ -83,6 +83,8 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "no_chunked_prefill": ("engine", "enable_chunked_prefill", _flag),
     "prefix_caching": ("engine", "enable_prefix_caching", None),
     "preemption": ("engine", "preemption_mode", None),
+    "cudagraph_mode": ("engine", "cudagraph_mode", None),
+    "max_cudagraph_capture_size": ("engine", "max_cudagraph_capture_size", None),
     "requests": ("workload", "num_requests", None), "input_len": ("workload", "input_len", _fixed),
     "output_len": ("workload", "output_len", _fixed), "rate": ("workload", "rate", _parse_rate),
     "burstiness": ("workload", "burstiness_cv", None),
@@ -90,7 +92,8 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "shared_prefix_len": ("workload", "shared_prefix_len", None),
 }
 CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap"),
-           "router": ("round-robin", "least-outstanding", "prefix-aware")}
+           "router": ("round-robin", "least-outstanding", "prefix-aware"),
+           "cudagraph_mode": CUDAGRAPH_MODES}
 
 
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":
@@ -119,7 +122,7 @@ def apply_flags(data: dict, flags: dict, where: str) -> "Scenario":
         raise AssertionError(f"flags without a scenario field: {sorted(unknown)}")
     for key, allowed in CHOICES.items():
         if flags.get(key) is not None and flags[key] not in allowed:
-            raise NpusimError(f"--{key} must be {' or '.join(allowed)}, got {flags[key]!r}")
+            raise NpusimError(f"--{key.replace('_', '-')} must be {' or '.join(allowed)}, got {flags[key]!r}")
     data = copy.deepcopy(data)
     data.setdefault("engine", {})
     wl = data.setdefault("workload", {})

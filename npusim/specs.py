@@ -475,6 +475,16 @@ class EngineProfile(BaseModel):
     host_per_sequence_us: float = Field(ge=0, description="sampling, detokenisation, output processing per sequence")
     dispatch_per_kernel_us: float = Field(ge=0, description="CPU time to launch one kernel eagerly")
     graph_launch_us: float = Field(ge=0, description="CPU time to replay one captured graph")
+    # Which steps a graph engine replays from captured graphs (vLLM's cudagraph_mode): "full", every
+    # step one graph; "full_and_piecewise" (vLLM's default), decode-only steps one graph and other
+    # steps piecewise (captured pieces between eagerly launched attention); "full_decode_only",
+    # decode-only steps one graph and the others eager. Steps of more tokens than were captured
+    # run eagerly in either vLLM mode.
+    graph_mode: Literal["full", "full_and_piecewise", "full_decode_only"] = "full"
+    # the largest captured step, in tokens: min(max_num_seqs x capture_tokens_per_seq,
+    # max_capture_tokens) as vLLM sizes it where the user sets none (vLLM modes only)
+    max_capture_tokens: int | None = Field(default=None, gt=0)
+    capture_tokens_per_seq: int | None = Field(default=None, gt=0)
     provenance: dict[str, Provenance]
 
     @model_validator(mode="after")
@@ -496,6 +506,11 @@ class EngineProfile(BaseModel):
         bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]
         if bad:
             raise ValueError(f"kernel_floor_us must be > 0, got {', '.join(bad)}")
+        if self.graph_mode != "full" and (self.max_capture_tokens is None or self.capture_tokens_per_seq is None):
+            raise ValueError(f"graph_mode {self.graph_mode} needs max_capture_tokens and capture_tokens_per_seq "
+                             "(the largest step it captures)")
+        if self.graph_mode != "full" and self.execution != "graph":
+            raise ValueError(f"graph_mode {self.graph_mode} is for execution: graph (this profile: {self.execution})")
         d = self.scheduler_defaults
         unknown = sorted(set(d) - set(SCHEDULER_DEFAULTS) - set(LARGE_MEMORY_DEFAULTS))
         missing = [k for k in SCHEDULER_DEFAULTS if k not in d]
@@ -518,7 +533,7 @@ class EngineProfile(BaseModel):
         if d["enable_prefix_caching"] not in (0, 1):
             raise ValueError(f"scheduler_defaults.enable_prefix_caching must be 0 or 1, got "
                              f"{d['enable_prefix_caching']:g}")
-        need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance]
+        need = [f for f in ENGINE_NUMBER_FIELDS if f not in self.provenance and getattr(self, f) is not None]
         need += [f"kernels.{o}" for o in self.kernels if f"kernels.{o}" not in self.provenance]
         need += [f"kernel_floor_us.{o}" for o in self.kernel_floor_us
                  if f"kernel_floor_us.{o}" not in self.provenance]
@@ -538,7 +553,7 @@ SCHEDULER_DEFAULTS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_util
 LARGE_MEMORY_DEFAULTS = ("large_memory_gib", "large_memory_max_num_seqs", "large_memory_max_num_batched_tokens")
 
 ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
-                        "dispatch_per_kernel_us", "graph_launch_us")
+                        "dispatch_per_kernel_us", "graph_launch_us", "max_capture_tokens", "capture_tokens_per_seq")
 
 
 def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfile:
@@ -1130,6 +1145,10 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
 
 # --------------------------------------------------------------------------- engine
 
+# vLLM's cudagraph_modes, lower case
+CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only", "full", "piecewise", "none")
+
+
 class EngineConfig(BaseModel):
     """The serving engine's memory and batching settings (vLLM's names where they exist)."""
 
@@ -1168,6 +1187,11 @@ class EngineConfig(BaseModel):
                                            description="busiest / mean routed tokens per EP device (--expert-imbalance)")
     # pipeline stages, each on --tp devices of its own, the layers split as vLLM splits them
     pipeline_parallel_size: int = Field(default=1, gt=0, le=64, description="pipeline stages (--pp)")
+    # which steps replay captured graphs, as vLLM's --compilation-config cudagraph_mode (lower
+    # case), and the largest step captured (its max_cudagraph_capture_size); None: the engine
+    # profile's (graph engines of vLLM only)
+    cudagraph_mode: Literal[CUDAGRAPH_MODES] | None = None
+    max_cudagraph_capture_size: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
@@ -1228,6 +1252,17 @@ def resolve_engine(hw: HardwareSpec, cfg: EngineConfig) -> tuple[EngineProfile, 
     for key, value in filled.items():
         if given[key] is None:
             given[key] = value
+    if profile.max_capture_tokens is None:  # (an engine that captures every step whole)
+        for key in ("cudagraph_mode", "max_cudagraph_capture_size"):
+            if given[key] is not None:
+                raise NpusimError(f"{key} {given[key]}: engine {profile.name} has no vLLM graph modes "
+                                  f"({profile.execution}{', every step one graph' * (profile.execution == 'graph')})")
+    else:
+        if given["cudagraph_mode"] is None:
+            given["cudagraph_mode"] = profile.graph_mode
+        if given["max_cudagraph_capture_size"] is None:  # as vLLM sizes it
+            given["max_cudagraph_capture_size"] = min(given["max_num_seqs"] * profile.capture_tokens_per_seq,
+                                                      profile.max_capture_tokens)
     return profile, _validate(EngineConfig, given, "engine")
 
 

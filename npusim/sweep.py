@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from npusim.errors import NpusimError
 from npusim.settings import SIMULATE_FIELDS, _parse_rate, apply_flags
+from npusim.specs import CUDAGRAPH_MODES
 
 
 # --------------------------------------------------------------------------- the grid
@@ -91,6 +92,8 @@ GRID_SETTINGS: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "contiguous_policy": (_choice("max", "oracle"), "max,oracle (with paging off)"),
     "chunked_prefill": (_on_off, "on,off"), "prefix_caching": (_on_off, "on,off"),
     "preemption": (_choice("recompute", "swap"), "recompute,swap"), "requests": (_ints(1), "request counts"),
+    "cudagraph_mode": (_choice(*CUDAGRAPH_MODES), ",".join(CUDAGRAPH_MODES) + " (vLLM engines)"),
+    "max_cudagraph_capture_size": (_ints(1), "largest captured steps in tokens (vLLM engines)"),
     "input_len": (_ints(1), "fixed prompt lengths"), "output_len": (_ints(1), "fixed output lengths"),
     "rate": (_rate, "arrival rates in requests/s (inf: all at t=0)"),
     "burstiness": (_float, "CVs of inter-arrival gaps"), "max_concurrency": (_ints(1), "closed-loop limits"),

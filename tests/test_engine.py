@@ -47,12 +47,16 @@ def test_one_request_alone_takes_the_sum_of_its_iterations():
     P, O = 700, 20
     sc = scenario(n=1, prompt=P, output=O, engine=dict(block_size=128))
     r = run_scenario(sc)
-    cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
-    # the device's engine replays graphs: an iteration is its host work, one graph launch and the
-    # device time of its kernels
-    assert cm.engine.execution == "graph"
+    eng = r["scenario"]["engine"]
+    cm = CostModel(load_hardware(sc.hw), load_model(sc.model), graph_mode=eng["cudagraph_mode"],
+                   capture_tokens=eng["max_cudagraph_capture_size"])
+    # the device's engine replays graphs: a decode iteration is its host work, one graph launch and
+    # the device time of its kernels; the prefill, above the capture size, is launched eagerly
+    assert cm.engine.execution == "graph" and P > cm.capture_tokens
     host = cm.host_overhead_s + cm.host_per_sequence_s + cm.graph_launch_s
-    expected = cm.step_time(prefill_chunks=[(P, 0)]) + host
+    prefill = cm.step_time(prefill_chunks=[(P, 0)])
+    expected = sum(cm.host_times(1, prefill, False, True, P))
+    assert cm.launch_mode(P, True) == "eager" and expected >= prefill + cm.host_overhead_s
     ttft = expected
     for k in range(1, O):  # decode k writes token P+k-1 and attends to P+k tokens
         ctx = P + k
@@ -65,9 +69,9 @@ def test_chunked_prefill_splits_long_prompts():
     sc = scenario(n=1, prompt=5000, output=2, engine=dict(max_num_batched_tokens=2048))
     r = run_scenario(sc)
     cm = CostModel(load_hardware(sc.hw), load_model(sc.model))
-    host = cm.host_overhead_s + cm.host_per_sequence_s + cm.graph_launch_s  # a graph engine's iteration
-    chunks = cm.step_time(prefill_chunks=[(2048, 0)]) + cm.step_time(prefill_chunks=[(2048, 2048)]) \
-        + cm.step_time(prefill_chunks=[(904, 4096)]) + 3 * host
+    # (each chunk above the capture size: launched eagerly)
+    chunks = sum(sum(cm.host_times(1, cm.step_time(prefill_chunks=[c]), False, True, c[0]))
+                 for c in ((2048, 0), (2048, 2048), (904, 4096)))
     assert r["mean_ttft_ms"] == pytest.approx(chunks * 1e3, rel=1e-9)
 
 

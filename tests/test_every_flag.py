@@ -96,6 +96,13 @@ EFFECTS = {
     "--engine": (["--engine", "mindie"], lambda d, b: d["engine_profile"] == "mindie"),
     "--goodput": (["--goodput", "ttft:1"], lambda d, b: d["request_goodput"] == 0.0 and b["request_goodput"] is None),
     "--seed": (["--seed", "3", "--rate", "2"], lambda d, b: d["duration"] != _run("--rate", "2")["duration"]),
+    # a small model on a GPU is host-bound when its decode steps are not captured
+    "--cudagraph-mode": (["--hw", "h200", "--model", "llama-3.2-1b", "--cudagraph-mode", "none"],
+                         lambda d, b: d["scenario"]["engine"]["cudagraph_mode"] == "none"
+                         and d["mean_tpot_ms"] > _run("--hw", "h200", "--model", "llama-3.2-1b")["mean_tpot_ms"]),
+    "--max-cudagraph-capture-size": (["--hw", "h200", "--model", "llama-3.2-1b", "--max-cudagraph-capture-size", "2"],
+                                     lambda d, b: d["mean_tpot_ms"]
+                                     > _run("--hw", "h200", "--model", "llama-3.2-1b")["mean_tpot_ms"]),
 }
 
 
@@ -182,6 +189,10 @@ STEP_EFFECTS = {
              and d["memory"]["weights_gib"] < 0.6 * b["memory"]["weights_gib"]),
     "--hw": (["--hw", "h100-sxm"], lambda d, b: d["hw"] == "h100-sxm" and d["device_ms"] > b["device_ms"]),
     "--model": (["--model", "llama-3.2-1b"], lambda d, b: d["model"] == "llama-3.2-1b" and d["device_ms"] < b["device_ms"]),
+    "--cudagraph-mode": (["--cudagraph-mode", "none"], lambda d, b: d["launch"] == "eager" and b["launch"] == "graph"),
+    "--max-cudagraph-capture-size": (["--batch", "64", "--max-cudagraph-capture-size", "32"],
+                                     lambda d, b: d["launch"] == "eager"
+                                     and _json(*STEP, "--batch", "64")["launch"] == "graph"),
 }
 
 

@@ -253,7 +253,7 @@ def test_price_is_host_times_of_the_step(engine, model):
         ops = cm.ops(b.num_decodes, b.decode_context_tokens, b.decode_kv_slots, b.prefill_chunks)
         assert sum(o.kernels for o in ops) == kernels
         host, held = cm.host_times(b.num_decodes + len(b.prefill_chunks), device, bool(b.num_decodes),
-                                   bool(b.prefill_chunks))
+                                   bool(b.prefill_chunks), b.num_tokens)
         p = cm.price(b)
         assert p[0] == pytest.approx(host) and p[1] == pytest.approx(held)
         assert p[2] == pytest.approx(b.swap_bytes / cm.host_link_bytes_per_s)

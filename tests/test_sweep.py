@@ -342,6 +342,8 @@ GRID_SAMPLES = {  # a value for each grid setting -> where it must land in the p
     "shared_prefix_len": ("64", lambda s: s.workload.shared_prefix_len == 64),
     "pp": ("2", lambda s: s.engine.pipeline_parallel_size == 2),
     "expert_imbalance": ("1.5", lambda s: s.engine.expert_imbalance == 1.5),
+    "cudagraph_mode": ("full_decode_only", lambda s: s.engine.cudagraph_mode == "full_decode_only"),
+    "max_cudagraph_capture_size": ("64", lambda s: s.engine.max_cudagraph_capture_size == 64),
 }
 # settings a sample needs beside it to be a valid scenario
 NEEDS = {"sharing": {"instances": "2"}, "router": {"dp": "2"}, "ep": {"tp": "2"},
