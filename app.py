@@ -113,7 +113,7 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
     ops = setup.cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
     h = setup.hw
     peak = {"int8": h.matmul_tflops_int8, "int4": h.matmul_tflops_int8,
-            "fp8": h.matmul_tflops("fp8")}.get(weight_dtype, h.matmul_tflops_bf16)
+            "fp8": h.matmul_tflops("fp8"), "w8a8": h.matmul_tflops("w8a8")}.get(weight_dtype, h.matmul_tflops_bf16)
     roofs = {"matmul_tflops": peak, "vector_tflops": h.vector_tflops, "bandwidth_gbs": h.streaming_gbs,
              "name": h.name}
     return [op.as_dict() for op in ops], roofs

@@ -87,7 +87,7 @@ def step(
     context: Optional[int] = typer.Option(None, "--context", min=1, help="decode: tokens of context per sequence (default 1024)"),
     prompt: Optional[int] = typer.Option(None, "--prompt", min=1, help="prefill: prompt tokens per sequence (default 1024)"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the engine's recommended)"),
-    weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | fp8 | int8 | int4 (fp8: on FP8 tensor cores where the device has them, else weight-only)"),
+    weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | fp8 | int8 | int4 | w8a8 (int8, int4: weight-only; w8a8: int8 weights and activations on the int8 matrix units, Ascend's W8A8; fp8: on FP8 tensor cores where the device has them, else weight-only)"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | fp8 | int8"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallel: devices one instance spans (within a node, or whole nodes)"),
@@ -536,7 +536,7 @@ def analyze(
     instances: int = typer.Option(1, "--instances", help="model instances on the one device"),
     sharing: str = typer.Option("time-slice", "--sharing", help="time-slice | vnpu"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="KV page size in tokens (default: the device's recommended)"),
-    weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | fp8 | int8 | int4 (fp8: on FP8 tensor cores where the device has them, else weight-only)"),
+    weight_dtype: str = typer.Option("bf16", "--weight-dtype", help="bf16 | fp16 | fp8 | int8 | int4 | w8a8 (int8, int4: weight-only; w8a8: int8 weights and activations on the int8 matrix units, Ascend's W8A8; fp8: on FP8 tensor cores where the device has them, else weight-only)"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp16 | fp8 | int8"),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="fraction of device memory the engine may use"),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
@@ -811,7 +811,7 @@ def model_show(name: str = typer.Argument(..., help="zoo name or path to a confi
     m = load_model(name)
     derived = {
         "num_params": m.num_params,
-        "weight_gib": {d: round(gib(m.weight_bytes(d)), 3) for d in ("bf16", "int8", "int4")},
+        "weight_gib": {d: round(gib(m.weight_bytes(d)), 3) for d in ("bf16", "int8", "int4", "w8a8")},
         "kv_bytes_per_token": {d: m.kv_bytes_per_token(d) for d in ("bf16", "int8")},
     }
     if as_json:

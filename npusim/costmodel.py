@@ -126,7 +126,10 @@ class CostModel:
         # linear layers compute in the weights' format where the device has its matrix units (FP8
         # on Hopper), else at 16 bits; attention always at 16 bits
         act16 = "fp16" if weight_dtype == "fp16" else "bf16"
-        compute_dtype = weight_dtype if weight_dtype in ("fp16", "fp8") else "bf16"
+        compute_dtype = weight_dtype if weight_dtype in ("fp16", "fp8", "w8a8") else "bf16"
+        # w8a8 on int8 matrix units: each quantised GEMM's input is quantised to int8 first, in
+        # act_quant kernels of their own that read it (16-bit) and write it (8-bit) once
+        self._act_quant = weight_dtype == "w8a8" and hw.matmul_tflops_int8 is not None
         self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
         self._peak16 = hw.matmul_tflops(act16) * 1e12  # attention's, and what the tables were measured at
         self.mm_rate = self._peak * hw.matmul_efficiency
@@ -137,6 +140,10 @@ class CostModel:
         self.bw = hw.streaming_gbs * 1e9 * hw.memory_efficiency
         self.latency = hw.kernel_latency_us * 1e-6  # the least device time of one kernel
         self.gemm_fixed = hw.gemm_fixed_us * 1e-6  # a GEMM kernel's time beyond its roofline
+        # ... a quantised linear layer's (W8A8's epilogue dequantises by the scales)
+        self._linear_fixed = self.gemm_fixed
+        if self._act_quant and hw.int8_gemm_fixed_us is not None:
+            self._linear_fixed = hw.int8_gemm_fixed_us * 1e-6
         # causal prefill attention's rate where no table measured it: its own share of the peak
         # where the profile gives one, else the GEMM rate
         self._flash_rate = (self._peak16 * hw.flash_attention_efficiency
@@ -255,10 +262,12 @@ class CostModel:
                    (n * k * weight_bytes + (m * k + m * n) * ACT_BYTES) / self._peak_bw)
 
     def gemm(self, m: int, k: int, n: int, weight_bytes_per_elem: float = ACT_BYTES, kernels: int = 1,
-             name: str = "gemm") -> Op:
+             name: str = "gemm", quantise_input: bool = True) -> Op:
         """One (m x k) @ (k x n) GEMM whose weight has `weight_bytes_per_elem`, in `kernels` kernels:
         the measured time of the device when it was calibrated, else the roofline with tile padding.
-        Kernels beyond the GEMM (a split-K reduction, a slice) cost their least time each."""
+        Kernels beyond the GEMM (a split-K reduction, a slice) cost their least time each. Under
+        w8a8 a quantised weight's GEMM first quantises its input (quantise_input False: the GEMM
+        kernels alone, their input already int8)."""
         hw = self.hw
         flops = 2.0 * m * n * k
         nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
@@ -279,11 +288,26 @@ class CostModel:
                     t *= (self._gemm_roofline(m, n, k, weight_bytes_per_elem, peak)
                           / self._gemm_roofline(m, n, k))
             bound = "compute" if flops / peak >= nbytes / self._peak_bw else "memory"
-            return Op(name, flops, nbytes, t + (kernels - 1) * floor, bound, kernels)
-        eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
-               * _pad_efficiency(k, hw.matmul_tile_k))
-        t, bound = self._price(flops, nbytes, rate * eff, kernels, floor, self.gemm_fixed)
+            t += (kernels - 1) * floor
+        else:
+            eff = (_pad_efficiency(m, hw.matmul_tile_m) * _pad_efficiency(n, hw.matmul_tile_n)
+                   * _pad_efficiency(k, hw.matmul_tile_k))
+            t, bound = self._price(flops, nbytes, rate * eff, kernels, floor,
+                                   self.gemm_fixed if lin16 else self._linear_fixed)
+        if self._act_quant and not lin16 and kernels and quantise_input:
+            qt, qbytes, qk = self._quantise(m * k)
+            t, nbytes, kernels = t + qt, nbytes + qbytes, kernels + qk
         return Op(name, flops, nbytes, t, bound, kernels)
+
+    def _quantise(self, elements: float) -> tuple[float, float, int]:
+        """(seconds, bytes, kernels) of quantising `elements` 16-bit activations to int8 (w8a8):
+        read once, written once at a byte each, in the engine's act_quant kernels."""
+        n = self.kernels["act_quant"]
+        if not n:  # (fused into the GEMM or the norm before it)
+            return 0.0, 0.0, 0
+        nbytes = elements * (ACT_BYTES + 1.0)
+        t, _ = self._price(2.0 * elements, nbytes, self.vec_rate, n, self.floor["act_quant"])
+        return t, nbytes, n
 
     def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
         return self.gemm(m, k, n, weight_bytes_per_elem, self.kernels[name], name)
@@ -503,7 +527,7 @@ class CostModel:
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
-                                   self.floor.get(name, self.latency), self.gemm_fixed)
+                                   self.floor.get(name, self.latency), self._linear_fixed)
             if table is not None:  # this device's grouped GEMMs were measured: their time, carried
                 measured = table.time(name, E, k, h, m.moe_intermediate_size, total,
                                       self._grouped_roofline(name))
@@ -514,7 +538,11 @@ class CostModel:
                         split = (n_in, n_out // ep) if name == "gate_up_proj" else (n_in // ep, n_out)
                         t *= self._grouped_time(here, here_active, n_in, n_out) / self._grouped_time(
                             routed, active, *split)
-            ops.append(Op(name, flops, nbytes, t, bound, self.kernels[name]))
+            kernels = self.kernels[name]
+            if self._act_quant and kernels:  # the routed rows' inputs, quantised to int8
+                qt, qbytes, qk = self._quantise(here * n_in)
+                t, nbytes, kernels = t + qt, nbytes + qbytes, kernels + qk
+            ops.append(Op(name, flops, nbytes, t, bound, kernels))
             if name == "gate_up_proj":
                 ops.append(self._vector("silu_mul", 5.0 * here * fe, 3.0 * here * fe * ACT_BYTES))
         if ranks > 1:

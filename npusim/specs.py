@@ -17,8 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from npusim.errors import NpusimError
 
-DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4")
+DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5,
+                                  "w8a8": 1.0}
+# int8 and int4: weight-only (dequantised to 16 bits before the matrix units); w8a8: int8 weights
+# and int8 activations on the int8 matrix units (vllm-ascend's --quantization ascend W8A8,
+# SmoothQuant-style W8A8 on GPUs); fp8: W8A8 on FP8 tensor cores where the device has them
+WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4", "w8a8")
 KV_DTYPES = ("bf16", "fp16", "fp8", "int8")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +246,9 @@ class HardwareSpec(BaseModel):
     # in prefill (None: the GEMM rate, matmul_efficiency). Optional: a profile without them has
     # neither term; given, each needs its source like every other number.
     gemm_fixed_us: float = Field(default=0.0, ge=0, description="GEMM time beyond its roofline")
+    # the same for a W8A8 GEMM (int8 x int8 with the scales' dequantisation in its epilogue);
+    # None: gemm_fixed_us
+    int8_gemm_fixed_us: float | None = Field(default=None, ge=0, description="W8A8 GEMM time beyond its roofline")
     flash_attention_efficiency: float | None = Field(
         default=None, gt=0, le=1, description="share of the matmul peak causal prefill attention reaches")
     matmul_tile_m: int = Field(gt=0, description="hardware MMA tile rows")
@@ -275,7 +282,9 @@ class HardwareSpec(BaseModel):
     def matmul_tflops(self, dtype: str) -> float:
         if dtype == "fp8" and self.matmul_tflops_fp8 is not None:
             return self.matmul_tflops_fp8  # W8A8 FP8: weights and activations on the FP8 units
-        if dtype in ("fp8", "int8", "int4"):
+        if dtype == "w8a8" and self.matmul_tflops_int8 is not None:
+            return self.matmul_tflops_int8  # int8 weights and activations on the int8 units
+        if dtype in ("fp8", "int8", "int4", "w8a8"):
             # weight-only quantisation dequantises to 16-bit before the cube/tensor core
             return self.matmul_tflops_bf16
         return self.matmul_tflops_fp16 if dtype == "fp16" else self.matmul_tflops_bf16
@@ -313,7 +322,7 @@ class HardwareSpec(BaseModel):
 
 
 # numbers a profile may leave out (their defaults add nothing); given, they need a source too
-OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "flash_attention_efficiency", "matmul_tflops_fp8",
+OPTIONAL_NUMBER_FIELDS = ("gemm_fixed_us", "int8_gemm_fixed_us", "flash_attention_efficiency", "matmul_tflops_fp8",
                           "internode_link_gbs", "internode_latency_us")
 NUMBER_FIELDS = tuple(
     name for name, info in HardwareSpec.model_fields.items()
@@ -434,7 +443,12 @@ STEP_OPS = ("embedding", "final_norm", "lm_head", "sampling")
 # least kernel times an engine may give beyond its ops': MLA's decode attention (one latent for
 # all heads) is a kernel of other costs than GQA's, under the same op
 FLOOR_ONLY_KEYS = ("attention_decode_mla",)
-MODEL_OP_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1, "moe_router": 3, "moe_combine": 1}
+# act_quant: the kernels quantising a linear layer's input to int8 under w8a8, per quantised GEMM
+# (one: in real vllm-ascend W8A8 profiles of DeepSeek-V3, DynamicQuant 8662 + AscendQuantV2 6954
+# invocations = QuantBatchMatmulV3's 15616, Horacehxw/msModeling docs/perf_database/reports/
+# profiling_analysis_eager/dsv3_compute_ops.csv @39df672)
+MODEL_OP_KERNELS = {"q_b_proj": 1, "mla_absorb": 2, "kv_b_proj": 1, "moe_router": 3, "moe_combine": 1,
+                    "act_quant": 1}
 
 
 class EngineProfile(BaseModel):
@@ -782,7 +796,7 @@ class ModelSpec(BaseModel):
             wb += 2.0 / 128
         rest = self.num_params - linear
         scales = 0.0
-        if weight_dtype == "int8":  # one 16-bit scale per output channel
+        if weight_dtype in ("int8", "w8a8"):  # one 16-bit scale per output channel
             scales = 2.0 * self.linear_output_channels
         return linear * wb + rest * 2.0 + scales
 
@@ -1170,7 +1184,7 @@ class EngineConfig(BaseModel):
     # "auto": continuous batching with paging, static batching without (the article's baseline);
     # "continuous" without paging is Orca-style iteration-level scheduling on contiguous reservations.
     batching: Literal["auto", "continuous", "static"] = "auto"
-    weight_dtype: Literal["bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
+    weight_dtype: Literal[WEIGHT_DTYPES] = "bf16"
     kv_dtype: Literal["bf16", "fp16", "fp8", "int8"] = "bf16"
     tensor_parallel_size: int = Field(default=1, gt=0, le=64, description="devices one instance spans (--tp)")
     # experts over the tensor-parallel group, whole on one device each, instead of every expert

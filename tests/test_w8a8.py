@@ -1,0 +1,65 @@
+"""W8A8 (int8 weights and activations on the int8 matrix units, Ascend's usual quantisation):
+GEMMs at the int8 rate, one quantisation kernel before each quantised GEMM, 16-bit LM head."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from npusim.costmodel import CostModel
+from npusim.specs import load_hardware, load_model
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _ops(dtype, tokens, model="qwen3-8b", hw="ascend-910b3"):
+    cm = CostModel(load_hardware(hw), load_model(model), weight_dtype=dtype)
+    ops = cm.ops(prefill_chunks=[(tokens, 0)]) if tokens > 1 else cm.ops(1, 1000, 1024)
+    return cm, {o.name: o for o in ops}
+
+
+def test_each_quantised_gemm_launches_one_quantisation_kernel_more():
+    for model, quantised in (("qwen3-8b", 4), ("qwen3-30b-a3b", 4)):  # (MoE: experts' two GEMMs)
+        cm, w8 = _ops("w8a8", 1, model)
+        _, w16 = _ops("bf16", 1, model)
+        L = cm.model.num_layers  # (the ops summed over the layers)
+        for name in LINEARS:
+            assert w8[name].kernels == w16[name].kernels + L * cm.kernels["act_quant"], (model, name)
+        assert sum(o.kernels for o in w8.values()) == sum(o.kernels for o in w16.values()) + L * quantised
+
+
+def test_a_long_prefill_gemm_runs_near_the_int8_rate_and_the_lm_head_stays_16_bit():
+    hw = load_hardware("ascend-910b3")
+    _, w8 = _ops("w8a8", 8192)
+    _, wo = _ops("int8", 8192)  # weight-only: dequantised to the 16-bit cube
+    ratio = w8["gate_up_proj"].time_s / wo["gate_up_proj"].time_s
+    # compute-bound: half the time at twice the rate, plus reading and writing its input once more
+    assert hw.matmul_tflops_bf16 / hw.matmul_tflops_int8 <= ratio < 0.6
+    assert w8["lm_head"].time_s == wo["lm_head"].time_s and w8["lm_head"].kernels == wo["lm_head"].kernels
+
+
+def test_a_decode_gemm_costs_more_than_weight_only_int8_its_quantisation_and_dequantisation():
+    cm, w8 = _ops("w8a8", 1)
+    _, wo = _ops("int8", 1)
+    for name in LINEARS:
+        extra = (w8[name].time_s - wo[name].time_s) / cm.model.num_layers
+        # at least the quantisation kernel's least time, and the W8A8 epilogue's extra fixed cost
+        assert extra >= cm.floor["act_quant"] + (cm._linear_fixed - cm.gemm_fixed) - 1e-12, name
+        assert w8[name].bytes > wo[name].bytes
+
+
+def test_w8a8_weights_take_the_memory_of_int8_ones():
+    m = load_model("qwen3-32b")
+    assert m.weight_bytes("w8a8") == m.weight_bytes("int8") < 0.55 * m.weight_bytes("bf16")
+
+
+def test_w8a8_on_a_gpu_uses_its_int8_tensor_cores():
+    cm = CostModel(load_hardware("h200"), load_model("llama-3.1-8b"), weight_dtype="w8a8", engine="vllm")
+    assert cm._peak == pytest.approx(load_hardware("h200").matmul_tflops_int8 * 1e12)
+
+
+def test_the_flag_is_taken_and_a_wrong_one_refused():
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen3-8b", "--weight-dtype", "w8a8", "--json")
+    assert rc == 0, err
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen3-8b", "--weight-dtype", "w4a4")
+    assert rc == 2 and "weight" in err and "w8a8" in err
