@@ -62,12 +62,13 @@ def _print_json(obj) -> None:
 
 CUDAGRAPH_HELP = ("vLLM engines: which steps replay captured graphs, as vLLM's cudagraph_mode: "
                   "full_and_piecewise | full_decode_only | full | piecewise | none (default: the engine's)")
-CAPTURE_HELP = "vLLM engines: the largest step captured, in tokens (default as vLLM: min(max_num_seqs x 2, 512); vllm-ascend x 1)"
+CAPTURE_HELP = ("vLLM engines: the largest step captured, in tokens (default as vLLM: min(max_num_seqs x 2, 512); "
+                "vllm-ascend: x 1; step: max_num_seqs at least its batch)")
 
 
 def _choice(flag: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
-    if value is not None and value not in allowed:
-        raise NpusimError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if value is not None and value not in allowed:  # (the wording of simulate's choices)
+        raise NpusimError(f"{flag} must be {' or '.join(allowed)}, got {value!r}")
     return value
 
 
@@ -115,11 +116,18 @@ def step(
                           f"{m.max_position_embeddings} tokens (max_position_embeddings)")
     from npusim.costmodel import instance_setup
 
-    setup = instance_setup(h, m, _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
-                                         kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
-                                         pipeline_parallel_size=pp, expert_imbalance=expert_imbalance,
-                                         cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
-                                         max_cudagraph_capture_size=max_cudagraph_capture_size))
+    from npusim.specs import resolve_engine
+
+    cfg = _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
+                  kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
+                  pipeline_parallel_size=pp, expert_imbalance=expert_imbalance,
+                  cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
+                  max_cudagraph_capture_size=max_cudagraph_capture_size)
+    resolved = resolve_engine(h, cfg)[1]
+    if resolved.max_num_seqs < batch:  # a server running this batch takes at least this many sequences
+        cfg = cfg.model_copy(update={"max_num_seqs": batch,
+                                     "max_num_batched_tokens": max(batch, resolved.max_num_batched_tokens)})
+    setup = instance_setup(h, m, cfg)
     profile, eng, cm, plan = setup.profile, setup.engine, setup.cost, setup.plan
     bs = eng.block_size
     if phase == "decode":
@@ -997,7 +1005,7 @@ def calibrate_serve(
             rows.append({"file": b["path"], "held_out": len(benches) > 1,
                          **{f"{k}_error": pred[k] / b[k] - 1 for k in METRICS}})
     mapping = calibrated_mapping(base, fit["names"], fit["values"], [b["path"] for b in benches],
-                                 name or f"{base.name}-calibrated")
+                                 name or f"{base.name}-calibrated", cfg)
     engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
     path = write_engine_profile(mapping, out)
     if as_json:

@@ -827,13 +827,16 @@ class CostModel:
         mode = mode or self.engine.execution
         if mode == "graph":
             return self.graph_launch_s + device_s
+        # launched one by one, the kernels run as they come: the device waits for the first launch,
+        # then for whichever is slower, the launches or the kernels
         if mode == "eager":
-            return max(device_s, share * self.kernels_per_iteration(has_decode, has_prefill) * self.dispatch_s)
+            return max(device_s + self.dispatch_s,
+                       share * self.kernels_per_iteration(has_decode, has_prefill) * self.dispatch_s)
         # piecewise: one graph per layer between attention calls, attention launched eagerly
         L = self.model.num_layers * share
         eager_kernels = L * ((self.kernels["attention_decode"] if has_decode else 0)
                              + (self.kernels["attention_prefill"] if has_prefill else 0))
-        return max(device_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
+        return max(device_s + self.graph_launch_s, (L + 1) * self.graph_launch_s + eager_kernels * self.dispatch_s)
 
     def price_stages(self, batch: Batch) -> tuple[float, list[float], float, bool]:
         """price(...) of a pipeline: (host, seconds each stage's devices are held, swap,
@@ -852,27 +855,33 @@ class CostModel:
         busy = sum(kernels)
         return host, held, swap, host + sum(held) - busy > busy
 
-    def price(self, batch: Batch, all_tokens: int | None = None) -> tuple[float, float, float, bool]:
+    def price(self, batch: Batch, all_tokens: int | None = None,
+              mode: str | None = None) -> tuple[float, float, float, bool]:
         """(host, device, swap, host_bound) of one iteration: seconds of host work the device waits
         for, seconds the device is held (its kernels, or their eager launches when those take
         longer), seconds of KV pages copied over the host link before it runs, and whether the
         host's share (its work and any launches the kernels wait for) exceeds the kernels' own
         time. A batch with no tokens (everything in it was preempted) costs host and swap time.
         `all_tokens`: every data-parallel rank's tokens in this step, whose experts' work this
-        rank's devices share (not given: each rank's like this one's)."""
+        rank's devices share (not given: each rank's like this one's). `mode`: how the step is
+        launched (launch_mode's word), where the caller decides it (data-parallel ranks in lock
+        step launch alike); not given: launch_mode(...) of this batch."""
         device = 0.0
         decodes, chunks = batch.num_decodes, batch.prefill_chunks
         if decodes or chunks:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
                                     chunks, batch.num_sampled, all_tokens)
             kernels_s = device
-            if self._graph or (not chunks and decodes <= self._decode_graph_tokens):
+            if mode is None and (self._graph or (not chunks and decodes <= self._decode_graph_tokens)):
                 # the common case, one captured graph, inlined: host_times(...) says the same
                 host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
                 device += self.graph_launch_s
-            else:
+            elif mode is None:
                 host, device = self.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks),
                                                decodes + sum(n for n, _ in chunks))
+            else:
+                host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
+                device = self._held(device, bool(decodes), bool(chunks), 1.0, mode)
             host_bound = host + device - kernels_s > kernels_s
         else:
             host, host_bound = self.host_overhead_s, True

@@ -425,8 +425,13 @@ class Simulation:
                 yield self.lockstep_wake
                 self.lockstep_wake = None
             batches = [i.next_batch() if i.sched.has_work() else None for i in ranks]
-            everyone = sum(b.num_tokens for b in batches if b is not None)  # (a dummy batch brings none)
-            priced = [i.cost.price(b, everyone) if b is not None else None for i, b in zip(ranks, batches)]
+            real = [b for b in batches if b is not None]
+            everyone = sum(b.num_tokens for b in real)  # (a dummy batch brings none)
+            # the ranks launch the step alike, as vLLM syncs them: graphs only if every rank's
+            # padded batch was captured (the largest rank's tokens, any rank's prefill)
+            mode = ranks[0].cost.launch_mode(max((b.num_tokens for b in real), default=0),
+                                             any(b.prefill_chunks for b in real))
+            priced = [i.cost.price(b, everyone, mode) if b is not None else None for i, b in zip(ranks, batches)]
             steps = [p[0] + p[1] + p[2] for p in priced if p is not None]
             if not steps:
                 continue

@@ -132,7 +132,9 @@ def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProf
     from scipy.optimize import least_squares
 
     names = ["host_per_iteration_ms", "host_per_sequence_us"]
-    if base.execution != "graph":
+    if base.execution != "graph" or base.max_capture_tokens is not None:
+        # eager steps: every one of an eager engine's, and a vLLM graph engine's steps above its
+        # capture size or with prefill (launched eagerly or piecewise, as its cudagraph_mode says)
         names.append("dispatch_per_kernel_us")
     mapping = profile_mapping(base)
     # start from the base profile's values, or a typical magnitude where it says 0 (a zero start
@@ -167,11 +169,20 @@ def predict(bench: dict, *, hw: str, model: str, base: EngineProfile, engine: En
 
 
 def calibrated_mapping(base: EngineProfile, names: list[str], values: list[float], files: list[str],
-                       name: str) -> dict:
+                       name: str, engine: EngineConfig | None = None) -> dict:
+    """The calibrated profile: the base's, its host terms fitted, and the graph mode and capture
+    size of the server the benchmarks ran against where they were given (its flags)."""
     m = profile_mapping(base)
     m["name"] = name
     m["description"] = f"{base.description}; host terms fitted to vllm bench serve results"
     shown = ", ".join(Path(f).name for f in files)
+    if engine is not None and engine.cudagraph_mode is not None:
+        m["graph_mode"] = engine.cudagraph_mode
+    if engine is not None and engine.max_cudagraph_capture_size is not None:
+        n = engine.max_cudagraph_capture_size  # (captured up to n whatever max_num_seqs: min(seqs x n, n))
+        src = f"the server's max_cudagraph_capture_size {n} (calibrate serve --max-cudagraph-capture-size)"
+        m["max_capture_tokens"] = {"value": n, "kind": "calibrated", "source": src}
+        m["capture_tokens_per_seq"] = {"value": n, "kind": "calibrated", "source": src}
     for n, v in zip(names, values):
         m[n] = {"value": round(v, 4), "kind": "calibrated",
                 "source": f"npusim calibrate serve: least squares on duration, mean TTFT, TPOT and ITL of {shown}"}

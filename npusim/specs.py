@@ -494,7 +494,8 @@ class EngineProfile(BaseModel):
     # steps piecewise (captured pieces between eagerly launched attention); "full_decode_only",
     # decode-only steps one graph and the others eager. Steps of more tokens than were captured
     # run eagerly in either vLLM mode.
-    graph_mode: Literal["full", "full_and_piecewise", "full_decode_only"] = "full"
+    # ("piecewise" and "none", vLLM's other modes, for a profile calibrated on such a server)
+    graph_mode: Literal["full", "full_and_piecewise", "full_decode_only", "piecewise", "none"] = "full"
     # the largest captured step, in tokens: min(max_num_seqs x capture_tokens_per_seq,
     # max_capture_tokens) as vLLM sizes it where the user sets none (vLLM modes only)
     max_capture_tokens: int | None = Field(default=None, gt=0)
@@ -520,11 +521,15 @@ class EngineProfile(BaseModel):
         bad = [f"{o} = {v}" for o, v in self.kernel_floor_us.items() if not v > 0]
         if bad:
             raise ValueError(f"kernel_floor_us must be > 0, got {', '.join(bad)}")
-        if self.graph_mode != "full" and (self.max_capture_tokens is None or self.capture_tokens_per_seq is None):
+        if (self.max_capture_tokens is None) != (self.capture_tokens_per_seq is None):
+            raise ValueError("max_capture_tokens and capture_tokens_per_seq go together (the largest step "
+                             "a vLLM engine captures): give both or neither")
+        if self.graph_mode != "full" and self.max_capture_tokens is None:
             raise ValueError(f"graph_mode {self.graph_mode} needs max_capture_tokens and capture_tokens_per_seq "
                              "(the largest step it captures)")
-        if self.graph_mode != "full" and self.execution != "graph":
-            raise ValueError(f"graph_mode {self.graph_mode} is for execution: graph (this profile: {self.execution})")
+        if self.max_capture_tokens is not None and self.execution != "graph":
+            raise ValueError(f"graph_mode, max_capture_tokens and capture_tokens_per_seq are for execution: "
+                             f"graph (this profile: {self.execution})")
         d = self.scheduler_defaults
         unknown = sorted(set(d) - set(SCHEDULER_DEFAULTS) - set(LARGE_MEMORY_DEFAULTS))
         missing = [k for k in SCHEDULER_DEFAULTS if k not in d]

@@ -141,6 +141,8 @@ def engine_rows(e) -> list[tuple[str, str, str, str]]:
     r = e.kv_block_sizes
     rows = [("attention_backend", e.attention_backend, "-", ""),
             ("kv_block_sizes", f"{r.describe()}; recommended {r.recommended}", "-", r.source)]
+    if e.execution == "graph":  # which steps replay graphs (capture sizes among the numbers below)
+        rows.append(("graph_mode", e.graph_mode, "-", "vLLM's cudagraph_mode (full: every step one graph, any size)"))
     for field in ("decode_attention_impl", "mla_decode_attention_impl"):  # measured kernels the tables hold
         if getattr(e, field):
             rows.append((field, getattr(e, field), "-", "the device's calibration table of that name"))

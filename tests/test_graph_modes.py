@@ -12,6 +12,11 @@ from npusim.costmodel import Batch, CostModel, instance_setup
 from npusim.specs import EngineConfig, load_hardware, load_model, resolve_engine
 
 
+def assert_one_line_error(result, needle):
+    rc, _, err = result
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
 def _cm(mode=None, capture=None, engine="vllm", model="llama-3.2-1b"):
     return CostModel(load_hardware("h200"), load_model(model), engine=engine, graph_mode=mode,
                      capture_tokens=capture)
@@ -59,18 +64,73 @@ def test_a_mixed_step_of_full_decode_only_runs_eagerly_and_of_the_default_piecew
     eager, piecewise = _cm("full_decode_only", 512), _cm("full_and_piecewise", 512)
     device = eager.step_time(8, 8 * 500, 8 * 512, [(64, 0)])
     L = eager.model.num_layers
-    assert eager.price(b)[1] == pytest.approx(max(device, eager.kernels_per_iteration(True, True) * eager.dispatch_s))
+    assert eager.price(b)[1] == pytest.approx(max(device + eager.dispatch_s,
+                                                  eager.kernels_per_iteration(True, True) * eager.dispatch_s))
     attention = L * (piecewise.kernels["attention_decode"] + piecewise.kernels["attention_prefill"])
     assert piecewise.price(b)[1] == pytest.approx(
-        max(device, (L + 1) * piecewise.graph_launch_s + attention * piecewise.dispatch_s))
+        max(device + piecewise.graph_launch_s, (L + 1) * piecewise.graph_launch_s + attention * piecewise.dispatch_s))
 
 
-def test_price_agrees_with_host_times_on_both_sides_of_the_capture_size():
+def test_the_capture_size_is_the_last_step_replayed_as_a_graph():
     cm = _cm("full_and_piecewise", 64)
+    host = cm.host_overhead_s + 0 * cm.host_per_sequence_s
     for n in (63, 64, 65):
         b = Batch(num_decodes=n, decode_context_tokens=n * 100, decode_kv_slots=n * 112)
         device = cm.step_time(n, n * 100, n * 112)
-        assert cm.price(b)[:2] == pytest.approx(cm.host_times(n, device))
+        held = device + cm.graph_launch_s if n <= 64 else \
+            max(device + cm.dispatch_s, cm.kernels_per_iteration(True, False) * cm.dispatch_s)
+        assert cm.launch_mode(n, False) == ("graph" if n <= 64 else "eager")
+        assert cm.price(b)[1] == pytest.approx(held)
+        assert cm.price(b)[0] == pytest.approx(host + n * cm.host_per_sequence_s)
+        assert cm.price(b)[:2] == pytest.approx(cm.host_times(n, device))  # (the two paths agree)
+
+
+def test_launching_without_a_graph_never_makes_a_device_bound_step_free_of_launch_time():
+    # a long prefill: the device sets the pace, yet its first kernel still waits for its launch
+    cm = _cm("full_decode_only", 512, model="llama-3.1-8b")
+    device = cm.step_time(prefill_chunks=[(4096, 0)])
+    assert cm.host_times(1, device, False, True, 4096)[1] == pytest.approx(device + cm.dispatch_s)
+    pw = _cm("piecewise", 8192, model="llama-3.1-8b")
+    assert pw.host_times(1, device, False, True, 4096)[1] == pytest.approx(device + pw.graph_launch_s)
+
+
+def test_pipeline_stages_launch_as_the_mode_says():
+    hw, m = load_hardware("h200"), load_model("llama-3.1-8b")
+    cm = CostModel(hw, m, engine="vllm", pp=2, graph_mode="none", capture_tokens=512)
+    b = Batch(num_decodes=4, decode_context_tokens=4 * 100, decode_kv_slots=4 * 112)
+    _, held, _, _ = cm.price_stages(b)
+    stages = cm.stage_times(4, 400, 448)
+    kernels = cm.kernels_per_iteration(True, False)
+    L = m.num_layers
+    for t, h, (moe, dense) in zip(stages, held, cm.stages):
+        assert h == pytest.approx(max(t + cm.dispatch_s, (moe + dense) / L * kernels * cm.dispatch_s))
+    graphed = CostModel(hw, m, engine="vllm", pp=2, graph_mode="full_and_piecewise", capture_tokens=512)
+    assert graphed.price_stages(b)[1] == pytest.approx([t + cm.graph_launch_s for t in stages])
+
+
+def test_data_parallel_ranks_in_lock_step_launch_each_step_alike(monkeypatch):
+    from npusim import costmodel
+    from npusim.scenario import Scenario, run_scenario
+    from npusim.workload import WorkloadSpec
+
+    seen = []
+    price = costmodel.CostModel.price
+
+    def spy(self, batch, all_tokens=None, mode=None):
+        seen.append((mode, batch.num_tokens, bool(batch.prefill_chunks)))
+        return price(self, batch, all_tokens, mode)
+
+    monkeypatch.setattr(costmodel.CostModel, "price", spy)
+    sc = Scenario(hw="h200", model="qwen3-30b-a3b", dp=2,
+                  engine={"profile": "vllm", "expert_parallel_size": 2, "max_cudagraph_capture_size": 64},
+                  workload=WorkloadSpec(num_requests=24, input_len={"kind": "fixed", "value": 600},
+                                        output_len={"kind": "fixed", "value": 20}, rate=20.0))
+    r = run_scenario(sc)
+    assert r["completed"] == 24
+    assert seen and all(mode is not None for mode, _, _ in seen)  # every rank's price given the step's mode
+    # a rank decoding a few tokens beside a rank's 600-token prefill launches eagerly with it
+    small = [mode for mode, tokens, prefill in seen if tokens <= 64 and not prefill]
+    assert "eager" in small and "graph" in small
 
 
 @pytest.mark.parametrize("engine, seqs, expected", [("vllm", 100, 200), ("vllm", 1024, 512),
@@ -87,11 +147,48 @@ def test_the_capture_size_defaults_as_vllm_and_vllm_ascend_size_it(engine, seqs,
 @pytest.mark.parametrize("engine", ["torch-graph", "vllm-eager", "mindie"])
 def test_graph_modes_on_an_engine_without_them_are_refused_in_one_line(engine):
     hw = "ascend-910b3" if engine == "mindie" else "h200"
-    rc, out, err = run_cli("step", "--hw", hw, "--model", "qwen3-8b", "--engine", engine, "--cudagraph-mode", "none")
-    assert rc == 2 and "no vLLM graph modes" in err and len(err.strip().splitlines()) == 1
-    rc, _, err = run_cli("step", "--hw", hw, "--model", "qwen3-8b", "--engine", engine,
-                         "--max-cudagraph-capture-size", "64")
-    assert rc == 2 and "max_cudagraph_capture_size" in err
+    assert_one_line_error(run_cli("step", "--hw", hw, "--model", "qwen3-8b", "--engine", engine,
+                                  "--cudagraph-mode", "none"), "no vLLM graph modes")
+    assert_one_line_error(run_cli("step", "--hw", hw, "--model", "qwen3-8b", "--engine", engine,
+                                  "--max-cudagraph-capture-size", "64"), "max_cudagraph_capture_size")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"max_capture_tokens": None}, "go together"),  # (one of the two capture fields)
+    ({"capture_tokens_per_seq": None}, "go together"),
+    ({"execution": "eager"}, "are for execution: graph"),
+    ({"graph_mode": "sometimes"}, "graph_mode"),
+])
+def test_an_engine_profile_with_inconsistent_graph_fields_is_refused_in_one_line(tmp_path, edit, needle):
+    import yaml
+
+    from npusim.specs import ENGINE_PROFILE_DIR
+
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
+    for key, value in edit.items():
+        if value is None:
+            del d[key]
+        else:
+            d[key] = value
+    if "graph_mode" in edit or "execution" in edit:
+        pass
+    else:
+        d["graph_mode"] = "full"  # (so that the mode itself asks for neither field)
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert_one_line_error(run_cli("step", "--hw", "h200", "--model", "qwen3-8b", "--engine", str(p)), needle)
+
+
+def test_step_captures_at_least_its_batch_as_a_server_running_it_would():
+    # vllm-ascend captures up to max_num_seqs (256 by default on a 64 GiB NPU); a server running
+    # 300 sequences has max_num_seqs >= 300, so its decode of 300 is captured, as analyze prices it
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen3-8b", "--batch", "300",
+                           "--context", "256", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["launch"] == "graph"
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen3-8b", "--batch", "600",
+                           "--context", "256", "--json")
+    assert json.loads(out)["launch"] == "eager"  # (above vllm-ascend's 512)
 
 
 def test_a_scenario_sets_the_mode_and_the_server_runs_it():
@@ -105,5 +202,43 @@ def test_a_scenario_sets_the_mode_and_the_server_runs_it():
     assert rc == 0, err
     assert small["scenario"]["engine"]["max_cudagraph_capture_size"] == 8
     assert small["mean_tpot_ms"] > base["mean_tpot_ms"]
-    rc, out, err = run_cli(*args, "--cudagraph-mode", "bogus")
-    assert rc == 2 and "--cudagraph-mode" in err
+    assert_one_line_error(run_cli(*args, "--cudagraph-mode", "bogus"), "--cudagraph-mode")
+
+
+def test_calibrate_serve_fits_the_launches_of_a_server_run_eagerly_and_writes_its_mode(tmp_path):
+    import numpy as np
+    import yaml
+
+    from npusim.scenario import Scenario, run_scenario
+    from npusim.specs import ENGINE_PROFILE_DIR, load_engine_profile
+    from npusim.workload import WorkloadSpec
+
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
+    d["host_per_iteration_ms"]["value"], d["dispatch_per_kernel_us"]["value"] = 1.0, 20.0
+    truth = tmp_path / "truth.yaml"
+    truth.write_text(yaml.safe_dump(d))
+    rng = np.random.default_rng(2)
+    args = ["calibrate", "serve", "--hw", "h200", "--model", "llama-3.2-1b", "--engine", "vllm",
+            "--cudagraph-mode", "none", "--out", str(tmp_path / "fitted.yaml"), "--json"]
+    for i, (rate, n) in enumerate(((4.0, 24), (float("inf"), 24))):
+        ins, outs = rng.integers(64, 900, n).tolist(), rng.integers(8, 120, n).tolist()
+        r = run_scenario(Scenario(hw="h200", model="llama-3.2-1b",
+                                  engine={"profile": str(truth), "cudagraph_mode": "none"},
+                                  workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=n)))
+        out = {k: r[k] for k in ("duration", "completed", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")}
+        out.update(input_lens=ins, output_lens=outs, request_rate="inf" if rate == float("inf") else rate,
+                   burstiness=1.0, max_concurrency=None)
+        f = tmp_path / f"b{i}.json"
+        f.write_text(json.dumps(out))
+        args += ["--bench", str(f)]
+    rc, text, err = run_cli(*args)
+    assert rc == 0, err
+    fitted = json.loads(text)["fitted"]
+    # every decode step is host-bound, so the benchmarks fix the host time of one, the scheduler's
+    # and the launches' together (without the launches fitted they would land in the scheduler's)
+    kernels = _cm(engine="vllm").kernels_per_iteration(True, False)
+    step_host = fitted["host_per_iteration_ms"] + kernels * fitted["dispatch_per_kernel_us"] / 1e3
+    assert step_host == pytest.approx(1.0 + kernels * 20.0 / 1e3, rel=0.03)
+    assert fitted["dispatch_per_kernel_us"] > 10.0
+    profile = load_engine_profile(str(tmp_path / "fitted.yaml"))
+    assert profile.graph_mode == "none"  # the server's mode, written with its launches
