@@ -37,7 +37,8 @@ from npusim.errors import NpusimError
 INSTALL_HINT = "pip install -e '.[calibrate]'"
 SCHEMA_VERSION = 2  # 2 adds the shape-aware sections; every key of version 1 is kept
 GIB = 2**30
-DTYPE_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+DTYPE_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1, "int8": 1}
+INT_MM_MIN_M = 17  # torch._int_mm on CUDA takes more than 16 rows
 
 
 # --------------------------------------------------------------------------- device
@@ -450,6 +451,16 @@ def bench_linear(torch, dev: DeviceInfo, m: int, n: int, k: int, dtype: str, pla
                  for w in ws]
         op = "x @ W^T (torch._scaled_mm, float8 e4m3, per-tensor scales, bf16 out)"
         nbytes = float(m * k + n * k + m * n * 2)
+    elif dtype == "int8":
+        # W8A8 int8 (vLLM's int8 W8A8, Ascend-style): int8 x int8 -> int32 on the int8 tensor cores,
+        # through torch._int_mm, which takes more than 16 rows: fewer are timed at 17 (a GEMM of
+        # that few rows is one tile row either way)
+        rows = max(m, INT_MM_MIN_M) if dev.kind == "cuda" else m
+        x = torch.randint(-8, 8, (rows, k), device=dev.device, dtype=torch.int8)
+        ws = [torch.randint(-8, 8, (n, k), device=dev.device, dtype=torch.int8) for _ in range(copies)]
+        calls = [lambda w=w: torch._int_mm(x, w.t()) for w in ws]
+        op = "x @ W^T (torch._int_mm, int8 x int8, int32 out)" + (f", timed at {rows} rows" if rows != m else "")
+        nbytes = float(m * k + n * k + m * n * 4)
     else:
         td = _torch_dtype(torch, dtype)
         x = torch.randn(m, k, device=dev.device, dtype=td)
@@ -1474,9 +1485,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chains", default=None,
                    help="kernel chains to time instead of the default ones: OP:ROWSxCOLS,... with OP "
                         "add, mm or rms_norm")
-    p.add_argument("--gemm-dtype", default=None, choices=["bf16", "fp16", "fp8"],
+    p.add_argument("--gemm-dtype", default=None, choices=["bf16", "fp16", "fp8", "int8"],
                    help="the gemm_sweep's format (default: the device's 16-bit type); fp8 times W8A8 "
-                        "GEMMs through torch._scaled_mm, rows of dtype fp8 that FP8 weights are priced by")
+                        "GEMMs through torch._scaled_mm, rows of dtype fp8 that FP8 weights are priced by; "
+                        "int8 times int8 x int8 GEMMs (torch._int_mm), rows that w8a8 weights are priced by")
     p.add_argument("--attn-impls", default=None,
                    help="decode attention impls: gather_sdpa, flex_paged, gather_sdpa_compiled")
     args = p.parse_args(argv)

@@ -218,6 +218,9 @@ class DeviceTables:
             # W8A8 FP8 GEMMs, where the device's were timed (python -m npusim.calibrate --gemm-dtype fp8)
             fp8 = [r for r in data.get("gemm_sweep", []) if "seconds" in r and r.get("dtype") == "fp8"]
             self.gemm_fp8 = GemmTable(fp8) if fp8 else None
+            # int8 x int8 GEMMs, where timed (--gemm-dtype int8): what w8a8 weights are priced by
+            int8 = [r for r in data.get("gemm_sweep", []) if "seconds" in r and r.get("dtype") == "int8"]
+            self.gemm_int8 = GemmTable(int8) if int8 else None
             self.decode_attention = DecodeAttentionTable(timed("decode_attention"))
             self.prefill_attention = PrefillAttentionTable(timed("prefill_attention"))
             self.chains = ChainTable(data.get("kernel_chain", []))

@@ -151,8 +151,10 @@ class CostModel:
         # measured kernel times of this device, when its profile was calibrated
         self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
         # FP8 weights on a device with FP8 matrix units and its FP8 GEMMs timed
-        self._fp8_table = (self.tables.gemm_fp8 if self.tables is not None and weight_dtype == "fp8"
+        self._quant_table = (self.tables.gemm_fp8 if self.tables is not None and weight_dtype == "fp8"
                            and hw.matmul_tflops_fp8 is not None else None)
+        if self.tables is not None and self._act_quant and self.tables.gemm_int8 is not None:
+            self._quant_table = self.tables.gemm_int8  # (w8a8: the device's int8 GEMMs, the same way)
         # the least time of one kernel of each op in this engine's implementation
         floors = self.engine.kernel_floor_us
         self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MODEL_OP_KERNELS)}
@@ -277,10 +279,10 @@ class CostModel:
         lin16 = weight_bytes_per_elem == ACT_BYTES
         peak, rate = (self._peak16, self.attn_rate) if lin16 else (self._peak, self.mm_rate)
         if self.tables is not None and kernels:
-            if self._fp8_table is not None and not lin16:
-                # FP8 weights on FP8 tensor cores, timed on this device: their own table, carried
-                # between shapes by the FP8 roofline
-                t = self._fp8_table.time(m, n, k, lambda mm, nn, kk: self._gemm_roofline(mm, nn, kk, 1.0, peak))
+            if self._quant_table is not None and not lin16:
+                # FP8 (or w8a8's int8) weights on their own tensor cores, timed on this device: their
+                # own table, carried between shapes by that format's roofline
+                t = self._quant_table.time(m, n, k, lambda mm, nn, kk: self._gemm_roofline(mm, nn, kk, 1.0, peak))
             else:
                 t = self.tables.gemm.time(m, n, k, self._gemm_roofline)
                 if not lin16 or peak != self._peak16:

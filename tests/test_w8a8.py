@@ -63,3 +63,30 @@ def test_the_flag_is_taken_and_a_wrong_one_refused():
     assert rc == 0, err
     rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen3-8b", "--weight-dtype", "w4a4")
     assert rc == 2 and "weight" in err and "w8a8" in err
+
+
+def test_measured_int8_gemms_price_w8a8_weights_where_the_device_has_them(tmp_path):
+    """A device whose int8 GEMMs were timed (calibrate --gemm-dtype int8) prices w8a8 GEMM kernels
+    by those rows, not by its bf16 table carried to the int8 peak."""
+    import json
+
+    import yaml
+
+    from npusim.specs import HW_PROFILE_DIR
+
+    src = HW_PROFILE_DIR / "measurements" / "h200-2026-12-02-calibrate.json"
+    data = json.loads(src.read_text())
+    rows = [dict(r, dtype="int8", seconds=r["seconds"] * 0.7) for r in data["gemm_sweep"]
+            if r.get("dtype", "bf16") == "bf16" and "seconds" in r]
+    (tmp_path / "int8.json").write_text(json.dumps({**data, "gemm_sweep": rows}))
+    (tmp_path / "bf16.json").write_text(src.read_text())
+    prof = yaml.safe_load((HW_PROFILE_DIR / "h200.yaml").read_text())
+    prof["calibration_files"] = ["bf16.json", "int8.json"]
+    (tmp_path / "h200-int8.yaml").write_text(yaml.safe_dump(prof))
+    hw = load_hardware(str(tmp_path / "h200-int8.yaml"))
+    w8 = CostModel(hw, load_model("llama-3.1-8b"), weight_dtype="w8a8", engine="vllm")
+    r = max(rows, key=lambda r: r["m"])  # a measured shape: the int8 row's own time
+    t = w8.gemm(r["m"], r["k"], r["n"], 1.0, quantise_input=False).time_s
+    assert t == pytest.approx(r["seconds"], rel=1e-6)
+    plain = CostModel(load_hardware("h200"), load_model("llama-3.1-8b"), weight_dtype="w8a8", engine="vllm")
+    assert plain.gemm(r["m"], r["k"], r["n"], 1.0, quantise_input=False).time_s != pytest.approx(t, rel=0.01)
