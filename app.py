@@ -112,8 +112,8 @@ def compute_ops(hw_name: str, model_name: str, batch: int, context: int, instanc
     setup = instance_setup(load_hardware(hw_name), load_model(model_name), cfg, instances, sharing)
     ops = setup.cost.ops(**decode_batch(batch=batch, context=context, block_size=block_size))
     h = setup.hw
-    peak = {"int8": h.matmul_tflops_int8, "int4": h.matmul_tflops_int8,
-            "fp8": h.matmul_tflops("fp8"), "w8a8": h.matmul_tflops("w8a8")}.get(weight_dtype, h.matmul_tflops_bf16)
+    # the roof the linear layers compute under: weight-only int8/int4 dequantise to the 16-bit units
+    peak = h.matmul_tflops(weight_dtype)
     roofs = {"matmul_tflops": peak, "vector_tflops": h.vector_tflops, "bandwidth_gbs": h.streaming_gbs,
              "name": h.name}
     return [op.as_dict() for op in ops], roofs
@@ -298,7 +298,9 @@ def sidebar() -> dict:
     model_name = sb.selectbox("Model", model_names, key="model", format_func=short)
     _choice("weight_dtype", list(WEIGHT_DTYPES), "bf16")
     weight_dtype = sb.selectbox("Weight dtype", WEIGHT_DTYPES, key="weight_dtype",
-                                help="int8/int4: weight-only quantisation of the linear layers")
+                                help="int8/int4: weight-only quantisation of the linear layers; w8a8: int8 "
+                                     "weights and activations on the int8 matrix units (Ascend's W8A8); fp8: "
+                                     "W8A8 on FP8 tensor cores where the device has them")
     _choice("kv_dtype", list(KV_DTYPES), "bf16")
     kv_dtype = sb.selectbox("KV-cache dtype", KV_DTYPES, key="kv_dtype")
     options, recommended = block_size_options(engine)
@@ -384,7 +386,7 @@ def what_fits(p: dict, s: dict) -> list[str]:
         blocks_each = p["num_blocks"] // s["batch"]
         if blocks_each >= 1:
             out.append(f"context {blocks_each * s['block_size'] - 1:,} or less at batch {s['batch']:,}")
-    variants = [(f"{d} weights", dict(weight_dtype=d)) for d in ("int8", "int4") if d != s["weight_dtype"]]
+    variants = [(f"{d} weights", dict(weight_dtype=d)) for d in ("int8", "int4", "w8a8") if d != s["weight_dtype"]]
     if s["kv_dtype"] != "int8":
         variants.append(("int8 KV cache", dict(kv_dtype="int8")))
     if s["instances"] > 1:

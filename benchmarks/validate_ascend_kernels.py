@@ -36,6 +36,9 @@ def main() -> None:
         w = {"bf16": 2.0, "int8": 1.0, "w8a8": 1.0}[r["dtype"]]
         # (a W8A8 row is the GEMM kernel's time, its input quantised by a kernel before it)
         rows.append(("gemm", r, cm.gemm(r["m"], r["k"], r["n"], w, quantise_input=False).time_s * 1e6))
+    quant = CostModel(hw, load_model("qwen3-8b"), weight_dtype="w8a8", engine="vllm-ascend-graph")
+    for r in cases.get("act_quant", []):
+        rows.append(("act_quant", r, quant._quantise(r["m"] * r["k"], experts=r["experts"])[0] * 1e6))
     for r in cases["prefill_attention"]:
         m = tp_shard(load_model(r["model"]), r["tp"])
         cm = CostModel(hw, m, tp=r["tp"])
@@ -58,7 +61,7 @@ def main() -> None:
         err = (us - r["us"]) / r["us"]
         fit = bool(r.get("fit"))
         errors[fit].append(abs(err))
-        shape = (f"{r['m']}x{r['k']}x{r['n']} {r['dtype']}" if kind == "gemm"
+        shape = (f"{r['m']}x{r['k']}x{r['n']} {r['dtype']}" if kind == "gemm" else f"{r['m']}x{r['k']}" if kind == "act_quant"
                  else f"{r.get('sequences', r.get('batch'))}x{r.get('tokens', r.get('context'))}"
                  + (f" tp{r['tp']}" if kind == "decode step" else ""))
         print(f"{kind:20s} {r['what'][:58]:58s} {shape:>22s} {us:12.1f} {r['us']:11.1f} {err:+7.1%}  {'fit' if fit else 'held out'}")

@@ -13,7 +13,7 @@ import typer
 from npusim.costmodel import CostModel
 from npusim.errors import NpusimError
 
-from npusim.specs import (CUDAGRAPH_MODES, MODEL_ZOO, EngineConfig, ceil_div, gib, known_engines, known_hardware,
+from npusim.specs import (CUDAGRAPH_MODES, KV_DTYPES, MODEL_ZOO, WEIGHT_DTYPES, EngineConfig, ceil_div, gib, known_engines, known_hardware,
                           load_engine_profile, load_hardware, load_model)
 
 # Plain click help (rich_markup_mode=None): it wraps long option names at any width instead of
@@ -118,8 +118,9 @@ def step(
 
     from npusim.specs import resolve_engine
 
-    cfg = _engine(profile=engine, block_size=block_size, weight_dtype=weight_dtype,
-                  kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
+    cfg = _engine(profile=engine, block_size=block_size,
+                  weight_dtype=_choice("--weight-dtype", weight_dtype, WEIGHT_DTYPES),
+                  kv_dtype=_choice("--kv-dtype", kv_dtype, KV_DTYPES), tensor_parallel_size=tp, expert_parallel_size=ep,
                   pipeline_parallel_size=pp, expert_imbalance=expert_imbalance,
                   cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
                   max_cudagraph_capture_size=max_cudagraph_capture_size)
@@ -576,7 +577,8 @@ def analyze(
     if sharing == "vnpu" and instances > h.ai_cores:
         raise NpusimError(f"--instances must be <= {h.ai_cores} (the AI cores of {h.name}) with "
                           f"--sharing vnpu, got {instances}")
-    kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+    kw = dict(block_size=block_size, weight_dtype=_choice("--weight-dtype", weight_dtype, WEIGHT_DTYPES),
+              kv_dtype=_choice("--kv-dtype", kv_dtype, KV_DTYPES),
               gpu_memory_utilization=gpu_memory_utilization, engine=engine)
     if tp > 1 and compare:
         raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")

@@ -129,7 +129,13 @@ class CostModel:
         compute_dtype = weight_dtype if weight_dtype in ("fp16", "fp8", "w8a8") else "bf16"
         # w8a8 on int8 matrix units: each quantised GEMM's input is quantised to int8 first, in
         # act_quant kernels of their own that read it (16-bit) and write it (8-bit) once
-        self._act_quant = weight_dtype == "w8a8" and hw.matmul_tflops_int8 is not None
+        self._act_quant = ((weight_dtype == "w8a8" and hw.matmul_tflops_int8 is not None)
+                           or (weight_dtype == "fp8" and hw.matmul_tflops_fp8 is not None))
+        # the quantisation kernels' fixed cost and streaming rate where the engine measured them
+        # (else a kernel's least time and the device's streaming rate)
+        e0 = self.engine
+        self._quant_fixed = {False: e0.act_quant_fixed_us, True: e0.act_quant_moe_fixed_us}
+        self._quant_bw = e0.act_quant_gbs * 1e9 if e0.act_quant_gbs is not None else None
         self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
         self._peak16 = hw.matmul_tflops(act16) * 1e12  # attention's, and what the tables were measured at
         self.mm_rate = self._peak * hw.matmul_efficiency
@@ -153,8 +159,13 @@ class CostModel:
         # FP8 weights on a device with FP8 matrix units and its FP8 GEMMs timed
         self._quant_table = (self.tables.gemm_fp8 if self.tables is not None and weight_dtype == "fp8"
                            and hw.matmul_tflops_fp8 is not None else None)
-        if self.tables is not None and self._act_quant and self.tables.gemm_int8 is not None:
-            self._quant_table = self.tables.gemm_int8  # (w8a8: the device's int8 GEMMs, the same way)
+        if self.tables is not None and weight_dtype == "w8a8" and self._act_quant:
+            # w8a8: the device's int8 GEMMs, the same way; where only its FP8 GEMMs were timed and
+            # its int8 units run at the FP8 rate (Hopper), those: the same bytes at the same peak
+            if self.tables.gemm_int8 is not None:
+                self._quant_table = self.tables.gemm_int8
+            elif self.tables.gemm_fp8 is not None and hw.matmul_tflops_fp8 == hw.matmul_tflops_int8:
+                self._quant_table = self.tables.gemm_fp8
         # the least time of one kernel of each op in this engine's implementation
         floors = self.engine.kernel_floor_us
         self.floor = {op: floors.get(op, hw.kernel_latency_us) * 1e-6 for op in LAYER_OPS + STEP_OPS + tuple(MODEL_OP_KERNELS)}
@@ -272,11 +283,12 @@ class CostModel:
         kernels alone, their input already int8)."""
         hw = self.hw
         flops = 2.0 * m * n * k
-        nbytes = n * k * weight_bytes_per_elem + (m * k + m * n) * ACT_BYTES
-        floor = self.floor.get(name, self.latency)
         # a GEMM whose weight is kept in 16 bits (the LM head, the router) computes at 16 bits
-        # whatever the other layers' format
+        # whatever the other layers' format; a W8A8 GEMM reads its input quantised, a byte each
         lin16 = weight_bytes_per_elem == ACT_BYTES
+        x_bytes = 1.0 if self._act_quant and not lin16 else ACT_BYTES
+        nbytes = n * k * weight_bytes_per_elem + m * k * x_bytes + m * n * ACT_BYTES
+        floor = self.floor.get(name, self.latency)
         peak, rate = (self._peak16, self.attn_rate) if lin16 else (self._peak, self.mm_rate)
         if self.tables is not None and kernels:
             if self._quant_table is not None and not lin16:
@@ -301,14 +313,20 @@ class CostModel:
             t, nbytes, kernels = t + qt, nbytes + qbytes, kernels + qk
         return Op(name, flops, nbytes, t, bound, kernels)
 
-    def _quantise(self, elements: float) -> tuple[float, float, int]:
-        """(seconds, bytes, kernels) of quantising `elements` 16-bit activations to int8 (w8a8):
-        read once, written once at a byte each, in the engine's act_quant kernels."""
+    def _quantise(self, elements: float, experts: bool = False) -> tuple[float, float, int]:
+        """(seconds, bytes, kernels) of quantising `elements` 16-bit activations to 8 bits (w8a8,
+        fp8): read once, written once at a byte each, in the engine's act_quant kernels, at their
+        measured fixed cost and rate where the engine gives them (a dense layer's static
+        quantisation, or the experts' dynamic one), else at a kernel's least time."""
         n = self.kernels["act_quant"]
         if not n:  # (fused into the GEMM or the norm before it)
             return 0.0, 0.0, 0
         nbytes = elements * (ACT_BYTES + 1.0)
-        t, _ = self._price(2.0 * elements, nbytes, self.vec_rate, n, self.floor["act_quant"])
+        fixed = self._quant_fixed[experts]
+        if fixed is not None:
+            t = fixed * 1e-6 + nbytes / (self._quant_bw or self.bw) + (n - 1) * self.floor["act_quant"]
+        else:
+            t, _ = self._price(2.0 * elements, nbytes, self.vec_rate, n, self.floor["act_quant"])
         return t, nbytes, n
 
     def _gemm(self, name: str, m: int, k: int, n: int, weight_bytes_per_elem: float) -> Op:
@@ -468,7 +486,7 @@ class CostModel:
         dn = m.head_dim - m.qk_rope_head_dim
         D = num_decodes
         flops = 2.0 * D * H * c * (dn + dv)
-        nbytes = H * c * (dn + dv) * self._linear_weight_bytes + D * H * (dn + 2 * c + dv) * ACT_BYTES
+        nbytes = H * c * (dn + dv) * ACT_BYTES + D * H * (dn + 2 * c + dv) * ACT_BYTES
         eff = _pad_efficiency(D, self.hw.matmul_tile_m)
         k = self.kernels["mla_absorb"]
         # (vLLM keeps the absorbed up-projections in 16 bits: attention's rate)
@@ -480,8 +498,10 @@ class CostModel:
         up-projected to each head's K (no-RoPE part) and V, so prefill runs as ordinary attention."""
         m = self.model
         dn = m.head_dim - m.qk_rope_head_dim
-        return self._gemm("kv_b_proj", kv_tokens, m.kv_lora_rank, m.num_heads * (dn + m.v_head_dim),
-                          self._linear_weight_bytes)
+        # (W8A8 checkpoints keep it in 16 bits: vllm-ascend's DeepSeek-V3 W8A8 prefill runs it as a
+        # bf16 MatMulV2, 2048 x 512, per_shape_cv_output.txt, Horacehxw/msModeling @39df672)
+        w = ACT_BYTES if self.weight_dtype == "w8a8" else self._linear_weight_bytes
+        return self._gemm("kv_b_proj", kv_tokens, m.kv_lora_rank, m.num_heads * (dn + m.v_head_dim), w)
 
     def _moe_ops(self, tokens: int, all_tokens: int | None = None) -> list[Op]:
         """A mixture-of-experts MLP: the router (a GEMM to the experts' scores, top-k, and the
@@ -519,13 +539,19 @@ class CostModel:
         # of tp devices each sends 1/tp of the rank's tokens (vllm-ascend's MC2 dispatch splits
         # them over the TP group; the layer's TP all-reduce then stands for gathering them back)
         mine = tokens / self.tp
+        # under w8a8 the dispatch quantises what it sends (vllm-ascend's MC2 dispatch, quant_mode 2:
+        # vllm_ascend/ops/fused_moe/token_dispatcher.py, commit 182b75ea): int8 rows there, and
+        # the experts' first GEMM finds its input quantised
+        quantised_dispatch = ranks > 1 and self._act_quant and self.weight_dtype == "w8a8"
         if ranks > 1:
             sent = mine * k * h * ACT_BYTES
-            ops.append(self.collective("all_to_all_dispatch", "all_to_all", sent, ep))
+            sent_there = mine * k * h * (1.0 if quantised_dispatch else ACT_BYTES)
+            ops.append(self.collective("all_to_all_dispatch", "all_to_all", sent_there, ep))
         table = self.tables.grouped_gemm if self.tables is not None and self.tables.grouped_gemm.curves else None
         for name, n_in, n_out in (("gate_up_proj", h, 2 * fe), ("down_proj", fe, h)):
             flops = 2.0 * here * n_in * n_out
-            nbytes = here_active * n_in * n_out * w + here * (n_in + n_out) * ACT_BYTES
+            x_bytes = 1.0 if self._act_quant else ACT_BYTES
+            nbytes = here_active * n_in * n_out * w + here * (n_in * x_bytes + n_out * ACT_BYTES)
             eff = (_pad_efficiency(rows, hw.matmul_tile_m) * _pad_efficiency(n_out, hw.matmul_tile_n)
                    * _pad_efficiency(n_in, hw.matmul_tile_k))
             t, bound = self._price(flops, nbytes, self.mm_rate * eff, self.kernels[name],
@@ -541,8 +567,8 @@ class CostModel:
                         t *= self._grouped_time(here, here_active, n_in, n_out) / self._grouped_time(
                             routed, active, *split)
             kernels = self.kernels[name]
-            if self._act_quant and kernels:  # the routed rows' inputs, quantised to int8
-                qt, qbytes, qk = self._quantise(here * n_in)
+            if self._act_quant and kernels and not (quantised_dispatch and name == "gate_up_proj"):
+                qt, qbytes, qk = self._quantise(here * n_in, experts=True)  # the routed rows' inputs
                 t, nbytes, kernels = t + qt, nbytes + qbytes, kernels + qk
             ops.append(Op(name, flops, nbytes, t, bound, kernels))
             if name == "gate_up_proj":

@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from npusim.errors import NpusimError
-from npusim.specs import CUDAGRAPH_MODES, _validate
+from npusim.specs import CUDAGRAPH_MODES, KV_DTYPES, WEIGHT_DTYPES, _validate
 
 if TYPE_CHECKING:  # (the simulator is imported by the commands that build a scenario, not by every one)
     from npusim.scenario import Scenario
@@ -93,7 +93,7 @@ SIMULATE_FIELDS: dict[str, tuple[str | None, str, Any]] = {
 }
 CHOICES = {"sharing": ("time-slice", "vnpu"), "preemption": ("recompute", "swap"),
            "router": ("round-robin", "least-outstanding", "prefix-aware"),
-           "cudagraph_mode": CUDAGRAPH_MODES}
+           "cudagraph_mode": CUDAGRAPH_MODES, "weight_dtype": WEIGHT_DTYPES, "kv_dtype": KV_DTYPES}
 
 
 def build_scenario(scenario_file: str | None, flags: dict) -> "Scenario":

@@ -500,6 +500,13 @@ class EngineProfile(BaseModel):
     # max_capture_tokens) as vLLM sizes it where the user sets none (vLLM modes only)
     max_capture_tokens: int | None = Field(default=None, gt=0)
     capture_tokens_per_seq: int | None = Field(default=None, gt=0)
+    # the activation-quantisation kernels of w8a8 (and fp8) GEMMs as this implementation runs them
+    # on the device its profiles came from: fixed cost of a dense layer's (static) and of the
+    # experts' (dynamic, per token) quantisation, and the rate they stream their bytes at; None:
+    # a kernel's least time and the device's streaming rate
+    act_quant_fixed_us: float | None = Field(default=None, ge=0)
+    act_quant_moe_fixed_us: float | None = Field(default=None, ge=0)
+    act_quant_gbs: float | None = Field(default=None, gt=0)
     provenance: dict[str, Provenance]
 
     @model_validator(mode="after")
@@ -572,7 +579,8 @@ SCHEDULER_DEFAULTS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_util
 LARGE_MEMORY_DEFAULTS = ("large_memory_gib", "large_memory_max_num_seqs", "large_memory_max_num_batched_tokens")
 
 ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
-                        "dispatch_per_kernel_us", "graph_launch_us", "max_capture_tokens", "capture_tokens_per_seq")
+                        "dispatch_per_kernel_us", "graph_launch_us", "max_capture_tokens", "capture_tokens_per_seq",
+                        "act_quant_fixed_us", "act_quant_moe_fixed_us", "act_quant_gbs")
 
 
 def engine_profile_from_mapping(data: dict[str, Any], where: str) -> EngineProfile:
@@ -998,7 +1006,10 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, where: str) -> ModelSpe
             raise NpusimError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) else None
-        hint = " (an fp8 checkpoint: --weight-dtype fp8)" if method == "fp8" else ""
+        hint = {"fp8": " (an fp8 checkpoint: --weight-dtype fp8)",
+                # int8 weights and activations (compressed-tensors W8A8, vllm-ascend's ModelSlim W8A8)
+                "compressed-tensors": " (a W8A8 int8 checkpoint: --weight-dtype w8a8; weight-only int8: int8)",
+                "ascend": " (vllm-ascend's W8A8: --weight-dtype w8a8)"}.get(method, "")
         raise NpusimError(f"{where}: a quantized checkpoint (quantization_config): npusim prices weights by "
                           f"--weight-dtype ({', '.join(WEIGHT_DTYPES)}); give the config without "
                           f"quantization_config and that flag{hint}")

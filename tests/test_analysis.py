@@ -187,7 +187,7 @@ def test_analyze_table_output():
     (["--context", "abc"], "--context"),
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     (["--block-size", "100"], "block_size 100 is not accepted"),
-    (["--weight-dtype", "fp4"], "weight_dtype"),
+    (["--weight-dtype", "fp4"], "--weight-dtype"),
     (["--hw", "ascend-91"], "unknown hardware"),
 ])
 def test_analyze_errors_are_one_line(args, needle):

@@ -43,7 +43,7 @@ def test_step_prefill_and_table():
     (["--context", "0"], "--context"),
     (["--block-size", "100"], "block_size 100 is not accepted"),
     (["--block-size", "0"], "block_size must be > 0"),
-    (["--weight-dtype", "fp4"], "weight_dtype"),
+    (["--weight-dtype", "fp4"], "--weight-dtype"),
     (["--phase", "train"], "--phase"),
 ])
 def test_step_errors_are_one_line(args, needle):

@@ -42,10 +42,31 @@ def test_a_decode_gemm_costs_more_than_weight_only_int8_its_quantisation_and_deq
     cm, w8 = _ops("w8a8", 1)
     _, wo = _ops("int8", 1)
     for name in LINEARS:
-        extra = (w8[name].time_s - wo[name].time_s) / cm.model.num_layers
-        # at least the quantisation kernel's least time, and the W8A8 epilogue's extra fixed cost
-        assert extra >= cm.floor["act_quant"] + (cm._linear_fixed - cm.gemm_fixed) - 1e-12, name
-        assert w8[name].bytes > wo[name].bytes
+        extra_us = (w8[name].time_s - wo[name].time_s) / cm.model.num_layers * 1e6
+        # the A3 profiles' static quantisation (10.3 us) and W8A8 epilogue (10.4 - 4.5 us): 16 us a
+        # decode GEMM more, the one-byte input saving a few nanoseconds
+        assert 15.5 < extra_us < 17.0, (name, extra_us)
+
+
+def test_mla_keeps_its_latent_up_projections_in_16_bits():
+    _, w8 = _ops("w8a8", 2048, model="deepseek-v2-lite")
+    _, w16 = _ops("bf16", 2048, model="deepseek-v2-lite")
+    assert w8["kv_b_proj"].kernels == w16["kv_b_proj"].kernels
+    assert w8["kv_b_proj"].time_s == pytest.approx(w16["kv_b_proj"].time_s)
+
+
+def test_expert_parallel_dispatch_sends_int8_and_spares_the_experts_first_quantisation():
+    hw, m = load_hardware("ascend-910b3"), load_model("qwen3-30b-a3b")
+    from npusim.specs import ep_shard
+
+    shard = ep_shard(m, 2, 2)  # two data-parallel ranks of one device, experts over both
+    w8 = {o.name: o for o in CostModel(hw, shard, weight_dtype="w8a8", ep=2).ops(prefill_chunks=[(512, 0)])}
+    w16 = {o.name: o for o in CostModel(hw, shard, weight_dtype="bf16", ep=2).ops(prefill_chunks=[(512, 0)])}
+    L = m.num_layers
+    assert w8["all_to_all_dispatch"].bytes == pytest.approx(w16["all_to_all_dispatch"].bytes / 2)
+    assert w8["all_to_all_combine"].bytes == pytest.approx(w16["all_to_all_combine"].bytes)  # (back in 16 bits)
+    assert w8["gate_up_proj"].kernels == w16["gate_up_proj"].kernels  # quantised by the dispatch
+    assert w8["down_proj"].kernels == w16["down_proj"].kernels + L
 
 
 def test_w8a8_weights_take_the_memory_of_int8_ones():
@@ -53,9 +74,17 @@ def test_w8a8_weights_take_the_memory_of_int8_ones():
     assert m.weight_bytes("w8a8") == m.weight_bytes("int8") < 0.55 * m.weight_bytes("bf16")
 
 
-def test_w8a8_on_a_gpu_uses_its_int8_tensor_cores():
-    cm = CostModel(load_hardware("h200"), load_model("llama-3.1-8b"), weight_dtype="w8a8", engine="vllm")
-    assert cm._peak == pytest.approx(load_hardware("h200").matmul_tflops_int8 * 1e12)
+def test_w8a8_on_a_gpu_without_int8_rows_is_priced_by_its_fp8_gemms_at_the_same_peak():
+    # the H200's int8 and FP8 tensor cores share one peak (1979), and its FP8 GEMMs were timed:
+    # int8 GEMMs of the same bytes cost what those do, not the bf16 table carried to that peak
+    hw = load_hardware("h200")
+    assert hw.matmul_tflops_int8 == hw.matmul_tflops_fp8
+    m = load_model("llama-3.1-8b")
+    w8, f8 = CostModel(hw, m, weight_dtype="w8a8"), CostModel(hw, m, weight_dtype="fp8")
+    for rows in (1, 64, 4096):
+        a = w8.gemm(rows, 4096, 6144, 1.0, quantise_input=False).time_s
+        b = f8.gemm(rows, 4096, 6144, 1.0, quantise_input=False).time_s
+        assert a == pytest.approx(b), rows
 
 
 def test_the_flag_is_taken_and_a_wrong_one_refused():
