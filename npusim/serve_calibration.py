@@ -132,9 +132,13 @@ def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProf
     from scipy.optimize import least_squares
 
     names = ["host_per_iteration_ms", "host_per_sequence_us"]
-    if base.execution != "graph" or base.max_capture_tokens is not None:
-        # eager steps: every one of an eager engine's, and a vLLM graph engine's steps above its
-        # capture size or with prefill (launched eagerly or piecewise, as its cudagraph_mode says)
+    mode = engine.cudagraph_mode or base.graph_mode
+    if base.execution != "graph" or (base.max_capture_tokens is not None
+                                     and mode in ("none", "piecewise", "full_decode_only")):
+        # launches the benchmarks can tell apart: every step of an eager engine's, and a vLLM
+        # graph engine's when it launches decode or every step with prefill without its graph
+        # (its default full_and_piecewise runs only the long prefill steps eagerly, behind their
+        # kernels, so the fit would guess; the profile's value stays)
         names.append("dispatch_per_kernel_us")
     mapping = profile_mapping(base)
     # start from the base profile's values, or a typical magnitude where it says 0 (a zero start

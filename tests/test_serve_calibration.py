@@ -24,14 +24,17 @@ def _bench_files(tmp_path, host_ms, seq_us):
     truth.write_text(yaml.safe_dump(d))
     rng = np.random.default_rng(1)
     files = []
-    for i, (rate, n) in enumerate(((3.0, 30), (10.0, 30), (float("inf"), 24))):
+    # batches of a few, about a dozen and two dozen sequences: any two files tell the per-iteration
+    # cost from the per-sequence one (at one batch size the two are one number)
+    for i, (rate, n, conc) in enumerate(((float("inf"), 30, 3), (float("inf"), 30, 12), (float("inf"), 24, None))):
         ins, outs = rng.integers(64, 1200, n).tolist(), rng.integers(8, 160, n).tolist()
         sc = Scenario(hw="h200", model="llama-3.2-1b", engine={"profile": str(truth)},
-                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=n))
+                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=n,
+                                            max_concurrency=conc))
         r = run_scenario(sc)
         out = {k: r[k] for k in KEYS}
         out.update(input_lens=ins, output_lens=outs, request_rate="inf" if rate == float("inf") else rate,
-                   burstiness=1.0, max_concurrency=None)
+                   burstiness=1.0, max_concurrency=conc)
         f = tmp_path / f"bench{i}.json"
         f.write_text(json.dumps(out))
         files.append(f)
