@@ -368,6 +368,27 @@ def statistics_median(xs):
     return statistics.median(xs)
 
 
+def test_bench_linear_int8_times_int8_operands_and_counts_its_bytes(cpu):
+    torch, dev, plan = cpu
+    row = calibrate.bench_linear(torch, dev, 32, 96, 64, "int8", plan, ["x:o"])
+    assert row["dtype"] == "int8" and "_int_mm" in row["op"]
+    assert row["flops"] == 2.0 * 32 * 96 * 64
+    assert row["bytes"] == 32 * 64 + 96 * 64 + 32 * 96 * 4  # int8 operands, int32 out
+    assert row["seconds"] > 0
+
+
+def test_committed_h200_int8_sweep_is_sane():
+    for path in _committed("h200-2026-12-03-calibrate-int8.json"):
+        m = load_measurements(path)
+        assert m["device"]["kind"] == "cuda" and "H200" in m["device"]["name"]
+        sweep = m["gemm_sweep"]
+        assert {g["dtype"] for g in sweep} == {"int8"}
+        for g in sweep:
+            assert g["flops"] == 2.0 * g["m"] * g["n"] * g["k"]
+            assert 0 < g["tflops"] < 1979.0, g  # the H200's dense int8 peak (TOPS)
+            assert g["bytes"] / g["seconds"] / 1e9 < H200_PEAK_GBS * 1.05, g
+
+
 def test_bandwidth_counts_bytes(cpu):
     torch, dev, plan = cpu
     r = calibrate.bench_read_bandwidth(torch, dev, "fp32", 2**20 + 3, plan)
