@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import run_cli
 from npusim.costmodel import Batch, CostModel, instance_setup
@@ -242,3 +244,40 @@ def test_calibrate_serve_fits_the_launches_of_a_server_run_eagerly_and_writes_it
     assert fitted["dispatch_per_kernel_us"] > 10.0
     profile = load_engine_profile(str(tmp_path / "fitted.yaml"))
     assert profile.graph_mode == "none"  # the server's mode, written with its launches
+
+
+# --------------------------------------------------------------------------- invariants
+
+_MODELS = {name: CostModel(load_hardware("h200"), load_model(name), engine="vllm") for name in ("llama-3.2-1b",)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(mode=st.sampled_from(["full_and_piecewise", "full_decode_only", "full", "piecewise", "none"]),
+       capture=st.integers(1, 1024), decodes=st.integers(0, 600),
+       chunks=st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 4000)), max_size=3),
+       context=st.integers(1, 4000))
+def test_a_step_never_holds_the_device_for_less_than_its_kernels_and_its_launch(mode, capture, decodes, chunks,
+                                                                              context):
+    base = _MODELS["llama-3.2-1b"]
+    cm = CostModel(base.hw, base.model, engine="vllm", graph_mode=mode, capture_tokens=capture)
+    if not (decodes or chunks):
+        return
+    b = Batch(num_decodes=decodes, decode_context_tokens=decodes * context,
+              decode_kv_slots=decodes * (-(-context // 16) * 16), prefill_chunks=list(chunks))
+    device = cm.step_time(decodes, b.decode_context_tokens, b.decode_kv_slots, b.prefill_chunks)
+    host, held, _, _ = cm.price(b)
+    launch = cm.launch_mode(b.num_tokens, bool(chunks))
+    assert held >= device + min(cm.dispatch_s, cm.graph_launch_s) - 1e-15
+    assert host == pytest.approx(cm.host_overhead_s + cm.host_per_sequence_s * (decodes + len(chunks)))
+    if launch == "graph":
+        assert held == pytest.approx(device + cm.graph_launch_s)
+        assert b.num_tokens <= capture and mode != "none"
+    else:
+        kernels = cm.kernels_per_iteration(bool(decodes), bool(chunks))
+        assert held <= max(device + cm.graph_launch_s + cm.dispatch_s,
+                           kernels * max(cm.dispatch_s, cm.graph_launch_s) * 2)  # (never more than launching all)
+        if launch == "eager":
+            assert held >= kernels * cm.dispatch_s - 1e-15
+    # the same step, launched the way the engine's own mode says, agrees with host_times
+    assert (host, held) == pytest.approx(cm.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks),
+                                                       b.num_tokens))
