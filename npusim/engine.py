@@ -129,6 +129,7 @@ class InstanceRecord:
     timeline: MemoryTimeline = field(default_factory=MemoryTimeline)
     busy_s: float = 0.0  # device time of its iterations, swaps included
     host_bound_iterations: int = 0  # iterations whose host share exceeded their kernels' time
+    launches: dict = field(default_factory=dict)  # iterations by how they were launched (graph, piecewise, eager)
     swap_s: float = 0.0
     completed: int = 0
     first_token_span: tuple[float, float] = (math.inf, -math.inf)  # earliest, latest first token
@@ -241,6 +242,11 @@ class Instance:
                     yield env.timeout(device_s + swap_s)
             self.finish_iteration(batch, device_s, swap_s, host_bound)
 
+    def launch_of(self, batch) -> str:
+        """How this instance's engine launched `batch` (graph, piecewise or eager)."""
+        cost = self.cost
+        return "graph" if cost._graph else cost.launch_mode(batch.num_tokens, bool(batch.prefill_chunks))
+
     def next_batch(self):
         """The scheduler's next batch, or None when a request waits that an empty pool cannot
         admit (then rejected; capacity_problem() normally rejects such requests at arrival)."""
@@ -254,9 +260,12 @@ class Instance:
             sched.check(batch)
         return batch
 
-    def finish_iteration(self, batch, device_s: float, swap_s: float, host_bound: bool) -> None:
+    def finish_iteration(self, batch, device_s: float, swap_s: float, host_bound: bool,
+                         launch: str | None = None) -> None:
         rec, sched = self.record, self.sched
         rec.host_bound_iterations += host_bound
+        launch = launch or self.launch_of(batch)
+        rec.launches[launch] = rec.launches.get(launch, 0) + 1
         rec.busy_s += device_s + swap_s
         rec.swap_s += swap_s
         now = self.env.now
@@ -446,7 +455,7 @@ class Simulation:
                     continue
                 host_s, device_s, swap_s, host_bound = p
                 # waiting for the slowest rank keeps this one's device in the step
-                i.finish_iteration(b, step - host_s - swap_s, swap_s, host_bound)
+                i.finish_iteration(b, step - host_s - swap_s, swap_s, host_bound, mode)
 
     def _arrivals(self, specs: Iterable[RequestSpec]):
         env = self.env

@@ -405,6 +405,10 @@ def summarize(record: RunRecord, sc: Scenario) -> dict[str, Any]:
         # for) exceeded the kernels' own time, and the rest
         "host_bound_iteration_fraction": (sum(i.host_bound_iterations for i in insts)
                                           / max(1, sum(i.stats.iterations for i in insts))),
+        # how the engine launched its iterations: one captured graph, piecewise graphs, or eagerly
+        # (vLLM's graph modes: steps with prefill or above the capture size leave the graph)
+        "iterations_by_launch": {mode: sum(i.launches.get(mode, 0) for i in insts)
+                                 for mode in ("graph", "piecewise", "eager")},
         "energy": {
             "joules": joules,
             "tokens_per_joule": n_out / joules if joules > 0 else None,

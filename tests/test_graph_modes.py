@@ -281,3 +281,23 @@ def test_a_step_never_holds_the_device_for_less_than_its_kernels_and_its_launch(
     # the same step, launched the way the engine's own mode says, agrees with host_times
     assert (host, held) == pytest.approx(cm.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks),
                                                        b.num_tokens))
+
+
+def test_simulate_counts_its_iterations_by_how_they_were_launched():
+    args = ["simulate", "--hw", "h200", "--model", "llama-3.2-1b", "--requests", "20", "--input-len", "300",
+            "--output-len", "16", "--rate", "inf", "--json"]
+    runs = {}
+    for name, extra in (("default", []), ("capture2", ["--max-cudagraph-capture-size", "2"]),
+                        ("eager", ["--engine", "vllm-eager"]), ("whole", ["--engine", "torch-graph"]),
+                        ("piecewise", ["--cudagraph-mode", "piecewise", "--max-num-batched-tokens", "256", "--max-num-seqs", "64"])):
+        rc, out, err = run_cli(*args, *extra)
+        assert rc == 0, err
+        d = json.loads(out)
+        launches = d["iterations_by_launch"]
+        assert sum(launches.values()) == sum(p["iterations"] for p in d["per_instance"]), name
+        runs[name] = launches
+    assert runs["default"]["eager"] >= 1 and runs["default"]["graph"] > runs["default"]["eager"]  # (the 6000-token prefill)
+    assert runs["capture2"]["graph"] == 0  # 20 decodes a step: never within a capture of 2
+    assert runs["eager"] == {"graph": 0, "piecewise": 0, "eager": sum(runs["eager"].values())}
+    assert runs["whole"]["eager"] == runs["whole"]["piecewise"] == 0
+    assert runs["piecewise"]["piecewise"] > 0 and runs["piecewise"]["graph"] == 0
