@@ -133,9 +133,9 @@ class CostModel:
                            or (weight_dtype == "fp8" and hw.matmul_tflops_fp8 is not None))
         # the quantisation kernels' fixed cost and streaming rate where the engine measured them
         # (else a kernel's least time and the device's streaming rate)
-        e0 = self.engine
-        self._quant_fixed = {False: e0.act_quant_fixed_us, True: e0.act_quant_moe_fixed_us}
-        self._quant_bw = e0.act_quant_gbs * 1e9 if e0.act_quant_gbs is not None else None
+        e = self.engine
+        self._quant_fixed = {False: e.act_quant_fixed_us, True: e.act_quant_moe_fixed_us}
+        self._quant_bw = e.act_quant_gbs * 1e9 if e.act_quant_gbs is not None else None
         self._peak = hw.matmul_tflops(compute_dtype) * 1e12  # a linear layer's
         self._peak16 = hw.matmul_tflops(act16) * 1e12  # attention's, and what the tables were measured at
         self.mm_rate = self._peak * hw.matmul_efficiency
@@ -813,6 +813,11 @@ class CostModel:
             n += self.model.num_layers * (self.kernels["attention_prefill"] + (self.kernels["kv_b_proj"] if mla else 0))
         return n
 
+    def graphed(self, batch: Batch) -> bool:
+        """Whether `batch` is the common case of one captured graph (launch_mode's "graph" for a
+        whole-graph engine or a captured decode-only step), without working out the mode."""
+        return self._graph or (not batch.prefill_chunks and batch.num_decodes <= self._decode_graph_tokens)
+
     def launch_mode(self, tokens: int, has_prefill: bool) -> str:
         """How the engine launches a step of `tokens` tokens: "graph" (one captured graph),
         "piecewise" (captured pieces between eagerly launched attention) or "eager". vLLM's rule:
@@ -877,7 +882,7 @@ class CostModel:
         kernels = self.stage_times(decodes, batch.decode_context_tokens, batch.decode_kv_slots, chunks,
                                    batch.num_sampled)
         L = self.model.num_layers
-        mode = self.launch_mode(decodes + sum(n for n, _ in chunks), bool(chunks))
+        mode = self.launch_mode(batch.num_tokens, bool(chunks))
         held = [self._held(t, bool(decodes), bool(chunks), (moe + dense) / L, mode)
                 for t, (moe, dense) in zip(kernels, self.stages)]
         busy = sum(kernels)
@@ -900,16 +905,12 @@ class CostModel:
             device = self.step_time(decodes, batch.decode_context_tokens, batch.decode_kv_slots,
                                     chunks, batch.num_sampled, all_tokens)
             kernels_s = device
-            if mode is None and (self._graph or (not chunks and decodes <= self._decode_graph_tokens)):
-                # the common case, one captured graph, inlined: host_times(...) says the same
-                host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
-                device += self.graph_launch_s
-            elif mode is None:
-                host, device = self.host_times(decodes + len(chunks), device, bool(decodes), bool(chunks),
-                                               decodes + sum(n for n, _ in chunks))
+            host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
+            if mode is None and self.graphed(batch):
+                device += self.graph_launch_s  # (the common case, inlined: _held says the same)
             else:
-                host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
-                device = self._held(device, bool(decodes), bool(chunks), 1.0, mode)
+                device = self._held(device, bool(decodes), bool(chunks), 1.0,
+                                    mode or self.launch_mode(batch.num_tokens, bool(chunks)))
             host_bound = host + device - kernels_s > kernels_s
         else:
             host, host_bound = self.host_overhead_s, True

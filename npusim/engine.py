@@ -245,7 +245,7 @@ class Instance:
     def launch_of(self, batch) -> str:
         """How this instance's engine launched `batch` (graph, piecewise or eager)."""
         cost = self.cost
-        return "graph" if cost._graph else cost.launch_mode(batch.num_tokens, bool(batch.prefill_chunks))
+        return "graph" if cost.graphed(batch) else cost.launch_mode(batch.num_tokens, bool(batch.prefill_chunks))
 
     def next_batch(self):
         """The scheduler's next batch, or None when a request waits that an empty pool cannot
