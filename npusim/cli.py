@@ -171,6 +171,8 @@ def step(
                           f"but {plan.num_blocks} fit: lower --batch or --{'context' if phase == 'decode' else 'prompt'}")
     tokens = batch if phase == "decode" else batch * prompt
     launch = cm.launch_mode(tokens, phase == "prefill")  # (a graph engine may run this step eagerly)
+    # host time refreshing a replayed graph's attention tasks (it overlaps the replay)
+    update_s = cm.graph_update_s if launch == "graph" else 0.0
     if as_json:
         _print_json({
             "hw": h.name, "model": m.name, "phase": phase, "batch": batch,
@@ -180,7 +182,7 @@ def step(
             "execution": profile.execution, "launch": launch,
             "step_ms": step_s * 1e3, "device_ms": step_s * 1e3,
             "host_ms": (iteration_s - step_s) * 1e3, "iteration_ms": iteration_s * 1e3,
-            "kernels": kernels, "tokens_per_s": tokens / iteration_s,
+            "kernels": kernels, "tokens_per_s": tokens / iteration_s, "graph_update_ms": update_s * 1e3,
             "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_ms": o.time_s * 1e3,
                      "bound": o.bound, "kernels": o.kernels} for o in ops],
             # per device: every device of a tensor-parallel instance holds and runs the same share
@@ -200,6 +202,10 @@ def step(
     console.print(f"device: [bold]{step_s * 1e3:.3f} ms[/] in {kernels} kernels   host: "
                   f"{(iteration_s - step_s) * 1e3:.3f} ms   iteration: {iteration_s * 1e3:.3f} ms   "
                   f"throughput: {tokens / iteration_s:,.1f} tokens/s")
+    if update_s:
+        bound = "host-bound: the device waits for it" if update_s > step_s else "hidden behind the replay"
+        console.print(f"graph refresh: {update_s * 1e3:.3f} ms on the host ({m.num_layers} attention layers x "
+                      f"{profile.graph_update_per_layer_us:g} us), overlapping the replay: {bound}")
     if ep > 1:
         ranks = f"{ep // tp} data-parallel ranks of {tp} device(s), each with a batch like this one, in lock step; " \
             if ep > tp else ""

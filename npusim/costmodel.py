@@ -189,6 +189,8 @@ class CostModel:
         self.host_per_sequence_s = e.host_per_sequence_us * 1e-6
         self.dispatch_s = e.dispatch_per_kernel_us * 1e-6
         self.graph_launch_s = e.graph_launch_us * 1e-6
+        # a whole-graph step's host refresh of every layer's attention task, overlapping the replay
+        self.graph_update_s = (e.graph_update_per_layer_us or 0.0) * 1e-6 * model.num_layers
         # Which steps run from captured graphs (vLLM's cudagraph_mode; "none": every step eager),
         # and the largest captured step in tokens (None: no limit). Default: the profile's mode,
         # captured up to its max_capture_tokens.
@@ -859,7 +861,10 @@ class CostModel:
         each stage's worker launches its own kernels)."""
         mode = mode or self.engine.execution
         if mode == "graph":
-            return self.graph_launch_s + device_s
+            # the replay runs while the host refreshes each layer's attention task (layer i's
+            # attention waits for the i-th refresh): the longer of the two
+            u = share * self.graph_update_s
+            return self.graph_launch_s + (device_s if device_s > u else u)
         # launched one by one, the kernels run as they come: the device waits for the first launch,
         # then for whichever is slower, the launches or the kernels
         if mode == "eager":
@@ -907,7 +912,8 @@ class CostModel:
             kernels_s = device
             host = self.host_overhead_s + self.host_per_sequence_s * (decodes + len(chunks))
             if mode is None and self.graphed(batch):
-                device += self.graph_launch_s  # (the common case, inlined: _held says the same)
+                # (the common case, inlined: _held says the same)
+                device = self.graph_launch_s + (device if device > self.graph_update_s else self.graph_update_s)
             else:
                 device = self._held(device, bool(decodes), bool(chunks), 1.0,
                                     mode or self.launch_mode(batch.num_tokens, bool(chunks)))

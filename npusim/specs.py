@@ -489,6 +489,12 @@ class EngineProfile(BaseModel):
     host_per_sequence_us: float = Field(ge=0, description="sampling, detokenisation, output processing per sequence")
     dispatch_per_kernel_us: float = Field(ge=0, description="CPU time to launch one kernel eagerly")
     graph_launch_us: float = Field(ge=0, description="CPU time to replay one captured graph")
+    # CPU time per attention layer to refresh a replayed whole graph's captured attention task with
+    # this step's sequence lengths (vllm-ascend: the tiling of its attention ops is computed on the
+    # host, so every full-graph step re-issues each layer's task into the graph). It runs while
+    # the graph replays; each layer's attention waits for its own refresh. 0: none (CUDA graphs
+    # read the lengths from device memory).
+    graph_update_per_layer_us: float | None = Field(default=None, ge=0)
     # Which steps a graph engine replays from captured graphs (vLLM's cudagraph_mode): "full", every
     # step one graph; "full_and_piecewise" (vLLM's default), decode-only steps one graph and other
     # steps piecewise (captured pieces between eagerly launched attention); "full_decode_only",
@@ -579,7 +585,7 @@ SCHEDULER_DEFAULTS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_util
 LARGE_MEMORY_DEFAULTS = ("large_memory_gib", "large_memory_max_num_seqs", "large_memory_max_num_batched_tokens")
 
 ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
-                        "dispatch_per_kernel_us", "graph_launch_us", "max_capture_tokens", "capture_tokens_per_seq",
+                        "dispatch_per_kernel_us", "graph_launch_us", "graph_update_per_layer_us", "max_capture_tokens", "capture_tokens_per_seq",
                         "act_quant_fixed_us", "act_quant_moe_fixed_us", "act_quant_gbs")
 
 
@@ -865,6 +871,9 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "qwen3-8b": dict(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=12288, vocab_size=151936, qk_norm=True,
                      max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-8B"),
+    "qwen3-4b": dict(num_layers=36, hidden_size=2560, num_heads=32, num_kv_heads=8, head_dim=128,
+                     intermediate_size=9728, vocab_size=151936, qk_norm=True, tie_word_embeddings=True,
+                     max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-4B"),
     # Mixture of experts: every layer routes each token to experts_per_token of num_experts.
     "qwen3-30b-a3b": dict(num_layers=48, hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128,
                           intermediate_size=6144, vocab_size=151936, qk_norm=True, num_experts=128,

@@ -301,3 +301,61 @@ def test_simulate_counts_its_iterations_by_how_they_were_launched():
     assert runs["eager"] == {"graph": 0, "piecewise": 0, "eager": sum(runs["eager"].values())}
     assert runs["whole"]["eager"] == runs["whole"]["piecewise"] == 0
     assert runs["piecewise"]["piecewise"] > 0 and runs["piecewise"]["graph"] == 0
+
+
+# --- vllm-ascend's host refresh of each layer's attention task before a whole graph replays
+
+def _ascend(mode="full_decode_only", model="qwen2.5-0.5b", **kw):
+    return CostModel(load_hardware("ascend-910b3"), load_model(model), engine="vllm-ascend-graph",
+                     graph_mode=mode, capture_tokens=512, **kw)
+
+
+def test_a_replayed_graph_is_held_for_the_longer_of_its_kernels_and_the_hosts_refresh_of_each_layer():
+    cm = _ascend()
+    u = cm.engine.graph_update_per_layer_us * 1e-6
+    assert cm.graph_update_s == pytest.approx(u * cm.model.num_layers) and u > 0
+    for n, context in ((1, 64), (256, 8000)):  # a tiny step the refresh outlasts, a long one it does not
+        b = Batch(num_decodes=n, decode_context_tokens=n * context, decode_kv_slots=n * (-(-context // 128) * 128))
+        device = cm.step_time(n, b.decode_context_tokens, b.decode_kv_slots)
+        host, held, _, host_bound = cm.price(b)
+        assert held == pytest.approx(cm.graph_launch_s + max(device, cm.graph_update_s))
+        assert (host, held) == pytest.approx(cm.host_times(n, device, True, False, n))
+        assert host_bound == (host + held - device > device)
+    small = Batch(num_decodes=1, decode_context_tokens=64, decode_kv_slots=128)
+    assert cm.step_time(1, 64, 128) < cm.graph_update_s  # (the premise: the small step waits for the host)
+    assert cm.price(small)[1] == pytest.approx(cm.graph_launch_s + cm.graph_update_s)
+
+
+def test_only_whole_graph_steps_pay_the_refresh():
+    cm = _ascend("full_and_piecewise")
+    mixed = Batch(num_decodes=1, decode_context_tokens=64, decode_kv_slots=128, prefill_chunks=[(32, 0)])
+    device = cm.step_time(1, 64, 128, [(32, 0)])
+    L = cm.model.num_layers
+    attention = L * (cm.kernels["attention_decode"] + cm.kernels["attention_prefill"])
+    # piecewise: attention runs eagerly between the captured pieces, nothing captured to refresh
+    assert cm.price(mixed)[1] == pytest.approx(
+        max(device + cm.graph_launch_s, (L + 1) * cm.graph_launch_s + attention * cm.dispatch_s))
+    # engines whose graphs read the lengths from device memory refresh nothing
+    assert _cm().graph_update_s == 0.0
+
+
+def test_each_pipeline_stage_refreshes_its_own_layers():
+    cm = _ascend(model="qwen3-8b", pp=2)
+    b = Batch(num_decodes=1, decode_context_tokens=64, decode_kv_slots=128)
+    stages = cm.stage_times(1, 64, 128)
+    L = cm.model.num_layers
+    held = cm.price_stages(b)[1]
+    for t, h, (moe, dense) in zip(stages, held, cm.stages):
+        assert h == pytest.approx(cm.graph_launch_s + max(t, (moe + dense) / L * cm.graph_update_s))
+
+
+def test_step_reports_the_refresh_and_whether_the_device_waits_for_it():
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["launch"] == "graph" and got["graph_update_ms"] == pytest.approx(24 * 0.184)
+    # host-bound: the iteration is the refresh, the scheduler's host work and the launch
+    assert got["iteration_ms"] >= got["graph_update_ms"] + 2.0 > got["device_ms"] + 2.0
+    rc, out, _ = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--phase", "prefill",
+                         "--prompt", "256", "--json")
+    assert json.loads(out)["graph_update_ms"] == 0.0
