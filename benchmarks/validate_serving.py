@@ -4,8 +4,8 @@
 
 For every case (see serving_cases.yaml: source, server, workload, what the source does not say)
 it simulates the same workload against the same server and prints predicted vs measured duration,
-mean TTFT, mean TPOT and output throughput (tokens/s), with the engine profile used, then the median absolute error per metric.
-No case was used for fitting.
+mean TTFT, mean TPOT and output throughput (tokens/s), with the engine profile used, then the median absolute error per metric,
+over all cases and per device family (GPU, Ascend). No case was used for fitting.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     cases = yaml.safe_load(Path(args.cases).read_text())["cases"]
     errors: dict[str, list[float]] = {m: [] for m in METRICS}
+    # (the same per device family: GPU and Ascend runs apart)
+    by_family: dict[tuple[str, str], list[float]] = {}
     print(f"{'case':50s} {'hw / engine':32s} {'metric':13s} {'predicted':>10s} {'measured':>10s} {'error':>8s}")
     for case in cases:
         got = predict(case)
@@ -47,6 +49,8 @@ def main() -> None:
             want, have = case["measured"][m], got[m]
             err = (have - want) / want
             errors[m].append(abs(err))
+            family = "Ascend" if case["hw"].startswith("ascend") else "GPU"
+            by_family.setdefault((family, m), []).append(abs(err))
             print(f"{case['name']:50s} {where:32s} {m:13s} {have:10.2f} {want:10.2f} {err:+8.1%}")
         print(f"{'':50s} host-bound iterations predicted: {got['host_bound_iteration_fraction']:.0%}")
         print(f"{'':50s} assumed: {' '.join(str(case.get('assumed', 'nothing')).split())}")
@@ -54,6 +58,10 @@ def main() -> None:
     for m, e in errors.items():
         if e:
             print(f"{m:13s} median |error| {statistics.median(e):6.1%} over {len(e)} case(s), max {max(e):6.1%}")
+    print()
+    for (family, m), e in sorted(by_family.items()):
+        print(f"{family:6s} {m:17s} median |error| {statistics.median(e):6.1%} over {len(e)} case(s), "
+              f"max {max(e):6.1%}")
 
 
 if __name__ == "__main__":

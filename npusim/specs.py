@@ -874,6 +874,9 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "qwen3-4b": dict(num_layers=36, hidden_size=2560, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=9728, vocab_size=151936, qk_norm=True, tie_word_embeddings=True,
                      max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-4B"),
+    "qwen3-14b": dict(num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=8, head_dim=128,
+                      intermediate_size=17408, vocab_size=151936, qk_norm=True,
+                      max_position_embeddings=40960, source=_HF + "Qwen/Qwen3-14B"),
     # Mixture of experts: every layer routes each token to experts_per_token of num_experts.
     "qwen3-30b-a3b": dict(num_layers=48, hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128,
                           intermediate_size=6144, vocab_size=151936, qk_norm=True, num_experts=128,
