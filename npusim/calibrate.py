@@ -1281,9 +1281,15 @@ def profile_mapping(hw) -> dict[str, Any]:
 
     data: dict[str, Any] = {}
     for field in type(hw).model_fields:
-        if field == "provenance":
+        if field in ("provenance", "transfer_from"):  # (transfer_from: filled in on loading)
             continue
         value = getattr(hw, field)
+        if field == "calibration_transfer":
+            if value is not None:
+                data[field] = value.model_dump(by_alias=True)
+            continue
+        if field == "calibration_files" and hw.calibration_transfer is not None:
+            continue  # (the other device's, named by calibration_transfer)
         if field in NUMBER_FIELDS:
             if field not in hw.provenance:  # an optional number the profile leaves out
                 continue

@@ -234,10 +234,69 @@ class DeviceTables:
 
 SECTIONS = ("gemm_sweep", "decode_attention", "prefill_attention", "kernel_chain", "moe_grouped_gemm")
 
+# a transfer: the source device's and this device's (memory GB/s, bf16, fp8, int8 TFLOP/s) and the
+# source's least kernel time in seconds
+Transfer = tuple[tuple[float, float, float, float], tuple[float, float, float, float], float]
+
+
+def _carried(t: float, flops: float, nbytes: float, tr: Transfer, peak: int = 1) -> float:
+    """A time measured on the source carried to this device: its least kernel time as it was (the
+    same die launches alike), the rest scaled by the ratio of the two datasheet rooflines of this
+    work (`peak`: 1 bf16, 2 fp8, 3 int8 units)."""
+    (bw0, *f0), (bw1, *f1), fixed = tr
+    roof0 = max(flops / (f0[peak - 1] * 1e12), nbytes / (bw0 * 1e9))
+    roof1 = max(flops / (f1[peak - 1] * 1e12), nbytes / (bw1 * 1e9))
+    f = min(t, fixed)
+    return f + (t - f) * roof1 / roof0
+
+
+def transfer_rows(merged: dict[str, list], tr: Transfer) -> dict[str, list]:
+    """Every measured time of another device's tables carried to this one (see _carried): GEMMs by
+    their flops and the bytes of their operands; decode attention by the KV it reads; prefill
+    attention by its flops; grouped expert GEMMs by the experts' weights they read and their flops.
+    Small-kernel chains are left as measured (launch-bound: the same die)."""
+    out = dict(merged)
+    rows = []
+    for r in merged["gemm_sweep"]:
+        if "seconds" not in r:
+            rows.append(r)
+            continue
+        m, n, k, dt = r["m"], r["n"], r["k"], r.get("dtype", "bf16")
+        wb = 2.0 if dt == "bf16" else 1.0
+        nbytes = n * k * wb + m * k * wb + m * n * 2.0
+        rows.append({**r, "seconds": _carried(r["seconds"], 2.0 * m * n * k, nbytes, tr,
+                                              {"bf16": 1, "fp8": 2, "int8": 3}.get(dt, 1))})
+    out["gemm_sweep"] = rows
+    rows = []
+    for r in merged["decode_attention"]:
+        if "seconds" not in r:
+            rows.append(r)
+            continue
+        tokens = r["batch"] * r["context"]
+        nbytes = tokens * r["kv_heads"] * r["head_dim"] * 2 * 2.0  # K and V, 16-bit
+        flops = 4.0 * tokens * r["heads"] * r["head_dim"]
+        rows.append({**r, "seconds": _carried(r["seconds"], flops, nbytes, tr)})
+    out["decode_attention"] = rows
+    out["prefill_attention"] = [{**r, "seconds": _carried(r["seconds"], r["flops"], 0.0, tr)}
+                                if "seconds" in r else r for r in merged["prefill_attention"]]
+    rows = []
+    for r in merged["moe_grouped_gemm"]:
+        e, top, h, x, tok = r["experts"], r["top_k"], r["hidden"], r["expert_size"], r["tokens"]
+        touched = min(e, tok * top)
+        new = dict(r)
+        for key, (nn, kk) in (("gate_up_seconds", (2 * x, h)), ("down_seconds", (h, x))):
+            if key in r:
+                nbytes = touched * nn * kk * 2.0 + tok * top * (nn + kk) * 2.0
+                new[key] = _carried(r[key], 2.0 * tok * top * nn * kk, nbytes, tr)
+        rows.append(new)
+    out["moe_grouped_gemm"] = rows
+    return out
+
 
 @lru_cache(maxsize=16)
-def load_tables(paths: tuple[str, ...]) -> DeviceTables:
-    """The tables of one or more calibration files of one device, their rows merged."""
+def load_tables(paths: tuple[str, ...], transfer: Transfer | None = None) -> DeviceTables:
+    """The tables of one or more calibration files of one device, their rows merged; with
+    `transfer`, another device's, carried to this one (transfer_rows)."""
     merged: dict[str, list] = {k: [] for k in SECTIONS}
     for path in paths:
         p = Path(path)
@@ -247,7 +306,25 @@ def load_tables(paths: tuple[str, ...]) -> DeviceTables:
         check_measured_times(p, data)
         for k in SECTIONS:
             merged[k] += data.get(k, [])
+    if transfer is not None:
+        try:
+            merged = transfer_rows(merged, transfer)
+        except (KeyError, TypeError) as e:
+            raise NpusimError(f"{', '.join(paths)}: malformed calibration table ({e!r})") from None
     return DeviceTables(merged, ", ".join(paths))
+
+
+def transfer_of(hw) -> Transfer | None:
+    """The transfer a hardware profile's tables need (None: its own measurements)."""
+    src = hw.transfer_from
+    if src is None:
+        return None
+    def peaks(d):
+        return (d["memory_bandwidth_gbs"], d["matmul_tflops_bf16"], d["matmul_tflops_fp8"], d["matmul_tflops_int8"])
+    this = {"memory_bandwidth_gbs": hw.memory_bandwidth_gbs, "matmul_tflops_bf16": hw.matmul_tflops_bf16,
+            "matmul_tflops_fp8": hw.matmul_tflops_fp8 or hw.matmul_tflops_bf16,
+            "matmul_tflops_int8": hw.matmul_tflops_int8}
+    return peaks(src), peaks(this), src["kernel_latency_us"] * 1e-6
 
 
 def check_measured_times(p, data: dict) -> None:

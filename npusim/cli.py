@@ -770,6 +770,13 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
                   + (f"what its {h.ai_cores} cores pull, below the {h.memory_bandwidth_gbs:g} GB/s HBM"
                      if pull < h.memory_bandwidth_gbs else "its HBM bandwidth")
                   + f"); kernels reach {h.memory_efficiency:g} of it: {h.streaming_gbs * h.memory_efficiency:.0f} GB/s")
+    if h.calibration_transfer is not None:
+        console.print(f"kernel tables: {h.calibration_transfer.from_profile}'s measurements carried to this device "
+                      f"(derived: {h.calibration_transfer.source})")
+    elif h.calibration_files:
+        console.print(f"kernel tables: measured, {len(h.calibration_files)} calibration file(s)")
+    else:
+        console.print("kernel tables: none (the datasheet roofline with the efficiencies above)")
 
 
 @engine_app.command("list")
@@ -897,8 +904,10 @@ def calibrate_fit(
         from pathlib import Path
         rel = os.path.relpath(Path(measurements).resolve(), Path(out).resolve().parent)
         mapping["calibration_files"] = [rel]
+        mapping.pop("calibration_transfer", None)  # this machine's own tables, not another's carried
     else:
         mapping.pop("calibration_files", None)  # the base device's tables were not this machine's
+        mapping.pop("calibration_transfer", None)
     path = write_profile(mapping, out)
     _print_fitted(h, mapping)
     for note in fit_notes(h, meas):

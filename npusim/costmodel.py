@@ -17,7 +17,7 @@ from npusim.errors import NpusimError
 from npusim.specs import (DTYPE_BYTES, KV_DTYPES, LAYER_OPS, MODEL_OP_KERNELS, STEP_OPS, WEIGHT_DTYPES, EngineConfig, ep_shard,
                           EngineProfile, HardwareSpec, ModelSpec, ceil_div, dtype_bytes, gib,
                           load_engine_profile, pp_stage_weight_bytes, pp_stages, resolve_engine, tp_shard)
-from npusim.calibration import load_tables
+from npusim.calibration import load_tables, transfer_of
 
 ACT_BYTES = 2.0  # activations in bf16/fp16
 LOGIT_BYTES = 4.0  # logits are upcast to fp32 for sampling
@@ -155,7 +155,7 @@ class CostModel:
         self._flash_rate = (self._peak16 * hw.flash_attention_efficiency
                             if hw.flash_attention_efficiency is not None else None)
         # measured kernel times of this device, when its profile was calibrated
-        self.tables = load_tables(tuple(hw.calibration_files)) if hw.calibration_files else None
+        self.tables = load_tables(tuple(hw.calibration_files), transfer_of(hw)) if hw.calibration_files else None
         # FP8 weights on a device with FP8 matrix units and its FP8 GEMMs timed
         self._quant_table = (self.tables.gemm_fp8 if self.tables is not None and weight_dtype == "fp8"
                            and hw.matmul_tflops_fp8 is not None else None)

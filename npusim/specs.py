@@ -156,6 +156,14 @@ class Provenance(BaseModel):
     source: str = Field(min_length=3)
 
 
+class CalibrationTransfer(BaseModel):
+    """Where a device's measured tables come from when it was not measured itself."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_profile: str = Field(alias="from", min_length=1)
+    kind: Literal["derived"] = "derived"
+    source: str = Field(min_length=3)
+
+
 class BlockSizeRule(BaseModel):
     """Which KV page sizes (tokens) the device's paged-attention kernels accept."""
 
@@ -258,10 +266,19 @@ class HardwareSpec(BaseModel):
     # measured kernel times (`npusim calibrate run`) the cost model interpolates; relative paths
     # are relative to the profile's folder. None: the datasheet roofline with its efficiencies.
     calibration_files: list[str] = Field(default_factory=list)
+    # Another device's measured tables carried here (a device of the same die, not measured itself):
+    # each measured kernel's time beyond its least time scaled by the two devices' datasheet
+    # rooflines for that kernel (npusim.calibration.transfer_rows).
+    calibration_transfer: CalibrationTransfer | None = None
+    # filled in on loading: the source device's peaks the transfer divides by
+    transfer_from: dict[str, float] | None = None
     provenance: dict[str, Provenance]
 
     @model_validator(mode="after")
     def _check(self) -> "HardwareSpec":
+        if self.calibration_transfer is not None and self.calibration_files and self.transfer_from is None:
+            raise ValueError("calibration_files and calibration_transfer exclude each other: a device's own "
+                             "measurements or another's carried over")
         if self.idle_w >= self.tdp_w:
             raise ValueError(f"idle_w ({self.idle_w}) must be below tdp_w ({self.tdp_w})")
         missing = [f for f in NUMBER_FIELDS if f not in self.provenance
@@ -308,6 +325,7 @@ class HardwareSpec(BaseModel):
         return self.model_copy(update={
             "name": f"{self.name}[{cores}c]",
             "calibration_files": [],  # measured on the whole device: a partition has its roofline
+            "calibration_transfer": None, "transfer_from": None,
             "ai_cores": cores,
             "vector_cores": max(1, round(self.vector_cores * f)),
             "matmul_tflops_fp16": self.matmul_tflops_fp16 * f,
@@ -352,6 +370,8 @@ def hardware_from_mapping(data: dict[str, Any], where: str) -> HardwareSpec:
     if "ai_cores" not in data and {"kernels", "execution"} <= set(data):
         raise NpusimError(f"{where} is an engine profile, not a hardware profile (give it to --engine)")
     _no_given_provenance(data, where)
+    if "transfer_from" in data:
+        raise NpusimError(f"{where}: transfer_from is filled in from calibration_transfer's profile; do not give it")
     flat: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for key, val in data.items():
@@ -414,6 +434,18 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
 @_cached
 def _load_hardware_file(path: Path) -> HardwareSpec:
     hw = hardware_from_mapping(load_mapping(path), str(path))
+    t = hw.calibration_transfer
+    if t is not None:
+        src = load_hardware(t.from_profile)
+        if not src.calibration_files:
+            raise NpusimError(f"{path}: calibration_transfer: {t.from_profile} has no calibration_files to carry")
+        if src.calibration_transfer is not None:
+            raise NpusimError(f"{path}: calibration_transfer: {t.from_profile}'s tables are carried from "
+                              f"another device themselves: name the measured one")
+        peaks = {"memory_bandwidth_gbs": src.memory_bandwidth_gbs, "matmul_tflops_bf16": src.matmul_tflops_bf16,
+                 "matmul_tflops_fp8": src.matmul_tflops_fp8 or src.matmul_tflops_bf16,
+                 "matmul_tflops_int8": src.matmul_tflops_int8, "kernel_latency_us": src.kernel_latency_us}
+        return hw.model_copy(update={"calibration_files": list(src.calibration_files), "transfer_from": peaks})
     files = []
     for name in hw.calibration_files:
         cal = Path(name)

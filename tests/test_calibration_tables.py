@@ -289,3 +289,64 @@ def test_calibrate_engine_checks_the_batch_against_the_traced_shapes(tmp_path):
     plain, _ = _trace(tmp_path / "plain" if (tmp_path / "plain").mkdir() is None else tmp_path)
     _, report = calibrate_engine(plain, model, load_engine_profile("vllm"), name="m", batch=16, context=2048)
     assert not report["batch_checked"]
+
+
+# --------------------------------------------------------------------------- tables carried between devices
+
+def test_a_carried_time_keeps_its_least_time_and_scales_the_rest_by_the_rooflines():
+    from npusim.calibration import _carried
+    tr = ((4800.0, 989.0, 1979.0, 1979.0), (3350.0, 989.0, 1979.0, 1979.0), 1e-6)
+    # bandwidth-bound (1 GB, no flops): the part beyond the least time by 4800 / 3350
+    assert _carried(250e-6, 0.0, 1e9, tr) == pytest.approx(1e-6 + 249e-6 * 4800 / 3350)
+    # compute-bound at the same peak: as measured; a launch-bound kernel: as measured
+    assert _carried(2e-3, 1e15, 1e6, tr) == pytest.approx(2e-3)
+    assert _carried(0.8e-6, 0.0, 1e3, tr) == 0.8e-6
+    # the same device: every time as measured
+    same = (tr[0], tr[0], 1e-6)
+    assert _carried(250e-6, 1e9, 1e9, same) == pytest.approx(250e-6)
+
+
+def test_the_h100_prices_with_the_h200s_tables_carried_to_its_bandwidth():
+    h100, h200 = load_hardware("h100-sxm"), load_hardware("h200")
+    assert h100.calibration_files == h200.calibration_files and h100.transfer_from is not None
+    assert h100.provenance and h100.calibration_transfer.kind == "derived"
+    m = load_model("llama-3.1-8b")
+    a, b = CostModel(h100, m, engine="torch-graph"), CostModel(h200, m, engine="torch-graph")
+    assert a.tables is not None and a.tables is not b.tables
+    # a decode GEMM streams its weights: about the HBM ratio slower; a large prefill GEMM: the same die
+    ratio = a.gemm(1, 4096, 14336).time_s / b.gemm(1, 4096, 14336).time_s
+    assert 1.3 < ratio <= 4800 / 3350 + 1e-9
+    assert a.gemm(8192, 4096, 14336).time_s == pytest.approx(b.gemm(8192, 4096, 14336).time_s, rel=0.02)
+    # the whole decode step likewise, never more than the bandwidth ratio slower
+    s100, s200 = (c.step_time(8, 8 * 2048, 8 * 2048) for c in (a, b))
+    assert 1.25 < s100 / s200 <= 4800 / 3350 + 1e-9
+    # a partition of it has its own roofline, no tables
+    assert CostModel(h100.partition(66, 0.5), m, engine="torch-graph").tables is None
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"calibration_files": ["measurements/h200-2026-12-02-calibrate.json"]}, "exclude each other"),
+    ({"calibration_transfer": {"from": "ascend-910b3", "source": "no tables there"}}, "no calibration_files"),
+    ({"calibration_transfer": {"from": "h200"}}, "source"),
+    ({"calibration_transfer": {"from": "h200", "kind": "assumed", "source": "x y z"}}, "kind"),
+    ({"transfer_from": {"memory_bandwidth_gbs": 1.0}}, "do not give it"),
+])
+def test_a_bad_calibration_transfer_is_refused_in_one_line(tmp_path, edit, needle):
+    data = yaml.safe_load((HW_PROFILE_DIR / "h100-sxm.yaml").read_text())
+    data.update(edit)
+    (tmp_path / "measurements").symlink_to(HW_PROFILE_DIR / "measurements")
+    path = tmp_path / "hw.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc, _, err = run_cli("step", "--hw", str(path), "--model", "llama-3.2-1b")
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_transfer_from_a_carried_profile_is_refused(tmp_path):
+    data = yaml.safe_load((HW_PROFILE_DIR / "h100-sxm.yaml").read_text())
+    data["name"] = "h100-copy"
+    (tmp_path / "h100-copy.yaml").write_text(yaml.safe_dump(data))
+    twice = dict(data, name="twice", calibration_transfer={"from": str(tmp_path / "h100-copy.yaml"),
+                                                           "source": "carried twice"})
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(twice))
+    rc, _, err = run_cli("step", "--hw", str(tmp_path / "twice.yaml"), "--model", "llama-3.2-1b")
+    assert rc == 2 and "name the measured one" in err, err
