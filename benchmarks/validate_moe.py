@@ -31,7 +31,7 @@ def main() -> None:
     data = json.loads(MEAS.read_text())
     rows = data["moe_grouped_gemm"]
     h200 = load_hardware("h200")
-    roofline_hw = h200.model_copy(update={"calibration_files": []})
+    roofline_hw = h200.without_tables()
     models = sorted({r["model"] for r in rows})
     errors: dict[tuple[str, str], list[float]] = {}
     print(f"{MEAS.name}: {data['device']}, torch {data['torch']}, {len(rows)} token counts x 2 ops")

@@ -25,7 +25,7 @@ from pathlib import Path
 from scipy.optimize import isotonic_regression
 
 from npusim.errors import NpusimError
-from npusim.specs import read_json_file
+from npusim.specs import DTYPE_BYTES, read_json_file
 
 
 def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
@@ -235,25 +235,30 @@ class DeviceTables:
 SECTIONS = ("gemm_sweep", "decode_attention", "prefill_attention", "kernel_chain", "moe_grouped_gemm")
 
 # a transfer: the source device's and this device's (memory GB/s, bf16, fp8, int8 TFLOP/s) and the
-# source's least kernel time in seconds
+# share of its memory bandwidth the source's kernels reach
 Transfer = tuple[tuple[float, float, float, float], tuple[float, float, float, float], float]
+_PEAK = {"bf16": 1, "fp16": 1, "fp8": 2, "int8": 3}
 
 
 def _carried(t: float, flops: float, nbytes: float, tr: Transfer, peak: int = 1) -> float:
-    """A time measured on the source carried to this device: its least kernel time as it was (the
-    same die launches alike), the rest scaled by the ratio of the two datasheet rooflines of this
-    work (`peak`: 1 bf16, 2 fp8, 3 int8 units)."""
-    (bw0, *f0), (bw1, *f1), fixed = tr
+    """A time measured on the source carried to this device: what the kernel took beyond its
+    datasheet roofline (launch, tails, its share of the peak it did not reach) stays as measured,
+    and the roofline's own change is added at the rate the source's kernels stream memory
+    (`peak`: 1 bf16, 2 fp8, 3 int8 units). The same die computes alike, so a compute-bound kernel
+    keeps its time; a bandwidth-bound one grows by the bytes over the slower memory."""
+    (bw0, *f0), (bw1, *f1), mem_eff = tr
     roof0 = max(flops / (f0[peak - 1] * 1e12), nbytes / (bw0 * 1e9))
     roof1 = max(flops / (f1[peak - 1] * 1e12), nbytes / (bw1 * 1e9))
-    f = min(t, fixed)
-    return f + (t - f) * roof1 / roof0
+    if roof0 <= 0.0:
+        return t  # (no work to scale: a launch)
+    return max(t + (roof1 - roof0) / mem_eff, t * min(1.0, roof1 / roof0))
 
 
 def transfer_rows(merged: dict[str, list], tr: Transfer) -> dict[str, list]:
     """Every measured time of another device's tables carried to this one (see _carried): GEMMs by
-    their flops and the bytes of their operands; decode attention by the KV it reads; prefill
-    attention by its flops; grouped expert GEMMs by the experts' weights they read and their flops.
+    their flops and the bytes of their operands; decode attention by the KV it reads (the row's
+    own count where it has one: an MLA kernel reads one latent) and its flops; prefill attention
+    by its flops and KV; grouped expert GEMMs by the experts' weights they read and their flops.
     Small-kernel chains are left as measured (launch-bound: the same die)."""
     out = dict(merged)
     rows = []
@@ -262,10 +267,10 @@ def transfer_rows(merged: dict[str, list], tr: Transfer) -> dict[str, list]:
             rows.append(r)
             continue
         m, n, k, dt = r["m"], r["n"], r["k"], r.get("dtype", "bf16")
-        wb = 2.0 if dt == "bf16" else 1.0
-        nbytes = n * k * wb + m * k * wb + m * n * 2.0
-        rows.append({**r, "seconds": _carried(r["seconds"], 2.0 * m * n * k, nbytes, tr,
-                                              {"bf16": 1, "fp8": 2, "int8": 3}.get(dt, 1))})
+        ab = DTYPE_BYTES.get(dt, 2.0)
+        out_bytes = 4.0 if dt == "int8" else 2.0  # (torch._int_mm writes int32; the others 16-bit)
+        nbytes = (n * k + m * k) * ab + m * n * out_bytes
+        rows.append({**r, "seconds": _carried(r["seconds"], 2.0 * m * n * k, nbytes, tr, _PEAK.get(dt, 1))})
     out["gemm_sweep"] = rows
     rows = []
     for r in merged["decode_attention"]:
@@ -273,16 +278,20 @@ def transfer_rows(merged: dict[str, list], tr: Transfer) -> dict[str, list]:
             rows.append(r)
             continue
         tokens = r["batch"] * r["context"]
-        nbytes = tokens * r["kv_heads"] * r["head_dim"] * 2 * 2.0  # K and V, 16-bit
-        flops = 4.0 * tokens * r["heads"] * r["head_dim"]
+        nbytes = r.get("kv_bytes") or tokens * r["kv_heads"] * r["head_dim"] * 2 * 2.0  # K and V, 16-bit
+        if str(r.get("impl", "")).startswith("mla"):
+            # absorbed MLA: each head scores the latent and RoPE key (head_dim) and sums the latent
+            flops = 2.0 * tokens * r["heads"] * (r["head_dim"] + r.get("kv_lora_rank", 512))
+        else:
+            flops = 4.0 * tokens * r["heads"] * r["head_dim"]
         rows.append({**r, "seconds": _carried(r["seconds"], flops, nbytes, tr)})
     out["decode_attention"] = rows
-    out["prefill_attention"] = [{**r, "seconds": _carried(r["seconds"], r["flops"], 0.0, tr)}
+    out["prefill_attention"] = [{**r, "seconds": _carried(r["seconds"], r["flops"], r.get("kv_bytes", 0.0), tr)}
                                 if "seconds" in r else r for r in merged["prefill_attention"]]
     rows = []
     for r in merged["moe_grouped_gemm"]:
         e, top, h, x, tok = r["experts"], r["top_k"], r["hidden"], r["expert_size"], r["tokens"]
-        touched = min(e, tok * top)
+        touched = r.get("active_experts", min(e, tok * top))
         new = dict(r)
         for key, (nn, kk) in (("gate_up_seconds", (2 * x, h)), ("down_seconds", (h, x))):
             if key in r:
@@ -309,22 +318,19 @@ def load_tables(paths: tuple[str, ...], transfer: Transfer | None = None) -> Dev
     if transfer is not None:
         try:
             merged = transfer_rows(merged, transfer)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ZeroDivisionError) as e:
             raise NpusimError(f"{', '.join(paths)}: malformed calibration table ({e!r})") from None
     return DeviceTables(merged, ", ".join(paths))
 
 
 def transfer_of(hw) -> Transfer | None:
-    """The transfer a hardware profile's tables need (None: its own measurements)."""
+    """The transfer a hardware profile's tables need (None: its own measurements, or none)."""
     src = hw.transfer_from
     if src is None:
         return None
-    def peaks(d):
-        return (d["memory_bandwidth_gbs"], d["matmul_tflops_bf16"], d["matmul_tflops_fp8"], d["matmul_tflops_int8"])
-    this = {"memory_bandwidth_gbs": hw.memory_bandwidth_gbs, "matmul_tflops_bf16": hw.matmul_tflops_bf16,
-            "matmul_tflops_fp8": hw.matmul_tflops_fp8 or hw.matmul_tflops_bf16,
-            "matmul_tflops_int8": hw.matmul_tflops_int8}
-    return peaks(src), peaks(this), src["kernel_latency_us"] * 1e-6
+    keys = ("memory_bandwidth_gbs", "matmul_tflops_bf16", "matmul_tflops_fp8", "matmul_tflops_int8")
+    this = hw.peaks()
+    return tuple(src[k] for k in keys), tuple(this[k] for k in keys), src["memory_efficiency"]
 
 
 def check_measured_times(p, data: dict) -> None:

@@ -755,7 +755,7 @@ def hw_show(name: str = typer.Argument(..., help="profile name or path"),
     """One profile, every number with its kind and source."""
     h = load_hardware(name)
     if as_json:
-        _print_json({**h.model_dump(), "streaming_gbs": h.streaming_gbs})
+        _print_json({**h.model_dump(by_alias=True), "streaming_gbs": h.streaming_gbs})
         return
     from npusim.text import hardware_rows
 
@@ -907,11 +907,16 @@ def calibrate_fit(
         mapping.pop("calibration_transfer", None)  # this machine's own tables, not another's carried
     else:
         mapping.pop("calibration_files", None)  # the base device's tables were not this machine's
-        mapping.pop("calibration_transfer", None)
     path = write_profile(mapping, out)
     _print_fitted(h, mapping)
     for note in fit_notes(h, meas):
         console.print(f"- {note}")
+    if "calibration_transfer" in mapping:
+        console.print(f"- kernel tables: still {h.calibration_transfer.from_profile}'s, carried as {h.name}'s were "
+                      "(no gemm_sweep in these measurements)")
+    elif not meas.get("gemm_sweep"):
+        console.print("- kernel tables: none (no gemm_sweep in these measurements): the datasheet roofline with "
+                      "the fitted efficiencies")
     console.print(f"profile written: {path} (use it with --hw {path})")
 
 

@@ -310,6 +310,15 @@ class HardwareSpec(BaseModel):
     def memory_bytes(self) -> float:
         return self.memory_gib * 2**30
 
+    def peaks(self) -> dict[str, float]:
+        """The datasheet rooflines a carried table is scaled by (calibration.transfer_of)."""
+        return {"memory_bandwidth_gbs": self.memory_bandwidth_gbs, "matmul_tflops_bf16": self.matmul_tflops_bf16,
+                "matmul_tflops_fp8": self.matmul_tflops("fp8"), "matmul_tflops_int8": self.matmul_tflops_int8}
+
+    def without_tables(self) -> "HardwareSpec":
+        """This device priced from its datasheet roofline alone (no measured or carried tables)."""
+        return self.model_copy(update={"calibration_files": [], "calibration_transfer": None, "transfer_from": None})
+
     def partition(self, cores: int, memory_fraction: float) -> "HardwareSpec":
         """A spatial share (vNPU): `cores` AI cores, their share of compute, the bandwidth they can pull."""
         if not 0 < cores <= self.ai_cores:
@@ -324,8 +333,8 @@ class HardwareSpec(BaseModel):
         bw = min(self.memory_bandwidth_gbs * f, cores * self.per_core_bandwidth_gbs)
         return self.model_copy(update={
             "name": f"{self.name}[{cores}c]",
-            "calibration_files": [],  # measured on the whole device: a partition has its roofline
-            "calibration_transfer": None, "transfer_from": None,
+            # measured on the whole device: a partition has its roofline
+            "calibration_files": [], "calibration_transfer": None, "transfer_from": None,
             "ai_cores": cores,
             "vector_cores": max(1, round(self.vector_cores * f)),
             "matmul_tflops_fp16": self.matmul_tflops_fp16 * f,
@@ -436,16 +445,26 @@ def _load_hardware_file(path: Path) -> HardwareSpec:
     hw = hardware_from_mapping(load_mapping(path), str(path))
     t = hw.calibration_transfer
     if t is not None:
-        src = load_hardware(t.from_profile)
+        where = f"{path}: calibration_transfer.from"
+        # a name, or a path relative to this profile's folder (as calibration_files are)
+        given = Path(t.from_profile)
+        if given.suffix in (".yaml", ".yml", ".json") and not given.is_absolute():
+            given = path.parent / given
+        try:
+            src_path = _profile_path(given if given.suffix else t.from_profile, HW_PROFILE_DIR, "hardware",
+                                     known_hardware)
+            if src_path.resolve() == path.resolve() or "calibration_transfer" in load_mapping(src_path):
+                raise NpusimError(f"{t.from_profile}'s tables are carried from another device themselves "
+                                  f"(or it is this profile): name the measured one")
+            src = load_hardware(src_path)
+        except NpusimError as e:
+            raise NpusimError(f"{where}: {e}") from None
         if not src.calibration_files:
-            raise NpusimError(f"{path}: calibration_transfer: {t.from_profile} has no calibration_files to carry")
-        if src.calibration_transfer is not None:
-            raise NpusimError(f"{path}: calibration_transfer: {t.from_profile}'s tables are carried from "
-                              f"another device themselves: name the measured one")
-        peaks = {"memory_bandwidth_gbs": src.memory_bandwidth_gbs, "matmul_tflops_bf16": src.matmul_tflops_bf16,
-                 "matmul_tflops_fp8": src.matmul_tflops_fp8 or src.matmul_tflops_bf16,
-                 "matmul_tflops_int8": src.matmul_tflops_int8, "kernel_latency_us": src.kernel_latency_us}
-        return hw.model_copy(update={"calibration_files": list(src.calibration_files), "transfer_from": peaks})
+            raise NpusimError(f"{where}: {t.from_profile} has no calibration_files to carry")
+        if given.suffix:  # (a path: kept absolute, so a profile written elsewhere still finds it)
+            t = t.model_copy(update={"from_profile": str(src_path.resolve())})
+        return hw.model_copy(update={"calibration_files": list(src.calibration_files), "calibration_transfer": t,
+                                     "transfer_from": {**src.peaks(), "memory_efficiency": src.memory_efficiency}})
     files = []
     for name in hw.calibration_files:
         cal = Path(name)

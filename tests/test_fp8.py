@@ -21,8 +21,7 @@ def test_without_fp8_units_fp8_weights_cost_what_int8_weights_do():
 
 def test_fp8_tensor_cores_halve_a_compute_bound_gemm_on_the_roofline():
     """An H100 without tables: its roofline at the FP8 peak, the same efficiency as 16 bits."""
-    hw = load_hardware("h100-sxm").model_copy(update={"calibration_files": [], "calibration_transfer": None,
-                                                      "transfer_from": None})
+    hw = load_hardware("h100-sxm").without_tables()
     assert hw.matmul_tflops_fp8 == 2 * hw.matmul_tflops_bf16 + 1  # 1979 dense vs 989 (datasheet)
     b, f = CostModel(hw, M), CostModel(hw, M, weight_dtype="fp8")
     # (the GEMM kernel alone: its input quantised to FP8 before it, priced apart below)

@@ -359,3 +359,18 @@ def test_step_reports_the_refresh_and_whether_the_device_waits_for_it():
     rc, out, _ = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--phase", "prefill",
                          "--prompt", "256", "--json")
     assert json.loads(out)["graph_update_ms"] == 0.0
+
+
+def test_the_refresh_is_printed_and_paid_only_by_a_replayed_whole_graph():
+    rc, out, err = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b")
+    assert rc == 0 and "graph refresh:" in out and "host-bound: the device waits for it" in " ".join(out.split()), err
+    # beyond the capture size the decode step runs eagerly: nothing captured to refresh
+    rc, out, _ = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--batch", "4",
+                         "--max-cudagraph-capture-size", "2", "--json")
+    got = json.loads(out)
+    assert got["launch"] == "eager" and got["graph_update_ms"] == 0.0
+    # a prefill step captured whole (cudagraph_mode full) refreshes its attention too
+    rc, out, _ = run_cli("step", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--phase", "prefill",
+                         "--prompt", "128", "--cudagraph-mode", "full", "--json")
+    got = json.loads(out)
+    assert got["launch"] == "graph" and got["graph_update_ms"] == pytest.approx(24 * 0.184)

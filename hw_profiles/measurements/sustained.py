@@ -12,7 +12,7 @@ Two phases, each timed in windows of about `window_s`:
 Each window's rate comes from device events around its calls. On CUDA, `nvidia-smi` is polled in
 the background every 0.5 s (SM clock, power, temperature, throttle reasons); its samples are kept.
 
-Output JSON (schema "npusim_sustained": 1): date, device {name, torch, backend}, phases
+Output JSON (schema "npusim_sustained": 1): date, args, device {name, torch, backend}, phases
 [{name, shape, windows: [{t_s, calls, seconds, rate}]}] (rate in TFLOP/s for gemm, GB/s for read),
 and smi: [{t_s, sm_mhz, power_w, temp_c, throttle}] (empty off CUDA or without nvidia-smi).
 """
@@ -122,6 +122,8 @@ def run(dev: str, gemm_seconds: float, read_seconds: float, window_s: float, sma
         torch.npu.get_device_name() if dev == "npu" else "cpu")
     return {"schema": "npusim_sustained", "version": 1,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "args": {"gemm_seconds": gemm_seconds, "read_seconds": read_seconds, "window_s": window_s,
+                     "small": small},
             "device": {"name": name, "torch": torch.__version__, "backend": dev},
             "phases": phases, "smi": smi}
 
@@ -133,6 +135,9 @@ def summary(result: dict) -> list[str]:
     lines = []
     for p in result["phases"]:
         rates = [w["rate"] for w in p["windows"]]
+        if not rates:
+            lines.append(f"{p['name']}: no windows (a phase of 0 s)")
+            continue
         first = statistics.median(rates[:3])
         tail = statistics.median(rates[-max(1, len(rates) // 3):])
         lines.append(f"{p['name']}: first windows {first:,.1f} {p['unit']}, last third {tail:,.1f} "
