@@ -5,7 +5,8 @@
 For every case (see serving_cases.yaml: source, server, workload, what the source does not say)
 it simulates the same workload against the same server and prints predicted vs measured duration,
 mean TTFT, mean TPOT and output throughput (tokens/s), with the engine profile used, then the median absolute error per metric,
-over all cases and per device family (GPU, Ascend). No case was used for fitting.
+over all cases, per device family (GPU, Ascend) and apart for GPUStack's runs (an independent
+check). No case was used for fitting.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main() -> None:
             errors[m].append(abs(err))
             family = "Ascend" if case["hw"].startswith("ascend") else "GPU"
             by_family.setdefault((family, m), []).append(abs(err))
+            # GPUStack's runs are kept apart as an independent check (issue 10)
+            check = "GPUStack" if case["name"].startswith("gpustack-") else "other"
+            by_family.setdefault((f"{family}, {check}", m), []).append(abs(err))
             print(f"{case['name']:50s} {where:32s} {m:13s} {have:10.2f} {want:10.2f} {err:+8.1%}")
         print(f"{'':50s} host-bound iterations predicted: {got['host_bound_iteration_fraction']:.0%}")
         print(f"{'':50s} assumed: {' '.join(str(case.get('assumed', 'nothing')).split())}")
@@ -60,7 +64,7 @@ def main() -> None:
             print(f"{m:13s} median |error| {statistics.median(e):6.1%} over {len(e)} case(s), max {max(e):6.1%}")
     print()
     for (family, m), e in sorted(by_family.items()):
-        print(f"{family:6s} {m:17s} median |error| {statistics.median(e):6.1%} over {len(e)} case(s), "
+        print(f"{family:16s} {m:17s} median |error| {statistics.median(e):6.1%} over {len(e)} case(s), "
               f"max {max(e):6.1%}")
 
 
