@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import run_cli
 from npusim.calibration import ChainTable, DecodeAttentionTable, GemmTable, load_tables
@@ -436,3 +438,19 @@ def test_calibrate_fit_keeps_a_carried_table_without_a_sweep_and_drops_it_with_o
     b = load_hardware(str(tmp_path / "b.yaml"))
     assert b.calibration_transfer is None and b.transfer_from is None
     assert [Path(f).resolve() for f in b.calibration_files] == [sweep.resolve()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.floats(1e-7, 1.0), flops=st.floats(0.0, 1e16), nbytes=st.floats(0.0, 1e11),
+       bw=st.floats(100.0, 10000.0), slower=st.floats(1.0, 4.0), eff=st.floats(0.3, 1.0), peak=st.sampled_from([1, 2, 3]))
+def test_a_carried_time_is_identity_on_the_same_device_and_never_faster_on_a_slower_one(t, flops, nbytes, bw, slower,
+                                                                                        eff, peak):
+    from npusim.calibration import _carried
+    f = (989.0, 1979.0, 1979.0)
+    fast = (bw, *f)
+    assert _carried(t, flops, nbytes, (fast, fast, eff), peak) == pytest.approx(t)
+    slow = (bw / slower, *(x / slower for x in f))
+    carried = _carried(t, flops, nbytes, (fast, slow, eff), peak)
+    assert carried >= t * (1 - 1e-12)
+    # and back again onto the faster device: not below the roofline ratio of its measured time
+    assert _carried(carried, flops, nbytes, (slow, fast, eff), peak) >= carried / slower * (1 - 1e-12)
