@@ -1,0 +1,41 @@
+"""The device measurement scripts of hw_profiles/measurements on their CPU path (a dry run): what
+they write is what their docstrings say, so a run on a lent device needs no second try."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "hw_profiles" / "measurements"
+
+
+def test_allreduce_writes_its_rows_and_the_latency_and_bandwidth_they_imply(tmp_path):
+    out = tmp_path / "ar.json"
+    subprocess.run([sys.executable, str(SCRIPTS / "allreduce.py"), "--device", "cpu", "--ranks", "2",
+                    "--repeats", "2", "--max-bytes", str(32 << 10), "--port", "29731", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    d = json.loads(out.read_text())
+    assert d["schema"] == "npusim_allreduce" and d["device"]["ranks"] == 2 and d["device"]["backend"] == "gloo"
+    assert [r["bytes"] for r in d["rows"]] == [2 << 10, 8 << 10, 32 << 10]
+    for r in d["rows"]:
+        assert r["graph_us"] is None and r["eager_us"] > 0
+        # nccl-tests' bus bandwidth: bytes x 2(N-1)/N over the time
+        assert r["busbw_gbs"] == pytest.approx(r["bytes"] / (r["eager_us"] * 1e-6) / 1e9)
+    assert d["fit"]["from"] == "eager_us"
+    assert d["fit"]["latency_us"] == min(r["eager_us"] for r in d["rows"])
+
+
+def test_sustained_times_both_phases_in_windows_and_records_its_arguments(tmp_path):
+    out = tmp_path / "s.json"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "sustained.py"), "--device", "cpu", "--small",
+                          "--gemm-seconds", "1", "--read-seconds", "0.5", "--window-s", "0.2", "--out", str(out)],
+                         check=True, capture_output=True, text=True, timeout=120)
+    d = json.loads(out.read_text())
+    assert d["args"]["gemm_seconds"] == 1.0 and [p["name"] for p in d["phases"]] == ["gemm", "read"]
+    gemm = d["phases"][0]
+    m, k, n = gemm["shape"]
+    for w in gemm["windows"]:
+        assert w["rate"] == pytest.approx(2.0 * m * k * n / 1e12 * w["calls"] / w["seconds"])
+    assert d["smi"] == [] and "gemm: first windows" in run.stdout
