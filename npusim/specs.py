@@ -267,10 +267,10 @@ class HardwareSpec(BaseModel):
     # are relative to the profile's folder. None: the datasheet roofline with its efficiencies.
     calibration_files: list[str] = Field(default_factory=list)
     # Another device's measured tables carried here (a device of the same die, not measured itself):
-    # each measured kernel's time beyond its least time scaled by the two devices' datasheet
-    # rooflines for that kernel (npusim.calibration.transfer_rows).
+    # each measured kernel keeps what it took beyond its datasheet roofline and adds the change of
+    # roofline between the two devices (npusim.calibration.transfer_rows).
     calibration_transfer: CalibrationTransfer | None = None
-    # filled in on loading: the source device's peaks the transfer divides by
+    # filled in on loading: the source device's peaks and streaming efficiency the transfer uses
     transfer_from: dict[str, float] | None = None
     provenance: dict[str, Provenance]
 
