@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("torch", reason="the measurement scripts run on torch (the calibration extra)")
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "hw_profiles" / "measurements"
 
 
