@@ -76,3 +76,34 @@ def test_bad_benchmark_files_are_refused_in_one_line(tmp_path, edit, needle):
     f.write_text(json.dumps(good))
     assert_one_line_error("calibrate", ["serve", "--bench", str(f), "--hw", "h200", "--model", "llama-3.2-1b",
                                         "--out", str(tmp_path / "o.yaml")], needle)
+
+
+def test_the_fit_recovers_a_host_bound_graph_refresh_of_vllm_ascend(tmp_path):
+    """Benchmarks of a small model on an engine whose whole-graph decode waits for the host's
+    refresh of each layer's attention (vllm-ascend): the refresh a layer comes back."""
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm-ascend-graph.yaml").read_text())
+    d["graph_update_per_layer_us"]["value"] = 400.0
+    truth = tmp_path / "truth.yaml"
+    truth.write_text(yaml.safe_dump(d))
+    rng = np.random.default_rng(2)
+    files = []
+    for i, conc in enumerate((2, 8)):
+        ins, outs = rng.integers(64, 600, 16).tolist(), rng.integers(32, 128, 16).tolist()
+        sc = Scenario(hw="ascend-910b3", model="qwen2.5-0.5b", engine={"profile": str(truth)},
+                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=float("inf"), num_requests=16,
+                                            max_concurrency=conc))
+        r = run_scenario(sc)
+        out = {k: r[k] for k in KEYS}
+        out.update(input_lens=ins, output_lens=outs, request_rate="inf", burstiness=1.0, max_concurrency=conc)
+        f = tmp_path / f"bench{i}.json"
+        f.write_text(json.dumps(out))
+        files.append(f)
+    args = ["calibrate", "serve", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--engine", "vllm-ascend-graph",
+            "--out", str(tmp_path / "fitted.yaml"), "--json"]
+    for f in files:
+        args += ["--bench", str(f)]
+    rc, text, err = run_cli(*args)
+    assert rc == 0, err
+    fitted = json.loads(text)["fitted"]
+    assert fitted["graph_update_per_layer_us"] == pytest.approx(400.0, rel=0.05)
+    assert load_engine_profile(str(tmp_path / "fitted.yaml")).provenance["graph_update_per_layer_us"].kind == "calibrated"
