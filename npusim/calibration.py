@@ -248,10 +248,14 @@ def _carried(t: float, flops: float, nbytes: float, tr: Transfer, peak: int = 1)
     keeps its time; a bandwidth-bound one grows by the bytes over the slower memory."""
     (bw0, *f0), (bw1, *f1), mem_eff = tr
     roof0 = max(flops / (f0[peak - 1] * 1e12), nbytes / (bw0 * 1e9))
-    roof1 = max(flops / (f1[peak - 1] * 1e12), nbytes / (bw1 * 1e9))
+    c1, m1 = flops / (f1[peak - 1] * 1e12), nbytes / (bw1 * 1e9)
+    roof1 = max(c1, m1)
     if roof0 <= 0.0:
         return t  # (no work to scale: a launch)
-    return max(t + (roof1 - roof0) / mem_eff, t * min(1.0, roof1 / roof0))
+    # the change at the rate the binding resource is used: memory at the source's streaming share,
+    # compute at the share of the peak this kernel reached (roof0 / t)
+    eff = mem_eff if m1 >= c1 else min(1.0, roof0 / t)
+    return max(t + (roof1 - roof0) / eff, t * min(1.0, roof1 / roof0))
 
 
 def transfer_rows(merged: dict[str, list], tr: Transfer) -> dict[str, list]:

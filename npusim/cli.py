@@ -904,7 +904,9 @@ def calibrate_fit(
         from pathlib import Path
         rel = os.path.relpath(Path(measurements).resolve(), Path(out).resolve().parent)
         mapping["calibration_files"] = [rel]
-        mapping.pop("calibration_transfer", None)  # this machine's own tables, not another's carried
+        if mapping.pop("calibration_transfer", None) is not None:  # this machine's own tables, not another's
+            console.print(f"- kernel tables: this run's gemm_sweep; {h.calibration_transfer.from_profile}'s carried "
+                          "tables (attention, expert GEMMs, FP8/int8 GEMMs among them) are no longer used")
     else:
         mapping.pop("calibration_files", None)  # the base device's tables were not this machine's
     path = write_profile(mapping, out)

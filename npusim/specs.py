@@ -448,10 +448,11 @@ def _load_hardware_file(path: Path) -> HardwareSpec:
         where = f"{path}: calibration_transfer.from"
         # a name, or a path relative to this profile's folder (as calibration_files are)
         given = Path(t.from_profile)
-        if given.suffix in (".yaml", ".yml", ".json") and not given.is_absolute():
+        is_path = given.suffix in (".yaml", ".yml", ".json") or "/" in t.from_profile
+        if is_path and not given.is_absolute():
             given = path.parent / given
         try:
-            src_path = _profile_path(given if given.suffix else t.from_profile, HW_PROFILE_DIR, "hardware",
+            src_path = _profile_path(given if is_path else t.from_profile, HW_PROFILE_DIR, "hardware",
                                      known_hardware)
             if src_path.resolve() == path.resolve() or "calibration_transfer" in load_mapping(src_path):
                 raise NpusimError(f"{t.from_profile}'s tables are carried from another device themselves "
@@ -461,7 +462,7 @@ def _load_hardware_file(path: Path) -> HardwareSpec:
             raise NpusimError(f"{where}: {e}") from None
         if not src.calibration_files:
             raise NpusimError(f"{where}: {t.from_profile} has no calibration_files to carry")
-        if given.suffix:  # (a path: kept absolute, so a profile written elsewhere still finds it)
+        if is_path:  # (kept absolute, so a profile written elsewhere still finds it)
             t = t.model_copy(update={"from_profile": str(src_path.resolve())})
         return hw.model_copy(update={"calibration_files": list(src.calibration_files), "calibration_transfer": t,
                                      "transfer_from": {**src.peaks(), "memory_efficiency": src.memory_efficiency}})

@@ -454,3 +454,23 @@ def test_a_carried_time_is_identity_on_the_same_device_and_never_faster_on_a_slo
     assert carried >= t * (1 - 1e-12)
     # and back again onto the faster device: not below the roofline ratio of its measured time
     assert _carried(carried, flops, nbytes, (slow, fast, eff), peak) >= carried / slower * (1 - 1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(t_over=st.floats(1.0, 5.0), nbytes=st.floats(1e6, 1e10), intensity=st.floats(0.0, 2000.0),
+       eff=st.floats(0.5, 1.0))
+def test_a_bandwidth_only_change_slows_memory_bound_kernels_by_their_bytes_and_leaves_compute_bound_ones(
+        t_over, nbytes, intensity, eff):
+    """The H100 from the H200: the same FLOPS, slower HBM."""
+    from npusim.calibration import _carried
+    src, dst = (4800.0, 989.0, 1979.0, 1979.0), (3350.0, 989.0, 1979.0, 1979.0)
+    flops = intensity * nbytes
+    c, m0, m1 = flops / 989e12, nbytes / 4800e9, nbytes / 3350e9
+    t = max(c, m0) * t_over  # measured: its roofline and what it took beyond
+    got = _carried(t, flops, nbytes, (src, dst, eff))
+    if c >= m1:  # compute-bound on both: as measured
+        assert got == pytest.approx(t)
+    elif m0 >= c:  # memory-bound on both: the extra bytes at the source's streaming rate
+        assert got == pytest.approx(t + (m1 - m0) / eff)
+    else:  # bound by compute on the source, by memory here: in between
+        assert t <= got <= t + (m1 - c) / eff + 1e-15

@@ -15,18 +15,21 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "hw_profiles" / "measurements"
 
 def test_allreduce_writes_its_rows_and_the_latency_and_bandwidth_they_imply(tmp_path):
     out = tmp_path / "ar.json"
-    subprocess.run([sys.executable, str(SCRIPTS / "allreduce.py"), "--device", "cpu", "--ranks", "2",
+    subprocess.run([sys.executable, str(SCRIPTS / "allreduce.py"), "--device", "cpu", "--ranks", "3",
                     "--repeats", "2", "--max-bytes", str(32 << 10), "--port", "29731", "--out", str(out)],
                    check=True, capture_output=True, timeout=120)
     d = json.loads(out.read_text())
-    assert d["schema"] == "npusim_allreduce" and d["device"]["ranks"] == 2 and d["device"]["backend"] == "gloo"
+    assert d["schema"] == "npusim_allreduce" and d["device"]["ranks"] == 3 and d["device"]["backend"] == "gloo"
     assert [r["bytes"] for r in d["rows"]] == [2 << 10, 8 << 10, 32 << 10]
     for r in d["rows"]:
         assert r["graph_us"] is None and r["eager_us"] > 0
         # nccl-tests' bus bandwidth: bytes x 2(N-1)/N over the time
-        assert r["busbw_gbs"] == pytest.approx(r["bytes"] / (r["eager_us"] * 1e-6) / 1e9)
+        assert r["busbw_gbs"] == pytest.approx(r["bytes"] * 4 / 3 / (r["eager_us"] * 1e-6) / 1e9)
     assert d["fit"]["from"] == "eager_us"
     assert d["fit"]["latency_us"] == min(r["eager_us"] for r in d["rows"])
+    # npusim's link_latency_us: 2 steps through a switch, 2(N-1) = 4 round a ring of 3
+    assert d["fit"]["link_latency_us_switch"] == pytest.approx(d["fit"]["latency_us"] / 2)
+    assert d["fit"]["link_latency_us_ring"] == pytest.approx(d["fit"]["latency_us"] / 4)
 
 
 def test_sustained_times_both_phases_in_windows_and_records_its_arguments(tmp_path):

@@ -15,7 +15,8 @@ Output JSON (schema "npusim_allreduce": 1): date, device {name, torch, backend, 
 [{bytes, eager_us, graph_us, busbw_gbs}] (graph_us null off CUDA or where capture failed), and
 the line time_us = latency + bytes x 2(N-1)/N / bandwidth: the latency the least time of the
 messages up to 32 KiB, the bandwidth what the largest message moved beyond it (graph times where
-every size was captured, else eager).
+every size was captured, else eager), with the latency a step as npusim's link_latency_us counts
+it (2 steps through a switch or full mesh, 2(N-1) round a ring).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _worker(rank: int, ranks: int, dev: str, repeats: int, sizes: list[int], out
         backend, device = "gloo", torch.device("cpu")
     dist.init_process_group(backend, rank=rank, world_size=ranks)
     rows = []
+    capture = dev == "cuda"  # (until a capture fails on any rank)
     for nbytes in sizes:
         x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
 
@@ -75,8 +77,9 @@ def _worker(rank: int, ranks: int, dev: str, repeats: int, sizes: list[int], out
         dist.barrier()
         eager = statistics.median(_timed(mod, once, repeats) for _ in range(5))
         graph = None
-        if dev == "cuda":
-            graph = _graph_time(torch, dist, once, repeats)
+        if capture:
+            graph = _graph_time(torch, dist, once, repeats, device)
+            capture = graph is not None
         t = graph if graph is not None else eager
         rows.append({"bytes": nbytes, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
                      "busbw_gbs": nbytes * 2 * (ranks - 1) / ranks / t / 1e9})
@@ -85,9 +88,10 @@ def _worker(rank: int, ranks: int, dev: str, repeats: int, sizes: list[int], out
     dist.destroy_process_group()
 
 
-def _graph_time(torch, dist, once, repeats: int) -> float | None:
-    """Seconds per call of `repeats` all-reduces captured in one CUDA graph (None: capture failed,
-    the eager time stands alone)."""
+def _graph_time(torch, dist, once, repeats: int, device) -> float | None:
+    """Seconds per call of `repeats` all-reduces captured in one CUDA graph, or None where the
+    capture failed on any rank (every rank then skips the replay alike: collectives must match)."""
+    g = None
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -100,13 +104,17 @@ def _graph_time(torch, dist, once, repeats: int) -> float | None:
             for _ in range(repeats):
                 once()
         torch.cuda.synchronize()
-        dist.barrier()
-        g.replay()
-        torch.cuda.synchronize()
-        return statistics.median(_timed(torch.cuda, g.replay, 1) / repeats for _ in range(5))
     except RuntimeError as e:  # (a NCCL or driver without capture support)
         print(f"graph capture failed: {e}", flush=True)
+        g = None
+    ok = torch.tensor([1 if g is not None else 0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # (eager: every rank learns whether all captured)
+    if not int(ok.item()):
         return None
+    dist.barrier()
+    g.replay()
+    torch.cuda.synchronize()
+    return statistics.median(_timed(torch.cuda, g.replay, 1) / repeats for _ in range(5))
 
 
 def _report(rank, ranks, dev, torch, backend, repeats, rows, out) -> None:
@@ -121,7 +129,12 @@ def _report(rank, ranks, dev, torch, backend, repeats, rows, out) -> None:
         big = rows[-1]
         moved = big["bytes"] * 2 * (ranks - 1) / ranks
         rest = big[key] - latency
-        fit = {"from": key, "latency_us": latency, "bandwidth_gbs": moved / rest / 1e3 if rest > 0 else None}
+        bw = moved / rest / 1e3 if rest > 0 else None
+        # npusim prices an all-reduce as steps x link_latency_us + moved / (link_gbs x link_efficiency),
+        # in 2 steps through a switch or a full mesh and 2(N-1) round a ring: the per-step latency of
+        # either (link_efficiency is bandwidth_gbs over the profile's link_gbs)
+        fit = {"from": key, "latency_us": latency, "bandwidth_gbs": bw,
+               "link_latency_us_switch": latency / 2, "link_latency_us_ring": latency / (2 * (ranks - 1))}
         result = {"schema": "npusim_allreduce", "version": 1,
                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "device": {"name": name, "torch": torch.__version__, "backend": backend, "ranks": ranks},
@@ -132,14 +145,17 @@ def _report(rank, ranks, dev, torch, backend, repeats, rows, out) -> None:
             print(f"{r['bytes']:>11d} B  eager {r['eager_us']:9.1f} us  graph "
                   f"{'-' if r['graph_us'] is None else format(r['graph_us'], '9.1f')} us  "
                   f"bus {r['busbw_gbs']:8.1f} GB/s", flush=True)
-        print(f"fit ({key}): {fit['latency_us']:.1f} us + moved bytes / {fit['bandwidth_gbs']} GB/s", flush=True)
+        shown = "-" if bw is None else f"{bw:.1f}"
+        print(f"fit ({key}): {latency:.1f} us + moved bytes / {shown} GB/s (link_latency_us {latency / 2:.2f} "
+              f"through a switch, {latency / (2 * (ranks - 1)):.2f} round a ring)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda", choices=["cuda", "npu", "cpu"])
-    ap.add_argument("--ranks", type=int, default=None, help="processes (default: every device, 2 on the CPU)")
+    ap.add_argument("--ranks", type=int, default=None, help="processes (default: every CUDA device; 2 on an NPU "
+                                                              "or the CPU)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--max-bytes", type=int, default=SIZES[-1])
     ap.add_argument("--port", type=int, default=29517)
@@ -152,6 +168,8 @@ def main() -> None:
     if args.ranks < 2:
         raise SystemExit("allreduce.py: needs at least 2 devices (--ranks)")
     sizes = [s for s in SIZES if s <= args.max_bytes]
+    if not sizes:
+        raise SystemExit(f"allreduce.py: --max-bytes must be at least {SIZES[0]}, got {args.max_bytes}")
     mp.spawn(_worker, args=(args.ranks, args.device, args.repeats, sizes, args.out, args.port), nprocs=args.ranks)
 
 
