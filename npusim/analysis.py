@@ -122,13 +122,15 @@ def scaled_hardware(hw: HardwareSpec, cores: int, scaling: str) -> HardwareSpec:
 
 def instance_engine(*, batch: int, block_size: int, weight_dtype: str, kv_dtype: str,
                     utilization: float, profile: str | None = None, tp: int = 1, ep: int = 1,
-                    pp: int = 1) -> EngineConfig:
+                    pp: int = 1, cudagraph_mode: str | None = None,
+                    max_cudagraph_capture_size: int | None = None) -> EngineConfig:
     """The engine an analytical point assumes: vLLM's defaults, with room for `batch` sequences."""
     return _validate(EngineConfig, dict(profile=profile, block_size=block_size, max_num_seqs=max(256, batch),
                                         max_num_batched_tokens=max(8192, batch),
                                         gpu_memory_utilization=utilization, weight_dtype=weight_dtype,
                                         kv_dtype=kv_dtype, tensor_parallel_size=tp, expert_parallel_size=ep,
-                                        pipeline_parallel_size=pp),
+                                        pipeline_parallel_size=pp, cudagraph_mode=cudagraph_mode,
+                                        max_cudagraph_capture_size=max_cudagraph_capture_size),
                      "engine")
 
 
@@ -248,8 +250,9 @@ def _regime(p: dict) -> str:
 def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, instances: int,
               sharing: str, block_size: int, weight_dtype: str, kv_dtype: str,
               gpu_memory_utilization: float, include_host: bool, engine: str | None = None,
-              tp: int = 1, ep: int = 1, pp: int = 1) -> dict:
-    """Everything of a point except its comparison with the proportional law."""
+              tp: int = 1, ep: int = 1, pp: int = 1, **graph) -> dict:
+    """Everything of a point except its comparison with the proportional law. `graph`: the vLLM
+    server's cudagraph_mode and max_cudagraph_capture_size (instance_engine), where given."""
     if pp > 1 and instances > 1:
         raise NpusimError(f"--pp {pp} runs one instance over {pp} stages: --instances must be 1, got {instances}")
     if batch % pp:
@@ -257,7 +260,7 @@ def _evaluate(hw: HardwareSpec, model: ModelSpec, *, batch: int, context: int, i
                           f"flight): use a multiple of --pp {pp}")
     setup = instance_setup(hw, model, instance_engine(
         batch=batch, block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep, pp=pp), instances, sharing)
+        utilization=gpu_memory_utilization, profile=engine, tp=tp, ep=ep, pp=pp, **graph), instances, sharing)
     inst, cm = setup.hw, setup.cost
     cap = _capacity(hw, model, setup, batch=batch, context=context, instances=instances,
                     block_size=block_size, utilization=gpu_memory_utilization)
@@ -354,14 +357,14 @@ def _settings(hw: HardwareSpec, block_size: int | None, engine: str | None) -> i
 def reference_point(hw: HardwareSpec | str, model: ModelSpec | str, *, context: int,
                     block_size: int | None = None, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                     gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                    engine: str | None = None, tp: int = 1, ep: int = 1, pp: int = 1) -> Reference:
+                    engine: str | None = None, tp: int = 1, ep: int = 1, pp: int = 1, **graph) -> Reference:
     """One sequence of `context` tokens, one instance on all of `hw`'s cores (of `tp` devices);
     through pp stages, one sequence per stage (the least batch that fills the pipeline)."""
     hw, model = load_hardware(hw), load_model(model)
     p = _evaluate(hw, model, batch=pp, context=context, instances=1, sharing="time-slice",
                   block_size=_settings(hw, block_size, engine), weight_dtype=weight_dtype,
                   kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                  include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp)
+                  include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp, **graph)
     return Reference(batch=pp, cores=hw.ai_cores, tokens_per_s=p["tokens_per_s"])
 
 
@@ -370,7 +373,7 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
                      weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                      gpu_memory_utilization: float = 0.9, include_host: bool = True,
                      reference: Reference | None = None, engine: str | None = None,
-                     tp: int = 1, ep: int = 1, pp: int = 1) -> AnalyticalPoint:
+                     tp: int = 1, ep: int = 1, pp: int = 1, **graph) -> AnalyticalPoint:
     """Decode throughput, latency, bound and memory feasibility of K instances of `batch` sequences
     of `context` tokens, compared with the law "throughput ∝ B · N_core / T" normalised at
     `reference` (default: one sequence on this same hardware)."""
@@ -380,11 +383,11 @@ def analytical_point(hw: HardwareSpec | str, model: ModelSpec | str, *, batch: i
     p = _evaluate(hw, model, batch=batch, context=context, instances=instances, sharing=sharing,
                   block_size=bs, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
                   gpu_memory_utilization=gpu_memory_utilization, include_host=include_host,
-                  engine=engine, tp=tp, ep=ep, pp=pp)
+                  engine=engine, tp=tp, ep=ep, pp=pp, **graph)
     if reference is None:
         reference = reference_point(hw, model, context=context, block_size=bs, weight_dtype=weight_dtype,
                                     kv_dtype=kv_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                    include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp)
+                                    include_host=include_host, engine=engine, tp=tp, ep=ep, pp=pp, **graph)
     prop = ratio = None
     if p["feasible"] and reference.tokens_per_s:
         # time-sliced instances share the same cores; vNPUs add theirs up
@@ -404,7 +407,7 @@ def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, bat
                           sharing_modes: Sequence[str] = SHARING_MODES, block_size: int | None = None,
                           weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                           gpu_memory_utilization: float = 0.9, include_host: bool = True,
-                          engine: str | None = None) -> list[dict]:
+                          engine: str | None = None, **graph) -> list[dict]:
     """A grid of points, each with its `regime` and `core_scaling`, that shows where throughput
     ∝ B · N_core / T holds and where it breaks. Per context:
 
@@ -423,7 +426,8 @@ def proportionality_table(hw: HardwareSpec | str, model: ModelSpec | str, *, bat
     cores_list = sorted(set(cores_list))
     contexts = list(dict.fromkeys(contexts))  # the caller's order: the explanation uses the first
     kw = dict(block_size=block_size, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-              gpu_memory_utilization=gpu_memory_utilization, include_host=include_host, engine=engine)
+              gpu_memory_utilization=gpu_memory_utilization, include_host=include_host, engine=engine,
+              **graph)
     rows: list[dict] = []
 
     def add(h: HardwareSpec, scaling: str, ref: Reference, batch: int, context: int, k: int = 1,

@@ -560,6 +560,8 @@ def analyze(
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1, the --tp size, or tp x the data-parallel ranks"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices; --batch is "
                                                   "split into --pp micro-batches in flight"),
+    cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
+    max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Steady-state decode from the roofline: where "throughput ∝ B · N_core / T" holds and breaks."""
@@ -590,15 +592,20 @@ def analyze(
         raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")
     if pp > 1 and compare:
         raise NpusimError("--compare runs the simulator on one device's grid: with --pp, use simulate --pp")
+    graph = dict(cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
+                 max_cudagraph_capture_size=max_cudagraph_capture_size)
+    if compare and (cudagraph_mode or max_cudagraph_capture_size):
+        raise NpusimError("--compare runs the simulator with the engine's own graph mode: with --cudagraph-mode "
+                          "or --max-cudagraph-capture-size, use simulate")
     point = analytical_point(h, m, batch=batch, context=context, instances=instances, sharing=sharing,
-                             tp=tp, ep=ep, pp=pp, **kw)
+                             tp=tp, ep=ep, pp=pp, **kw, **graph)
     # the grid around the point: B/2, B, 2B; half and all cores; one instance vs K (2 when K is 1)
     grid_k = instances if instances > 1 else 2
     if sharing == "vnpu" and grid_k > h.ai_cores:
         grid_k = 1
     grid = proportionality_table(h, m, batches=[max(1, batch // 2), batch, 2 * batch], contexts=[context],
                                  cores_list=[max(1, h.ai_cores // 2), h.ai_cores], instances=grid_k,
-                                 sharing_modes=[sharing], **kw)
+                                 sharing_modes=[sharing], **kw, **graph)
     if not point.feasible and not any(g["feasible"] for g in grid) and tp == 1 and pp == 1:
         raise NpusimError(f"{m.name} on {h.name} does not fit at batch {batch}, context {context} nor at any "
                           f"point around it: {point.reason}")

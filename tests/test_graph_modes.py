@@ -374,3 +374,19 @@ def test_the_refresh_is_printed_and_paid_only_by_a_replayed_whole_graph():
                          "--prompt", "128", "--cudagraph-mode", "full", "--json")
     got = json.loads(out)
     assert got["launch"] == "graph" and got["graph_update_ms"] == pytest.approx(24 * 0.184)
+
+
+def test_analyze_prices_the_steady_decode_launched_as_the_graph_mode_says():
+    def tokens(*extra, cmd="analyze"):
+        rc, out, err = run_cli(cmd, "--hw", "h200", "--model", "llama-3.2-1b", "--batch", "8", "--context", "2048",
+                               *extra, "--json")
+        assert rc == 0, err
+        d = json.loads(out)
+        return d["point"]["tokens_per_s"] if cmd == "analyze" else d["tokens_per_s"]
+    graphed, eager = tokens(), tokens("--cudagraph-mode", "none")
+    # a 1B model's decode launched kernel by kernel is bound by its launches: slower
+    assert eager < 0.9 * graphed
+    assert eager == pytest.approx(tokens("--cudagraph-mode", "none", cmd="step"), rel=0.02)
+    assert tokens("--max-cudagraph-capture-size", "4") == pytest.approx(eager, rel=1e-6)  # (8 > 4: eager)
+    assert_one_line_error(run_cli("analyze", "--hw", "h200", "--model", "llama-3.2-1b", "--compare",
+                                  "--cudagraph-mode", "none"), "use simulate")
