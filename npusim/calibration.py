@@ -242,18 +242,17 @@ _PEAK = {"bf16": 1, "fp16": 1, "fp8": 2, "int8": 3}
 
 def _carried(t: float, flops: float, nbytes: float, tr: Transfer, peak: int = 1) -> float:
     """A time measured on the source carried to this device: what the kernel took beyond its
-    datasheet roofline (launch, tails, its share of the peak it did not reach) stays as measured,
-    and the roofline's own change is added at the rate the source's kernels stream memory
-    (`peak`: 1 bf16, 2 fp8, 3 int8 units). The same die computes alike, so a compute-bound kernel
-    keeps its time; a bandwidth-bound one grows by the bytes over the slower memory."""
+    datasheet roofline (launch, tails) stays as measured, and the roofline's own change is added at
+    the rate the binding resource is used: memory at the source's streaming share, compute at the
+    share of the peak this kernel reached (`peak`: 1 bf16, 2 fp8, 3 int8 units). Between devices of
+    one die and one compute peak, a compute-bound kernel keeps its time and a bandwidth-bound one
+    grows by its bytes over the slower memory; never below its time x the rooflines' ratio."""
     (bw0, *f0), (bw1, *f1), mem_eff = tr
     roof0 = max(flops / (f0[peak - 1] * 1e12), nbytes / (bw0 * 1e9))
     c1, m1 = flops / (f1[peak - 1] * 1e12), nbytes / (bw1 * 1e9)
     roof1 = max(c1, m1)
     if roof0 <= 0.0:
         return t  # (no work to scale: a launch)
-    # the change at the rate the binding resource is used: memory at the source's streaming share,
-    # compute at the share of the peak this kernel reached (roof0 / t)
     eff = mem_eff if m1 >= c1 else min(1.0, roof0 / t)
     return max(t + (roof1 - roof0) / eff, t * min(1.0, roof1 / roof0))
 

@@ -544,8 +544,8 @@ class EngineProfile(BaseModel):
     # CPU time per attention layer to refresh a replayed whole graph's captured attention task with
     # this step's sequence lengths (vllm-ascend: the tiling of its attention ops is computed on the
     # host, so every full-graph step re-issues each layer's task into the graph). It runs while
-    # the graph replays; each layer's attention waits for its own refresh. 0: none (CUDA graphs
-    # read the lengths from device memory).
+    # the graph replays; each layer's attention waits for its own refresh. None: no refresh (CUDA
+    # graphs read the lengths from device memory).
     graph_update_per_layer_us: float | None = Field(default=None, ge=0)
     # Which steps a graph engine replays from captured graphs (vLLM's cudagraph_mode): "full", every
     # step one graph; "full_and_piecewise" (vLLM's default), decode-only steps one graph and other
@@ -637,7 +637,8 @@ SCHEDULER_DEFAULTS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_util
 LARGE_MEMORY_DEFAULTS = ("large_memory_gib", "large_memory_max_num_seqs", "large_memory_max_num_batched_tokens")
 
 ENGINE_NUMBER_FIELDS = ("decode_kv_passes", "host_per_iteration_ms", "host_per_sequence_us",
-                        "dispatch_per_kernel_us", "graph_launch_us", "graph_update_per_layer_us", "max_capture_tokens", "capture_tokens_per_seq",
+                        "dispatch_per_kernel_us", "graph_launch_us", "graph_update_per_layer_us",
+                        "max_capture_tokens", "capture_tokens_per_seq",
                         "act_quant_fixed_us", "act_quant_moe_fixed_us", "act_quant_gbs")
 
 
