@@ -22,8 +22,10 @@ What was fitted, and on what (everything else is a prediction):
   h200-2026-12-02-compiled-attention.json), not a decoder step; the compiled decoder rows come from
   one process per model (h200-2026-12-02-decoder-{qwen3,1b}-compile.json, then the older file's
   llama-3.1-8b, the first model its process compiled): qwen3-8b's layers were never timed;
-- torch-eager's host dispatch per kernel: from ONE measured eager step, llama-3.1-8b decode at
-  batch 1, context 512 (host-bound: its time over its kernels), see FIT_EAGER below.
+- torch-eager's host dispatch per kernel: from ONE measured eager step, the traced shape
+  (llama-3.1-8b decode at batch 8, context 2048; host-bound: its time over its kernels,
+  `calibrate engine --step-ms`), see FIT_EAGER below. This VM's host speed drifts up to 2x within
+  a run (the same model's first rows took 26-32 ms for the same kernels): eager rows carry that.
 Rows used in fitting are marked and left out of the error statistics.
 
 Run: .venv/bin/python benchmarks/validate_steps.py [--rows]
@@ -45,7 +47,7 @@ FILES = ("h200-2026-12-02-decoder-qwen3-compile.json", "h200-2026-12-02-decoder-
          "h200-2026-12-02-decoder.json")
 ENGINES = {"graph": "torch-graph", "eager": "torch-eager", "compile_graph": "torch-compile"}
 FIT_TRACE = ("llama-3.1-8b", "decode", 8, 2048)
-FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 1, 512)
+FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 8, 2048)
 # DeepSeek-V2-Lite (MLA + MoE) in its own decoder (mla_moe_decoder.py), graph style: torch-graph's
 # kernels of the MLA and MoE ops come from its trace at this shape; its rows stay out of "all"
 MLA_FILE = "h200-2026-12-02-mla-moe-decoder.json"

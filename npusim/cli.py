@@ -939,21 +939,30 @@ def calibrate_engine_cmd(
     name: str = typer.Option(..., "--name", help="the new engine profile's name"),
     out: str = typer.Option(..., "--out", help="where to write the engine profile (.yaml)"),
     hw: Optional[str] = typer.Option(None, "--hw", help="the device traced: prints npusim's step on it with the new profile"),
+    step_ms: Optional[List[float]] = typer.Option(None, "--step-ms", help="an eager engine: the traced step's wall time in ms, measured without the profiler (repeat for repeats; needs --hw): fits the dispatch per kernel"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """An engine profile from a kernel trace of one decode step: kernels per op per layer and each op's least kernel time."""
-    from npusim.engine_calibration import calibrate_engine, write_engine_profile
+    from npusim.engine_calibration import calibrate_engine, fit_dispatch, write_engine_profile
     from npusim.specs import engine_profile_from_mapping
 
     if not out.endswith((".yaml", ".yml")):
         raise NpusimError(f"--out must name a .yaml file, got {out}")
     if not name.strip():
         raise NpusimError("--name must not be empty")
+    if step_ms is not None and hw is None:
+        raise NpusimError("--step-ms needs --hw: whether the timed step was host-bound depends on the device")
     h = load_hardware(hw) if hw is not None else None  # (refused before anything is written)
     m = load_model(model)
     mapping, report = calibrate_engine(trace, m, load_engine_profile(base), name=name, batch=batch,
                                        context=context)
     profile = engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
+    if step_ms is not None:
+        us, report["dispatch"] = fit_dispatch(CostModel(h, m, engine=profile), batch, context, step_ms,
+                                              os.path.basename(trace))
+        mapping["dispatch_per_kernel_us"] = {"value": round(us, 3), "kind": "calibrated",
+                                             "source": report["dispatch"]["source"]}
+        profile = engine_profile_from_mapping(mapping, "the calibrated profile")
     path = write_engine_profile(mapping, out)
     predicted = None
     if h is not None:
@@ -975,6 +984,8 @@ def calibrate_engine_cmd(
         floor = profile.kernel_floor_us.get(op)
         t.add_row(op, str(n), "-" if floor is None else f"{floor:.2f}")
     console.print(t)
+    if step_ms is not None:
+        console.print(f"dispatch per kernel: {profile.dispatch_per_kernel_us:.2f} us ({report['dispatch']['source']})")
     if predicted:
         console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
                       f"{predicted['iteration_ms']:.3f} ms (block 16)")

@@ -10,8 +10,9 @@ layer by layer and assigns each kernel to one of npusim's ops by where it falls 
 (the layer's four GEMM calls are its landmarks; a GEMM's split-K reduction belongs to it). It
 counts each op's kernels per layer (the median over the layers), takes each op's least kernel time
 from the durations of its small kernels (in a decode step their work is far below their fixed
-cost), and, for an eager trace, the host's dispatch time per kernel from the span of the step's
-host ops. Everything else (execution mode, host terms, page sizes) comes from a base profile.
+cost), and, for an eager engine, the host's dispatch time per kernel from the step's wall time
+measured without the profiler (fit_dispatch). Everything else (execution mode, host terms, page
+sizes) comes from a base profile.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from npusim.errors import NpusimError
 from npusim.profiler_import import KernelRecord, classify_kernel, load_kernels
-from npusim.specs import ENGINE_NUMBER_FIELDS, LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec
+from npusim.specs import ENGINE_NUMBER_FIELDS, LAYER_OPS, STEP_OPS, EngineProfile, ModelSpec, ceil_div
 
 MAX_SAMPLING_KERNELS = 64  # more after the LM head is not sampling: another step, or a backward pass
 _SMALL = ("norm", "rope", "elementwise", "activation", "kv_write", "copy", "other", "sampling")
@@ -240,6 +241,42 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
               # the profile's sources and the prediction: kernel counts and floors do not use it)
               "batch_checked": tokens is not None}
     return mapping, report
+
+
+def fit_dispatch(cm: Any, batch: int, context: int, step_ms: list[float], where: str) -> tuple[float, dict]:
+    """An eager engine's host dispatch per kernel from the measured wall time of the traced step.
+
+    Eagerly, an iteration takes host + max(device + one launch, kernels x dispatch) (CostModel.
+    host_times); a host-bound step's time over its kernels, less the host's other work, is the
+    dispatch. A step whose device time is not well below its measured time says nothing about
+    dispatch and is refused, with the numbers. `cm`: the cost model of the calibrated profile on
+    the traced device; `step_ms`: the step timed without the profiler (which slows the host), one
+    or more repeats; their median is used. Returns (dispatch us, details for the report)."""
+    if not step_ms:
+        raise NpusimError("--step-ms: give the traced step's measured time in ms")
+    bad = [t for t in step_ms if not t > 0 or t != t or t == float("inf")]
+    if bad:
+        raise NpusimError(f"--step-ms must be positive and finite milliseconds, got {bad[0]}")
+    if cm.engine.execution != "eager":
+        raise NpusimError(f"--step-ms fits the dispatch of an eagerly launched engine; the base profile "
+                          f"launches graphs (execution: {cm.engine.execution})")
+    measured = statistics.median(step_ms)
+    device_ms = cm.step_time(batch, batch * (context + 1), batch * ceil_div(context + 1, 16) * 16) * 1e3
+    host_ms = (cm.host_overhead_s + cm.host_per_sequence_s * batch) * 1e3
+    kernels = cm.kernels_per_iteration(True, False)
+    us = (measured - host_ms) * 1e3 / kernels
+    # host-bound needs kernels x dispatch > device + dispatch; ask for a clear margin (the
+    # device time is a prediction)
+    if (kernels - 1) * us < 1.5 * device_ms * 1e3:
+        raise NpusimError(f"--step-ms {measured:g} ms: the step is not clearly host-bound on {cm.hw.name} "
+                          f"(npusim's device time {device_ms:.3f} ms for {kernels} kernels): its time says "
+                          f"little about dispatch; trace and time a smaller step (batch 1-8, short context)")
+    detail = {"step_ms": measured, "repeats": len(step_ms), "device_ms": device_ms, "host_ms": host_ms,
+              "kernels": kernels,
+              "source": (f"{where}: the step timed without the profiler, {measured:g} ms (median of "
+                         f"{len(step_ms)}) on {cm.hw.name}, host-bound (npusim's device time {device_ms:.3f} ms): "
+                         f"({measured:g} - {host_ms:.3f} ms of other host work) / {kernels} kernels")}
+    return us, detail
 
 
 def write_engine_profile(mapping: dict, path: str | Path) -> Path:

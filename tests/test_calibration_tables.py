@@ -474,3 +474,37 @@ def test_a_bandwidth_only_change_slows_memory_bound_kernels_by_their_bytes_and_l
         assert got == pytest.approx(t + (m1 - m0) / eff)
     else:  # bound by compute on the source, by memory here: in between
         assert t <= got <= t + (m1 - c) / eff + 1e-15
+
+
+def test_step_ms_recovers_an_eager_engines_dispatch_and_refuses_what_says_nothing_about_it(tmp_path):
+    """calibrate engine --step-ms: a host-bound step's measured time gives the dispatch per kernel
+    back (the step priced with the written profile is the step measured); a step near its device
+    time, a graph engine, or no --hw is refused in one line."""
+    trace = HW_PROFILE_DIR / "measurements" / "traces" / "trace-llama-3.1-8b-graph-decode-b8-c2048.json.gz"
+    args = ["calibrate", "engine", "--trace", str(trace), "--model", "llama-3.1-8b", "--batch", "8",
+            "--context", "2048", "--name", "mine", "--out", str(tmp_path / "mine.yaml")]
+    m, hw = load_model("llama-3.1-8b"), load_hardware("h200")
+    rc, _, err = run_cli(*args, "--base", "torch-eager", "--json")
+    assert rc == 0, err
+    cm = CostModel(hw, m, engine=load_engine_profile(str(tmp_path / "mine.yaml")))
+    kernels = cm.kernels_per_iteration(True, False)
+    device_ms = cm.step_time(8, 8 * 2049, 8 * 2064) * 1e3
+    step = kernels * 25e-3  # 25 us a kernel: host-bound (the device takes ~8 ms)
+    assert step > 2 * device_ms
+    rc, out, err = run_cli(*args, "--base", "torch-eager", "--hw", "h200", "--json",
+                           "--step-ms", str(step * 1.02), "--step-ms", str(step), "--step-ms", str(step * 0.9))
+    assert rc == 0, err
+    assert json.loads(out)["dispatch"]["step_ms"] == pytest.approx(step)  # the median of the repeats
+    written = load_engine_profile(str(tmp_path / "mine.yaml"))
+    assert written.dispatch_per_kernel_us == pytest.approx(25.0, abs=1e-3)
+    assert written.provenance["dispatch_per_kernel_us"].kind == "calibrated"
+    cm = CostModel(hw, m, engine=written)
+    host, held = cm.host_times(8, cm.step_time(8, 8 * 2049, 8 * 2064))
+    assert (host + held) * 1e3 == pytest.approx(step, rel=1e-4)
+    for extra, words in ((["--base", "torch-eager", "--hw", "h200", "--step-ms", str(device_ms * 1.1)],
+                          "not clearly host-bound on h200"),
+                         (["--base", "torch-graph", "--hw", "h200", "--step-ms", str(step)], "launches graphs"),
+                         (["--base", "torch-eager", "--step-ms", str(step)], "--step-ms needs --hw"),
+                         (["--base", "torch-eager", "--hw", "h200", "--step-ms", "0"], "positive and finite")):
+        rc, _, err = run_cli(*args, *extra)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
