@@ -7,7 +7,9 @@ prefill, and mixed iterations (decodes plus one chunk): h200-2026-12-02-decoder-
 (graph and eager, one fresh process per model), h200-2026-12-02-decoder-{qwen3,1b}-compile.json
 (compile styles, one process each) and h200-2026-12-02-decoder.json (the rest); and
 DeepSeek-V2-Lite (MLA attention, 64 routed experts) in plain PyTorch, graph style, decode and
-prefill (mla_moe_decoder.py: h200-2026-12-02-mla-moe-decoder.json), kept out of the "all" rows.
+prefill (mla_moe_decoder.py: h200-2026-12-02-mla-moe-decoder.json), kept out of the "all" rows. The eager
+rows again in another session (h200-2026-12-04-decoder-eager.json) are reported apart, as
+"torch-eager (2026-12-04)": nothing was fitted to them.
 
 What was fitted, and on what (everything else is a prediction):
 - the device: the h200 profile's tables are microbenchmarks of single kernels (GEMMs over M,
@@ -51,6 +53,9 @@ FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 8, 2048)
 # DeepSeek-V2-Lite (MLA + MoE) in its own decoder (mla_moe_decoder.py), graph style: torch-graph's
 # kernels of the MLA and MoE ops come from its trace at this shape; its rows stay out of "all"
 MLA_FILE = "h200-2026-12-02-mla-moe-decoder.json"
+# The eager rows again in another session (2026-12-04, one process per model, nothing fitted to
+# them): how far a dispatch cost fitted in one session carries to the same VM on another day
+OTHER_SESSION = "h200-2026-12-04-decoder-eager.json"
 FIT_MLA = ("deepseek-v2-lite", "decode", 8, 2048)
 
 
@@ -69,6 +74,9 @@ def rows() -> list[dict]:
                 out.append(r)
     for r in json.loads((MEAS / MLA_FILE).read_text())["rows"]:
         out.append({"attn": "gather", "chunk": 0, "cached": 0, **r})
+    for r in json.loads((MEAS / OTHER_SESSION).read_text())["rows"]:
+        if "median_ms" in r:
+            out.append({**r, "session": "2026-12-04"})
     return out
 
 
@@ -98,7 +106,7 @@ def main() -> None:
         m = models.setdefault(r["model"], load_model(r["model"]))
         cm = CostModel(hw, m, engine=engines[r["style"]])
         pred = predict(cm, r)
-        fitted = ((r["model"], r["phase"], r["batch"], r["context"]) == FIT_TRACE
+        fitted = "session" not in r and ((r["model"], r["phase"], r["batch"], r["context"]) == FIT_TRACE
                   or (r["model"], r["style"], r["phase"], r["batch"], r["context"]) == FIT_EAGER
                   or (r["model"], r["phase"], r["batch"], r["context"]) == FIT_MLA)
         results.append(dict(r, predicted_ms=pred, error=pred / r["median_ms"] - 1, fitted=fitted))
@@ -118,14 +126,15 @@ def main() -> None:
         phase = x["phase"]
         if phase == "prefill" and x["prompt"] < 2048:
             phase = "prefill < 2k"
-        groups.setdefault(("h200", ENGINES[x["style"]], phase, x["model"]), []).append(x["error"])
+        engine = ENGINES[x["style"]] + (f" ({x['session']})" if "session" in x else "")
+        groups.setdefault(("h200", engine, phase, x["model"]), []).append(x["error"])
         if x["model"] != FIT_MLA[0]:
-            groups.setdefault(("h200", ENGINES[x["style"]], phase, "all"), []).append(x["error"])
-    print(f"{'device':<6} {'engine':<12} {'phase':<13} {'model':<13} {'rows':>4} {'median |err|':>13} "
+            groups.setdefault(("h200", engine, phase, "all"), []).append(x["error"])
+    print(f"{'device':<6} {'engine':<25} {'phase':<13} {'model':<13} {'rows':>4} {'median |err|':>13} "
           f"{'max |err|':>10} {'median err':>11}")
     for key in sorted(groups, key=lambda k: (k[1], k[2], k[3] == "all", k[3])):
         errs = groups[key]
-        print(f"{key[0]:<6} {key[1]:<12} {key[2]:<13} {key[3]:<13} {len(errs):>4} "
+        print(f"{key[0]:<6} {key[1]:<25} {key[2]:<13} {key[3]:<13} {len(errs):>4} "
               f"{statistics.median(abs(e) for e in errs):>13.1%} {max(abs(e) for e in errs):>10.1%} "
               f"{statistics.median(errs):>+11.1%}")
     print(f"\n{sum(x['fitted'] for x in results)} rows were used in fitting and are not in the table; "
