@@ -75,7 +75,7 @@ def rows() -> list[dict]:
     for r in json.loads((MEAS / MLA_FILE).read_text())["rows"]:
         out.append({"attn": "gather", "chunk": 0, "cached": 0, **r})
     for r in json.loads((MEAS / OTHER_SESSION).read_text())["rows"]:
-        if "median_ms" in r:
+        if "median_ms" in r and r["style"] in ENGINES and r.get("attn") in ("gather", "sdpa"):
             out.append({**r, "session": "2026-12-04"})
     return out
 

@@ -985,7 +985,7 @@ def calibrate_engine_cmd(
         t.add_row(op, str(n), "-" if floor is None else f"{floor:.2f}")
     console.print(t)
     if step_ms is not None:
-        console.print(f"dispatch per kernel: {profile.dispatch_per_kernel_us:.2f} us ({report['dispatch']['source']})")
+        console.print(f"dispatch per kernel: {profile.dispatch_per_kernel_us:.3f} us ({report['dispatch']['source']})")
     if predicted:
         console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
                       f"{predicted['iteration_ms']:.3f} ms (block 16)")

@@ -265,17 +265,25 @@ def fit_dispatch(cm: Any, batch: int, context: int, step_ms: list[float], where:
     host_ms = (cm.host_overhead_s + cm.host_per_sequence_s * batch) * 1e3
     kernels = cm.kernels_per_iteration(True, False)
     us = (measured - host_ms) * 1e3 / kernels
+    short = min(step_ms)
+    if short < device_ms:
+        raise NpusimError(f"--step-ms {short:g} ms is shorter than npusim's device time of that step on "
+                          f"{cm.hw.name} ({device_ms:.3f} ms): not a time of the traced step")
     # host-bound needs kernels x dispatch > device + dispatch; ask for a clear margin (the
     # device time is a prediction)
     if (kernels - 1) * us < 1.5 * device_ms * 1e3:
+        least = host_ms + 1.5 * device_ms * kernels / (kernels - 1)
         raise NpusimError(f"--step-ms {measured:g} ms: the step is not clearly host-bound on {cm.hw.name} "
-                          f"(npusim's device time {device_ms:.3f} ms for {kernels} kernels): its time says "
-                          f"little about dispatch; trace and time a smaller step (batch 1-8, short context)")
+                          f"(npusim's device time {device_ms:.3f} ms for {kernels} kernels; {least:.3f} ms or more "
+                          f"would be): its time says little about dispatch; trace and time a smaller step "
+                          f"(batch 1-8, short context)")
+    spread = "" if len(step_ms) == 1 else f", {short:.4g}-{max(step_ms):.4g} ms"
     detail = {"step_ms": measured, "repeats": len(step_ms), "device_ms": device_ms, "host_ms": host_ms,
-              "kernels": kernels,
-              "source": (f"{where}: the step timed without the profiler, {measured:g} ms (median of "
-                         f"{len(step_ms)}) on {cm.hw.name}, host-bound (npusim's device time {device_ms:.3f} ms): "
-                         f"({measured:g} - {host_ms:.3f} ms of other host work) / {kernels} kernels")}
+              "kernels": kernels, "dispatch_per_kernel_us": us,
+              "source": (f"{where}: the step timed without the profiler, {measured:.6g} ms (median of "
+                         f"{len(step_ms)}{spread}) on {cm.hw.name}, host-bound (npusim's device time "
+                         f"{device_ms:.3f} ms): ({measured:.6g} - {host_ms:.3f} ms of other host work) / "
+                         f"{kernels} kernels")}
     return us, detail
 
 

@@ -495,6 +495,7 @@ def test_step_ms_recovers_an_eager_engines_dispatch_and_refuses_what_says_nothin
                            "--step-ms", str(step * 1.02), "--step-ms", str(step), "--step-ms", str(step * 0.9))
     assert rc == 0, err
     assert json.loads(out)["dispatch"]["step_ms"] == pytest.approx(step)  # the median of the repeats
+    assert json.loads(out)["dispatch"]["dispatch_per_kernel_us"] == pytest.approx(25.0)
     written = load_engine_profile(str(tmp_path / "mine.yaml"))
     assert written.dispatch_per_kernel_us == pytest.approx(25.0, abs=1e-3)
     assert written.provenance["dispatch_per_kernel_us"].kind == "calibrated"
@@ -505,6 +506,8 @@ def test_step_ms_recovers_an_eager_engines_dispatch_and_refuses_what_says_nothin
                           "not clearly host-bound on h200"),
                          (["--base", "torch-graph", "--hw", "h200", "--step-ms", str(step)], "launches graphs"),
                          (["--base", "torch-eager", "--step-ms", str(step)], "--step-ms needs --hw"),
-                         (["--base", "torch-eager", "--hw", "h200", "--step-ms", "0"], "positive and finite")):
+                         (["--base", "torch-eager", "--hw", "h200", "--step-ms", "0"], "positive and finite"),
+                         (["--base", "torch-eager", "--hw", "h200", "--step-ms", str(step), "--step-ms",
+                           str(device_ms / 2), "--step-ms", str(step)], "shorter than npusim's device time")):
         rc, _, err = run_cli(*args, *extra)
         assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
