@@ -226,7 +226,9 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
     # slows the host several-fold, so it says little about dispatch outside the profiler.
     host = _host_span_us(path)
     mapping["name"] = name
-    mapping["description"] = f"{base.description}; kernels calibrated from {path.name}"
+    # (a base that was itself calibrated says so once: its old trace's words give way to this one's)
+    described = base.description.split("; kernels calibrated from ")[0]
+    mapping["description"] = f"{described}; kernels calibrated from {path.name}"
     mapping["kernels"] = {op: (v if "value" in v else {"value": v["base_value"], "kind": prov[f"kernels.{op}"].kind,
                                                          "source": prov[f"kernels.{op}"].source})
                           for op, v in kernels.items()}

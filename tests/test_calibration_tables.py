@@ -498,6 +498,7 @@ def test_step_ms_recovers_an_eager_engines_dispatch_and_refuses_what_says_nothin
     assert json.loads(out)["dispatch"]["dispatch_per_kernel_us"] == pytest.approx(25.0)
     written = load_engine_profile(str(tmp_path / "mine.yaml"))
     assert written.dispatch_per_kernel_us == pytest.approx(25.0, abs=1e-3)
+    assert written.description.count("kernels calibrated from") == 1  # (torch-eager was calibrated before)
     assert written.provenance["dispatch_per_kernel_us"].kind == "calibrated"
     cm = CostModel(hw, m, engine=written)
     host, held = cm.host_times(8, cm.step_time(8, 8 * 2049, 8 * 2064))
