@@ -1010,9 +1010,22 @@ def calibrate_serve(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
     cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
     max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
+    weight_dtype: Optional[str] = typer.Option(None, "--weight-dtype"),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype"),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor parallel: devices the instance spans (within a node, or whole nodes)"),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="expert parallel (MoE): whole experts over the --tp devices, or over the --dp ranks of --tp devices each (--ep = tp x dp)"),
+    pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices of its own"),
+    expert_imbalance: Optional[float] = typer.Option(None, "--expert-imbalance", min=1.0, help="MoE with --ep: the busiest expert-parallel device's routed tokens over the mean, as measured (default: uniform routing)"),
+    dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on its own device(s)"),
+    router: Optional[str] = typer.Option(None, "--router", help="round-robin | least-outstanding | prefix-aware: how requests reached the replicas"),
+    no_chunked_prefill: bool = typer.Option(False, "--no-chunked-prefill"),
+    prefix_caching: Optional[bool] = typer.Option(None, "--prefix-caching/--no-prefix-caching", help="default: the engine's (vLLM V1: on)"),
+    preemption: Optional[str] = typer.Option(None, "--preemption", help="recompute | swap"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Fit an engine profile's host terms to serving benchmarks of that engine (vllm bench serve results)."""
+    """Fit an engine profile's host terms to serving benchmarks of that engine (vllm bench serve results).
+
+    The engine flags describe the server the benchmarks ran against, as simulate takes them."""
     import tempfile
     from pathlib import Path
 
@@ -1022,16 +1035,33 @@ def calibrate_serve(
 
     if not out.endswith((".yaml", ".yml")):
         raise NpusimError(f"--out must name a .yaml file, got {out}")
+    from npusim.settings import apply_flags
+
     h = load_hardware(hw)
     load_model(model)
     base = load_engine_profile(engine or h.default_engine)
-    cfg = _engine(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
-                  max_model_len=max_model_len,
-                  cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
-                  max_cudagraph_capture_size=max_cudagraph_capture_size)
+    # the server, through simulate's own flag rules (choices, cross-field checks); its workload
+    # comes from each benchmark
+    server_flags = dict(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens,
+                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                        cudagraph_mode=cudagraph_mode, max_cudagraph_capture_size=max_cudagraph_capture_size,
+                        weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp, ep=ep, pp=pp,
+                        expert_imbalance=expert_imbalance, dp=dp, router=router,
+                        no_chunked_prefill=no_chunked_prefill or None, prefix_caching=prefix_caching,
+                        preemption=preemption)
+    def flag_text(key: str, value) -> str:
+        flag = "--" + key.replace("_", "-")
+        if key == "prefix_caching":
+            return flag if value else "--no-prefix-caching"
+        return flag if value is True else f"{flag} {value}"
+
+    described = " ".join(flag_text(k, v) for k, v in server_flags.items() if v is not None)
+    sc = apply_flags({}, {**server_flags, "hw": hw, "model": model}, "the server's flags")
+    cfg = sc.engine
+    server = {k: getattr(sc, k) for k in ("dp", "router") if k in sc.model_fields_set}
     benches = [read_bench(b) for b in bench]
-    kw = dict(hw=hw, model=model, base=base, engine=cfg)
+    kw = dict(hw=hw, model=model, base=base, engine=cfg, server=server)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fit = fit_host_terms(benches, workdir=work, **kw)
@@ -1047,7 +1077,7 @@ def calibrate_serve(
             rows.append({"file": b["path"], "held_out": len(benches) > 1,
                          **{f"{k}_error": pred[k] / b[k] - 1 for k in METRICS}})
     mapping = calibrated_mapping(base, fit["names"], fit["values"], [b["path"] for b in benches],
-                                 name or f"{base.name}-calibrated", cfg)
+                                 name or f"{base.name}-calibrated", cfg, described)
     engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
     path = write_engine_profile(mapping, out)
     if as_json:

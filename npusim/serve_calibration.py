@@ -82,7 +82,8 @@ def bench_workload(bench: dict) -> dict[str, Any]:
     return wl
 
 
-def _simulate(bench: dict, hw: str, model: str, engine: EngineConfig, profile_path: str, seed: int) -> dict:
+def _simulate(bench: dict, hw: str, model: str, engine: EngineConfig, profile_path: str, seed: int,
+              server: dict | None = None) -> dict:
     from npusim.scenario import Scenario, run_scenario
     from npusim.workload import WorkloadSpec
 
@@ -90,7 +91,7 @@ def _simulate(bench: dict, hw: str, model: str, engine: EngineConfig, profile_pa
 
     workload = _validate(WorkloadSpec, bench_workload(bench), bench["path"])
     sc = Scenario(hw=hw, model=model, engine=engine.model_copy(update={"profile": profile_path}),
-                  workload=workload, seed=seed)
+                  workload=workload, seed=seed, **(server or {}))
     result = run_scenario(sc)
     if result["completed"] != len(bench["input_lens"]):
         why = result["rejected"][0]["reason"] if result["rejected"] else "not all were scheduled"
@@ -127,8 +128,9 @@ def profile_mapping(profile: EngineProfile) -> dict:
 
 
 def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProfile, engine: EngineConfig,
-                   workdir: Path, seed: int = 0) -> dict[str, Any]:
-    """Least squares over the host terms; returns the fitted values, the residuals and their bounds."""
+                   workdir: Path, seed: int = 0, server: dict | None = None) -> dict[str, Any]:
+    """Least squares over the host terms; returns the fitted values, the residuals and their bounds.
+    `engine`: the server's engine settings; `server`: its other scenario fields (dp, router)."""
     from scipy.optimize import least_squares
 
     names = ["host_per_iteration_ms", "host_per_sequence_us"]
@@ -160,7 +162,7 @@ def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProf
         prof = _profile_with(mapping, dict(zip(names, x)), path)
         out = []
         for b in benches:
-            r = _simulate(b, hw, model, engine, prof, seed)
+            r = _simulate(b, hw, model, engine, prof, seed, server)
             for key in METRICS:
                 pred = r[key]
                 out.append((pred / b[key] - 1.0) if pred else 1.0)
@@ -173,14 +175,14 @@ def fit_host_terms(benches: list[dict], *, hw: str, model: str, base: EngineProf
 
 
 def predict(bench: dict, *, hw: str, model: str, base: EngineProfile, engine: EngineConfig, values: dict,
-            workdir: Path, seed: int = 0) -> dict[str, float]:
+            workdir: Path, seed: int = 0, server: dict | None = None) -> dict[str, float]:
     prof = _profile_with(profile_mapping(base), values, workdir / "predict.yaml")
-    r = _simulate(bench, hw, model, engine, prof, seed)
+    r = _simulate(bench, hw, model, engine, prof, seed, server)
     return {k: r[k] for k in METRICS}
 
 
 def calibrated_mapping(base: EngineProfile, names: list[str], values: list[float], files: list[str],
-                       name: str, engine: EngineConfig | None = None) -> dict:
+                       name: str, engine: EngineConfig | None = None, described: str = "") -> dict:
     """The calibrated profile: the base's, its host terms fitted, and the graph mode and capture
     size of the server the benchmarks ran against where they were given (its flags)."""
     m = profile_mapping(base)
@@ -196,5 +198,6 @@ def calibrated_mapping(base: EngineProfile, names: list[str], values: list[float
         m["capture_tokens_per_seq"] = {"value": n, "kind": "calibrated", "source": src}
     for n, v in zip(names, values):
         m[n] = {"value": round(v, 4), "kind": "calibrated",
-                "source": f"npusim calibrate serve: least squares on duration, mean TTFT, TPOT and ITL of {shown}"}
+                "source": f"npusim calibrate serve: least squares on duration, mean TTFT, TPOT and ITL of {shown}"
+                          + (f" (the server: {described})" if described else "")}
     return m

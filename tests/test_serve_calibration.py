@@ -107,3 +107,79 @@ def test_the_fit_recovers_a_host_bound_graph_refresh_of_vllm_ascend(tmp_path):
     fitted = json.loads(text)["fitted"]
     assert fitted["graph_update_per_layer_us"] == pytest.approx(400.0, rel=0.05)
     assert load_engine_profile(str(tmp_path / "fitted.yaml")).provenance["graph_update_per_layer_us"].kind == "calibrated"
+
+
+def test_the_server_is_described_by_simulates_flags_tensor_parallel_and_fp8_included(tmp_path):
+    """Benchmarks of a TP2, FP8 server with known host terms: calibrate serve told so (--tp 2
+    --weight-dtype fp8, as simulate takes them) recovers the terms and names the server in the
+    profile's sources; told nothing, it fits a single bf16 device, and fits worse."""
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
+    d["host_per_iteration_ms"]["value"], d["host_per_sequence_us"]["value"] = 2.0, 100.0
+    truth = tmp_path / "truth.yaml"
+    truth.write_text(yaml.safe_dump(d))
+    rng = np.random.default_rng(3)
+    files = []
+    for i, conc in enumerate((2, 16)):
+        ins, outs = rng.integers(200, 3000, 24).tolist(), rng.integers(16, 160, 24).tolist()
+        sc = Scenario(hw="h200", model="llama-3.1-8b",
+                      engine={"profile": str(truth), "tensor_parallel_size": 2, "weight_dtype": "fp8"},
+                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=float("inf"), num_requests=24,
+                                            max_concurrency=conc))
+        r = run_scenario(sc)
+        out = {k: r[k] for k in KEYS}
+        out.update(input_lens=ins, output_lens=outs, request_rate="inf", burstiness=1.0, max_concurrency=conc)
+        f = tmp_path / f"bench{i}.json"
+        f.write_text(json.dumps(out))
+        files.append(f)
+    args = ["calibrate", "serve", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", "vllm", "--json"]
+    for f in files:
+        args += ["--bench", str(f)]
+    rc, text, err = run_cli(*args, "--tp", "2", "--weight-dtype", "fp8", "--out", str(tmp_path / "told.yaml"))
+    assert rc == 0, err
+    told = json.loads(text)
+    assert told["fitted"]["host_per_iteration_ms"] == pytest.approx(2.0, rel=0.05)
+    assert told["fitted"]["host_per_sequence_us"] == pytest.approx(100.0, rel=0.15)
+    source = load_engine_profile(str(tmp_path / "told.yaml")).provenance["host_per_iteration_ms"].source
+    assert "the server: --weight-dtype fp8 --tp 2" in source
+    rc, text, err = run_cli(*args, "--out", str(tmp_path / "untold.yaml"))
+    assert rc == 0, err
+    untold = json.loads(text)
+    assert sum(x * x for x in untold["residuals"]) > 10 * sum(x * x for x in told["residuals"])
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--router", "random"], "--router must be round-robin or least-outstanding or prefix-aware"),
+    (["--weight-dtype", "fp5"], "--weight-dtype must be"),
+    (["--preemption", "drop"], "--preemption must be recompute or swap"),
+])
+def test_bad_server_flags_are_refused_in_one_line(tmp_path, flags, needle):
+    good = {"duration": 10.0, "completed": 4, "mean_ttft_ms": 50.0, "mean_tpot_ms": 10.0, "mean_itl_ms": 10.0,
+            "input_lens": [100, 200, 300, 400], "output_lens": [10, 20, 30, 40], "request_rate": 1.0}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(good))
+    assert_one_line_error("calibrate", ["serve", "--bench", str(f), "--hw", "h200", "--model", "llama-3.2-1b",
+                                        "--out", str(tmp_path / "o.yaml"), *flags], needle)
+
+
+def test_calibrate_serve_takes_every_server_flag_simulate_takes():
+    """The server is described as simulate describes it: every engine and replica flag of simulate
+    (those that are not the workload, the instances sharing one device, or the output) is a flag of
+    calibrate serve, passed through the same rules (settings.apply_flags)."""
+    import typer.main
+
+    from npusim.cli import app
+    from npusim.settings import SIMULATE_FIELDS
+
+    def flags_of(*path):
+        cmd = typer.main.get_command(app)
+        for name in path:
+            cmd = cmd.commands[name]
+        return {o for p in cmd.params for o in p.opts}
+
+    sim, cal = flags_of("simulate"), flags_of("calibrate", "serve")
+    not_the_server = {"--requests", "--input-len", "--output-len", "--rate", "--burstiness", "--max-concurrency",
+                      "--trace", "--shared-prefix-len", "--instances", "--sharing", "--contiguous-policy",
+                      "--no-paging", "--batching", "--goodput", "--report", "--seed"}
+    server = {"--" + k.replace("_", "-") for k in SIMULATE_FIELDS} - not_the_server - {"--hw", "--model", "--engine"}
+    assert server <= sim
+    assert server - cal == set()
