@@ -560,6 +560,7 @@ def analyze(
     ep: int = typer.Option(1, "--ep", min=1, help="expert parallel (MoE): 1, the --tp size, or tp x the data-parallel ranks"),
     pp: int = typer.Option(1, "--pp", min=1, help="pipeline parallel: stages, each on --tp devices; --batch is "
                                                   "split into --pp micro-batches in flight"),
+    dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data parallel: replicas of the instance, each on devices of its own, each at --batch (default: 1, or --ep / --tp where the experts span ranks)"),
     cudagraph_mode: Optional[str] = typer.Option(None, "--cudagraph-mode", help=CUDAGRAPH_HELP),
     max_cudagraph_capture_size: Optional[int] = typer.Option(None, "--max-cudagraph-capture-size", min=1, help=CAPTURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -592,6 +593,19 @@ def analyze(
         raise NpusimError("--compare runs the simulator on one device's grid: with --tp, use simulate --tp")
     if pp > 1 and compare:
         raise NpusimError("--compare runs the simulator on one device's grid: with --pp, use simulate --pp")
+    # data-parallel replicas: each one the point, on devices of its own (the experts of an MoE
+    # model spread over the ranks when --ep = tp x dp; the point prices one rank, loaded alike)
+    ranks = ep // tp if ep > tp else 1
+    if dp is not None:
+        if ep > tp and dp != ranks:
+            raise NpusimError(f"--ep {ep} over --tp {tp} devices spans {ranks} data-parallel ranks: --dp must be "
+                              f"{ranks}, got {dp} (or --ep 1, --ep {tp} for experts within each replica)")
+        if dp > 1 and compare:
+            raise NpusimError("--compare runs the simulator on one device's grid: with --dp, use simulate --dp")
+        if dp > 1 and instances > 1:
+            raise NpusimError(f"--dp {dp} replicates the instance on devices of its own; --instances {instances} "
+                              "shares one device among instances: give one of the two")
+        ranks = dp
     graph = dict(cudagraph_mode=_choice("--cudagraph-mode", cudagraph_mode, CUDAGRAPH_MODES),
                  max_cudagraph_capture_size=max_cudagraph_capture_size)
     if compare and (cudagraph_mode or max_cudagraph_capture_size):
@@ -620,8 +634,10 @@ def analyze(
                                              rates=_load_rates(point, batch), **kw)
             if point.feasible else [],
         }
+    replicas = {"dp": ranks, "devices": tp * pp * ranks,
+                "tokens_per_s": point.tokens_per_s * ranks if point.tokens_per_s is not None else None}
     if as_json:
-        out = {"point": point.as_dict(), "grid": grid, "explanation": explanation}
+        out = {"point": point.as_dict(), "replicas": replicas, "grid": grid, "explanation": explanation}
         if comparison is not None:
             out["comparison"] = comparison
         _print_json(out)
@@ -643,6 +659,8 @@ def analyze(
         ("iteration T (device + host) ms", f"{_fmt(p.iteration_ms, '.2f')} ({_fmt(p.device_step_ms, '.2f')} + {_fmt(p.host_ms, '.2f')})"),
         ("TPOT ms", _fmt(p.tpot_ms, ".2f")),
         ("throughput tokens/s (per instance)", f"{_fmt(p.tokens_per_s)} ({_fmt(p.tokens_per_s_per_instance)})"),
+        *([("data-parallel replicas / devices / tokens/s of all", f"{ranks} / {replicas['devices']} / "
+            f"{_fmt(replicas['tokens_per_s'])}")] if ranks > 1 else []),
         ("compute / memory (KV) / overhead ms", f"{_fmt(p.compute_ms, '.2f')} / {_fmt(p.memory_ms, '.2f')} "
                                                 f"({_fmt(p.kv_memory_ms, '.2f')}) / {_fmt(p.overhead_ms, '.2f')}"),
         *([("devices (tensor parallel) / collectives ms", f"{p.tp} / {_fmt(p.comm_ms, '.3f')}")] if p.tp > 1 else []),

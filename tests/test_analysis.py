@@ -148,8 +148,9 @@ def test_analyze_json_contract():
     rc, out, err = run_cli("analyze", "--hw", "ascend-910b2", "--model", "llama-3.1-8b", "--json")
     assert rc == 0, err
     data = json.loads(out)
-    assert set(data) == {"point", "grid", "explanation"}
+    assert set(data) == {"point", "replicas", "grid", "explanation"}
     p = data["point"]
+    assert data["replicas"] == {"dp": 1, "devices": 1, "tokens_per_s": p["tokens_per_s"]}
     assert p["batch"] == 32 and p["context"] == 2048 and p["instances"] == 1
     assert p["feasible"] and p["bound"] == "memory" and 0 < p["ratio_to_proportional"] < 1
     assert {r["batch"] for r in data["grid"]} >= {16, 32, 64}

@@ -214,6 +214,23 @@ def test_analyze_prices_the_tensor_parallel_point_as_step_does():
                           "does not fit")
 
 
+def test_analyze_data_parallel_replicas_multiply_the_point_and_agree_with_the_experts_ranks():
+    """--dp N: N replicas of the point on devices of their own, N x its tokens/s; for an MoE model
+    whose experts span the ranks (--ep = tp x dp) the same point as the implicit ranks of --ep."""
+    one = _json("analyze", "--hw", "h200", "--model", "llama-3.1-8b", "--tp", "2")
+    three = _json("analyze", "--hw", "h200", "--model", "llama-3.1-8b", "--tp", "2", "--dp", "3")
+    assert three["point"] == one["point"]  # each replica is the point
+    assert three["replicas"] == {"dp": 3, "devices": 6, "tokens_per_s": pytest.approx(3 * one["point"]["tokens_per_s"])}
+    assert one["replicas"]["dp"] == 1 and one["replicas"]["devices"] == 2
+    implicit = _json("analyze", "--hw", "h200", "--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4")
+    told = _json("analyze", "--hw", "h200", "--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4", "--dp", "2")
+    assert told == implicit and told["replicas"]["dp"] == 2 and told["replicas"]["devices"] == 4
+    for args, needle in ((["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4", "--dp", "3"], "--dp must be 2, got 3"),
+                         (["--model", "llama-3.1-8b", "--dp", "2", "--instances", "2"], "give one of the two"),
+                         (["--model", "llama-3.1-8b", "--dp", "2", "--compare"], "with --dp, use simulate --dp")):
+        assert_one_line_error("analyze", ["--hw", "h200", *args], needle)
+
+
 
 # --------------------------------------------------------------------------- data-parallel attention, experts over the ranks
 
