@@ -925,7 +925,10 @@ def attention_pairs(chunk: int, cached: int) -> float:
 
 def bench_prefill_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
                             say: Callable[[str], None] = lambda _m: None) -> list[dict]:
-    """One layer's causal prefill attention (batch 1), SDPA on the flash backend where it runs:
+    """One layer's causal prefill attention (batch 1), SDPA on a flash-class kernel where one runs
+    (its flash backend, else cuDNN's, which SDPA itself picks on Hopper where flash cannot take the
+    head dims, as MLA's q/k 192 and v 128: 4x the memory-efficient kernel there, see
+    hw_profiles/measurements/mla_prefill_probe.py), else the efficient one:
     full prompts of plan["prefill_lengths"] (cached 0), and chunks of c new tokens over p cached
     ones (plan["prefill_chunks"]), the chunk's mask aligned to the bottom right (each new token
     sees all p cached tokens). flops = 4 * Hq * D * causal pairs."""
@@ -963,7 +966,8 @@ def bench_prefill_attention(torch, dev: DeviceInfo, dtype: str, plan: dict,
             if dv != d:
                 row["v_head_dim"] = dv
             try:
-                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b, **kw))
+                backend = pick_sdpa_backend(torch, lambda b: sdpa(torch, qs[0], ks[0], vs[0], b, **kw),
+                                            ("flash", "cudnn", "efficient", "default"))
                 row["backend"] = backend
                 calls = [lambda i=i: sdpa(torch, qs[i], ks[i], vs[i], backend, **kw) for i in range(copies)]
                 row.update(time_calls(torch, dev, calls, plan))

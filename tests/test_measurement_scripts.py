@@ -44,3 +44,20 @@ def test_sustained_times_both_phases_in_windows_and_records_its_arguments(tmp_pa
     for w in gemm["windows"]:
         assert w["rate"] == pytest.approx(2.0 * m * k * n / 1e12 * w["calls"] / w["seconds"])
     assert d["smi"] == [] and "gemm: first windows" in run.stdout
+
+
+def test_mla_prefill_probe_times_both_layouts_under_every_backend_that_runs(tmp_path):
+    out = tmp_path / "p.json"
+    subprocess.run([sys.executable, str(SCRIPTS / "mla_prefill_probe.py"), "--device", "cpu", "--small",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    d = json.loads(out.read_text())
+    assert d["npusim_mla_prefill_probe"] == 1
+    rows = d["rows"]
+    assert {(r["chunk"], r["layout"], r["backend"]) for r in rows} == {
+        (s, lay, b) for s in (16, 32) for lay in ("contiguous", "decoder")
+        for b in ("default", "flash", "efficient", "cudnn", "math")}
+    for r in rows:
+        assert ("seconds" in r) != ("error" in r)
+        # the calibration's convention: 2 H (D + Dv) causal pairs
+        assert r["flops"] == 2.0 * r["heads"] * (r["head_dim"] + r["v_head_dim"]) * r["chunk"] * (r["chunk"] + 1) / 2
+    assert all("seconds" in r for r in rows if r["backend"] in ("default", "math"))
