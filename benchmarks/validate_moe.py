@@ -3,10 +3,12 @@
 The measurements: hw_profiles/measurements/moe_grouped_gemm.py on the lent H200 (torch._grouped_mm,
 bf16, eager launches timed by wall clock over 20 calls, tokens routed uniformly at random to
 top-k of E experts): Qwen3-30B-A3B's experts (128, top 8, 2048 -> 768) and Mixtral-8x7B's (8,
-top 2, 4096 -> 14336), 1 to 4096 tokens. The h200 profile prices MoE layers from this file; here
-each layout is predicted three ways:
+top 2, 4096 -> 14336), 1 to 4096 tokens (2026-12-02), and DeepSeek-V2-Lite's (64, top 6, 2048 ->
+1408), DeepSeek-V3's (256, top 8, 7168 -> 2048) and Qwen3-235B-A22B's (128, top 8, 4096 -> 1536),
+1 to 8192 tokens (2026-12-04). The h200 profile prices MoE layers from these files; here each
+layout is predicted three ways:
 - the roofline alone (the profile's matmul and memory efficiencies, fitted to dense GEMMs);
-- from the OTHER layout's measured curve, carried to this layout by the roofline (held out);
+- from the nearest OTHER layout's measured curve, carried to this layout by the roofline (held out);
 - from the same layout's curve with every other token count left out (interpolation).
 
 Run: .venv/bin/python benchmarks/validate_moe.py [--rows]
@@ -23,18 +25,21 @@ from npusim.calibration import GroupedGemmTable
 from npusim.costmodel import CostModel
 from npusim.specs import load_hardware, load_model
 
-MEAS = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements" / "h200-2026-12-02-moe-grouped-gemm.json"
+MEAS_DIR = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"
+MEAS = ("h200-2026-12-02-moe-grouped-gemm.json", "h200-2026-12-04-moe-grouped-gemm.json")
 OPS = (("gate_up_proj", "gate_up_seconds"), ("down_proj", "down_seconds"))
 
 
 def main() -> None:
-    data = json.loads(MEAS.read_text())
-    rows = data["moe_grouped_gemm"]
+    rows = []
+    for name in MEAS:
+        data = json.loads((MEAS_DIR / name).read_text())
+        rows += data["moe_grouped_gemm"]
+        print(f"{name}: {data['device']}, torch {data['torch']}, {len(data['moe_grouped_gemm'])} token counts x 2 ops")
     h200 = load_hardware("h200")
     roofline_hw = h200.without_tables()
     models = sorted({r["model"] for r in rows})
     errors: dict[tuple[str, str], list[float]] = {}
-    print(f"{MEAS.name}: {data['device']}, torch {data['torch']}, {len(rows)} token counts x 2 ops")
     for model in models:
         mine = [r for r in rows if r["model"] == model]
         other = GroupedGemmTable([r for r in rows if r["model"] != model])

@@ -223,6 +223,9 @@ ANALYZE_EFFECTS = {
     "--ep": (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "2"], lambda p, b: p["ep"] == 2 and p["tp"] == 2),
     "--pp": (["--pp", "2"], lambda p, b: p["pp"] == 2 and p["micro_batch"] == 16 and len(p["stage_ms"]) == 2
              and b["stage_ms"] == [] and p["weights_gib"] < 0.6 * b["weights_gib"]),
+    # replicas of the point on devices of their own: the point unchanged, three times its tokens/s
+    "--dp": (["--dp", "3"], lambda p, b: p == b and _json(*ANALYZE, "--dp", "3")["replicas"]["tokens_per_s"]
+             == pytest.approx(3 * b["tokens_per_s"])),
     # a 1B model's decode launched kernel by kernel (no graph, or a batch above the capture size)
     "--cudagraph-mode": (["--model", "llama-3.2-1b", "--cudagraph-mode", "none"],
                          lambda p, b: p["tokens_per_s"] < 0.9 * _json(*ANALYZE[:-2], "--model",

@@ -7,6 +7,7 @@ expert that got tokens, timed as the fallback it is). Device-agnostic: torch_npu
 else CUDA, else the CPU (quick smoke runs only).
 
 Run: python hw_profiles/measurements/moe_grouped_gemm.py --out FILE.json [--quick]
+         [--models qwen3-30b-a3b,mixtral-8x7b,...] (default: those two; MORE_SHAPES has the others)
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ SHAPES = [
     {"model": "qwen3-30b-a3b", "experts": 128, "top_k": 8, "hidden": 2048, "expert_size": 768},
     {"model": "mixtral-8x7b", "experts": 8, "top_k": 2, "hidden": 4096, "expert_size": 14336},
 ]
+# whole experts of the zoo's other MoE models (measured 2026-12-04): DeepSeek-V2-Lite's (the
+# validation decoder's), DeepSeek-V3's and Qwen3-235B-A22B's
+MORE_SHAPES = [
+    {"model": "deepseek-v2-lite", "experts": 64, "top_k": 6, "hidden": 2048, "expert_size": 1408},
+    {"model": "deepseek-v3", "experts": 256, "top_k": 8, "hidden": 7168, "expert_size": 2048},
+    {"model": "qwen3-235b-a22b", "experts": 128, "top_k": 8, "hidden": 4096, "expert_size": 1536},
+]
 TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+MORE_TOKENS = [8192]  # with --models: prefill chunks as long as vLLM's on large devices
 
 
 def device():
@@ -111,10 +120,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="a few small points (a CPU smoke run)")
+    ap.add_argument("--models", help="comma list of: " + ", ".join(s["model"] for s in SHAPES + MORE_SHAPES))
     args = ap.parse_args()
     dev, kind = device()
     tokens = TOKENS[:3] if args.quick else TOKENS
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.models:
+        known = {s["model"]: s for s in SHAPES + MORE_SHAPES}
+        unknown = [m for m in args.models.split(",") if m not in known]
+        if unknown:
+            ap.error(f"--models: unknown {unknown[0]!r} (known: {', '.join(known)})")
+        shapes = [known[m] for m in args.models.split(",")]
+        tokens = tokens if args.quick else TOKENS + MORE_TOKENS
     rows = []
     for shape in shapes:
         for t in tokens:
