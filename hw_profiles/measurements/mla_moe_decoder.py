@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--trace", help="write a gzipped chrome trace of the whole counted step here")
     ap.add_argument("--counts-only", action="store_true", help="count kernels (and trace), time nothing")
+    ap.add_argument("--count-prefill", type=int, default=None, metavar="N",
+                    help="count (and trace) a prefill of N tokens instead of the plan's decode shape")
     args = ap.parse_args(argv)
     if torch is None:
         print("mla_moe_decoder: needs PyTorch", file=sys.stderr)
@@ -279,10 +281,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # kernels of one eager step, of the whole model and truncated to 1, 2, 3 layers (dense, +MoE, +MoE)
         B, C = p["count_shape"]
-        batch = make_batch(cfg, dev, num_decodes=B, context=C, block_size=bs, num_slots=num_slots, seed=1)
+        if args.count_prefill:
+            B, C = 0, 0
+            batch = make_batch(cfg, dev, prompt=args.count_prefill, block_size=bs, num_slots=num_slots, seed=1)
+        else:
+            batch = make_batch(cfg, dev, num_decodes=B, context=C, block_size=bs, num_slots=num_slots, seed=1)
+        phase = "prefill" if args.count_prefill else "decode"
         for n in (None, 1, 2, 3):
             pr = profile_step(step_fn(batch, n), dev, args.trace if n is None else None)
-            counts.append({"phase": "decode", "batch": B, "context": C, "layers": n or cfg["num_layers"], **pr})
+            counts.append({"phase": phase, "batch": B, "context": C, "prompt": args.count_prefill or 0,
+                           "layers": n or cfg["num_layers"], **pr})
         shapes = [] if args.counts_only else \
             [("decode", b, c, 0) for c in p["contexts"] for b in p["batches"]] + [("prefill", 0, 0, n) for n in p["prompts"]]
         for phase, b, c, n in shapes:
