@@ -949,10 +949,11 @@ def calibrate_fit(
 
 @calibrate_app.command("engine")
 def calibrate_engine_cmd(
-    trace: str = typer.Option(..., "--trace", help="a torch.profiler chrome trace (.json, .json.gz) or Ascend kernel_details.csv of one decode step"),
+    trace: str = typer.Option(..., "--trace", help="a torch.profiler chrome trace (.json, .json.gz) or Ascend kernel_details.csv of one forward step"),
     model: str = MODEL_OPT,
-    batch: int = typer.Option(..., "--batch", min=1, help="decode sequences in the traced step"),
-    context: int = typer.Option(..., "--context", min=1, help="tokens of context per sequence in the traced step"),
+    batch: int = typer.Option(..., "--batch", min=1, help="sequences in the traced step (decode sequences, or prompts)"),
+    context: int = typer.Option(..., "--context", min=1, help="decode: tokens of context per sequence; prefill: tokens per prompt"),
+    phase: str = typer.Option("decode", "--phase", help="decode | prefill: what the traced step was (a prefill gives the prefill attention's kernels, and no least kernel times)"),
     base: str = typer.Option(..., "--base", help="engine profile the rest comes from: execution mode, host terms, page sizes"),
     name: str = typer.Option(..., "--name", help="the new engine profile's name"),
     out: str = typer.Option(..., "--out", help="where to write the engine profile (.yaml)"),
@@ -960,7 +961,7 @@ def calibrate_engine_cmd(
     step_ms: Optional[List[float]] = typer.Option(None, "--step-ms", help="an eager engine: the traced step's wall time in ms, measured without the profiler (repeat for repeats; needs --hw): fits the dispatch per kernel"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """An engine profile from a kernel trace of one decode step: kernels per op per layer and each op's least kernel time."""
+    """An engine profile from a kernel trace of one forward step: kernels per op per layer and each op's least kernel time."""
     from npusim.engine_calibration import calibrate_engine, fit_dispatch, write_engine_profile
     from npusim.specs import engine_profile_from_mapping
 
@@ -968,12 +969,18 @@ def calibrate_engine_cmd(
         raise NpusimError(f"--out must name a .yaml file, got {out}")
     if not name.strip():
         raise NpusimError("--name must not be empty")
+    if phase not in ("decode", "prefill"):
+        raise NpusimError(f"--phase must be decode or prefill, got {phase!r}")
+    if step_ms is not None and phase != "decode":
+        raise NpusimError("--step-ms fits the dispatch from a host-bound decode step: trace and time one (--phase decode)")
     if step_ms is not None and hw is None:
         raise NpusimError("--step-ms needs --hw: whether the timed step was host-bound depends on the device")
     h = load_hardware(hw) if hw is not None else None  # (refused before anything is written)
     m = load_model(model)
+    if phase == "prefill" and context > m.max_position_embeddings:
+        raise NpusimError(f"--context {context} exceeds {m.name}'s context of {m.max_position_embeddings} tokens")
     mapping, report = calibrate_engine(trace, m, load_engine_profile(base), name=name, batch=batch,
-                                       context=context)
+                                       context=context, phase=phase)
     profile = engine_profile_from_mapping(mapping, "the calibrated profile")  # it must load
     if step_ms is not None:
         us, report["dispatch"] = fit_dispatch(CostModel(h, m, engine=profile), batch, context, step_ms,
@@ -985,10 +992,14 @@ def calibrate_engine_cmd(
     predicted = None
     if h is not None:
         cm = CostModel(h, m, engine=profile)
-        ctx = batch * (context + 1)
-        slots = batch * ceil_div(context + 1, 16) * 16
-        device = cm.step_time(batch, ctx, slots)
-        host, held = cm.host_times(batch, device)
+        if phase == "decode":
+            ctx = batch * (context + 1)
+            slots = batch * ceil_div(context + 1, 16) * 16
+            device = cm.step_time(batch, ctx, slots)
+            host, held = cm.host_times(batch, device)
+        else:
+            device = cm.step_time(prefill_chunks=[(context, 0)] * batch, num_sampled=batch)
+            host, held = cm.host_times(batch, device, has_decode=False, has_prefill=True, tokens=batch * context)
         predicted = {"device_ms": device * 1e3, "iteration_ms": (host + held) * 1e3}
     if as_json:
         _print_json({**report, "out": str(path), "kernels_by_op": profile.kernels,
@@ -1006,7 +1017,7 @@ def calibrate_engine_cmd(
         console.print(f"dispatch per kernel: {profile.dispatch_per_kernel_us:.3f} us ({report['dispatch']['source']})")
     if predicted:
         console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
-                      f"{predicted['iteration_ms']:.3f} ms (block 16)")
+                      f"{predicted['iteration_ms']:.3f} ms" + (" (block 16)" if phase == "decode" else ""))
     console.print("--batch agrees with the traced GEMM shapes" if report["batch_checked"] else
                   "the trace records no GEMM shapes: --batch is taken as given (record_shapes=True lets npusim check it)")
     console.print(f"wrote {path}")

@@ -82,8 +82,10 @@ def _layers(calls: list[tuple[str, list[KernelRecord]]], num_layers: int) -> tup
     return prologue, layers, calls[epilogue_start:]
 
 
-def _assign_layer(layer: list[tuple[str, list[KernelRecord]]], qk_norm: bool) -> dict[str, list[KernelRecord]]:
-    """npusim op -> the layer's kernels it launched."""
+def _assign_layer(layer: list[tuple[str, list[KernelRecord]]], qk_norm: bool,
+                  attention: str = "attention_decode") -> dict[str, list[KernelRecord]]:
+    """npusim op -> the layer's kernels it launched; the attention kernels (and a gather for them)
+    go to `attention`, the decode or the prefill attention op."""
     ops: dict[str, list[KernelRecord]] = {o: [] for o in LAYER_OPS}
     gemms = [i for i, (cat, _) in enumerate(layer) if cat == "gemm"]
     qkv, o, gate_up, down = gemms[:4]
@@ -105,11 +107,11 @@ def _assign_layer(layer: list[tuple[str, list[KernelRecord]]], qk_norm: bool) ->
             elif cat == "kv_write":
                 ops["kv_cache_write"] += kernels
             elif cat == "copy" and any(k.duration_us > 0 for k in kernels) and _gathers_kv(layer, i, first_attn):
-                ops["attention_decode"] += kernels
+                ops[attention] += kernels
             else:
                 ops["rope"] += kernels
         elif i < o:
-            ops["attention_decode"] += kernels
+            ops[attention] += kernels
         elif i < gate_up:
             ops["rmsnorm_mlp" if cat == "norm" else "residual_attn"] += kernels
         elif i < down:
@@ -156,18 +158,30 @@ def _host_span_us(path: Path) -> float | None:
 
 
 def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *, name: str,
-                     batch: int, context: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine profile mapping ready to write as YAML, a report of what was found)."""
+                     batch: int, context: int, phase: str = "decode") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine profile mapping ready to write as YAML, a report of what was found). `phase`
+    "decode": `batch` sequences each attending `context` tokens; "prefill": `batch` prompts of
+    `context` tokens each. A prefill trace gives the kernels of every op but decode attention
+    (its prefill attention's instead) and no least kernel times: its kernels do real work."""
+    if phase not in ("decode", "prefill"):
+        raise NpusimError(f"--phase must be decode or prefill, got {phase!r}")
     records, files = load_kernels(trace)
     path = files[0]
     calls = _calls(records)
     prologue, layers, epilogue = _layers(calls, model.num_layers)
-    assigned = [_assign_layer(layer, model.qk_norm) for layer in layers]
-    where = f"{path.name}, decode batch {batch} context {context}, {model.name} ({model.num_layers} layers)"
+    attention = f"attention_{phase}"
+    assigned = [_assign_layer(layer, model.qk_norm, attention) for layer in layers]
+    what = f"decode batch {batch} context {context}" if phase == "decode" else \
+        f"prefill of {batch} prompt(s) of {context} tokens"
+    where = f"{path.name}, {what}, {model.name} ({model.num_layers} layers)"
     tokens = traced_tokens(assigned, model.hidden_size)
-    if tokens is not None and tokens != batch:
-        raise NpusimError(f"--batch {batch} disagrees with {path.name}: its QKV GEMMs multiply {tokens} tokens "
-                          f"(a decode step of batch B multiplies B; was this step a prefill, or another batch?)")
+    expect = batch if phase == "decode" else batch * context
+    if tokens is not None and tokens != expect:
+        raise NpusimError(
+            f"--batch {batch} disagrees with {path.name}: its QKV GEMMs multiply {tokens} tokens "
+            + ("(a decode step of batch B multiplies B; was this step a prefill (--phase prefill), or another batch?)"
+               if phase == "decode" else
+               f"(a prefill of B prompts of L tokens multiplies B x L = {expect}; was it a decode step, or another length?)"))
     # The device's idle time between consecutive kernels: in a device-bound trace (a graph replay)
     # a fraction of a microsecond that every kernel pays; npusim's least kernel times include it,
     # as the microbenchmarks' back-to-back times do. A host-bound (eager) trace's gaps are the
@@ -180,14 +194,17 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
     add_gap = max(gap, 0.0) if device_bound else 0.0
     kernels: dict[str, dict] = {}
     floors: dict[str, dict] = {}
+    other_attention = "attention_prefill" if phase == "decode" else "attention_decode"
     for op in LAYER_OPS:
         counts = [len(a[op]) for a in assigned]
         n = int(statistics.median(counts))
-        if op == "attention_prefill" or (op == "qkv_bias" and not model.qkv_bias) or (op == "qk_norm" and not model.qk_norm):
+        if op == other_attention or (op == "qkv_bias" and not model.qkv_bias) or (op == "qk_norm" and not model.qk_norm):
             kernels[op] = dict(base_value=base.kernels[op])
             continue
         kernels[op] = {"value": n, "kind": "calibrated",
                        "source": f"{where}: median kernels per layer of the trace"}
+        if phase == "prefill":  # (over a prompt's tokens its kernels' times are their work, not a least time)
+            continue
         small = [k.duration_us for a in assigned for k in a[op]
                  if classify_kernel(k.name, k.op_type) in _SMALL]
         if small and op not in ("attention_decode",):
@@ -232,11 +249,15 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
     mapping["kernels"] = {op: (v if "value" in v else {"value": v["base_value"], "kind": prov[f"kernels.{op}"].kind,
                                                          "source": prov[f"kernels.{op}"].source})
                           for op, v in kernels.items()}
+    if phase == "prefill":  # the base's least kernel times stay
+        floors = {op: {"value": v, "kind": base.provenance[f"kernel_floor_us.{op}"].kind,
+                       "source": base.provenance[f"kernel_floor_us.{op}"].source}
+                  for op, v in base.kernel_floor_us.items()}
     mapping["kernel_floor_us"] = floors
-    report = {"file": str(path), "kernels": total, "layers": model.num_layers,
+    report = {"file": str(path), "phase": phase, "kernels": total, "layers": model.num_layers,
               "mean_gap_us": gap, "device_bound": device_bound,
               "kernels_per_layer": sum(kernels[o]["value"] for o in LAYER_OPS
-                                       if o != "attention_prefill" and (o != "qk_norm" or model.qk_norm)
+                                       if o != other_attention and (o != "qk_norm" or model.qk_norm)
                                        and (o != "qkv_bias" or model.qkv_bias)),
               "host_span_us": host,
               # (the trace's shapes confirm --batch where it records them; --context only labels

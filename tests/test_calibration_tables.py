@@ -512,3 +512,39 @@ def test_step_ms_recovers_an_eager_engines_dispatch_and_refuses_what_says_nothin
                            str(device_ms / 2), "--step-ms", str(step)], "shorter than npusim's device time")):
         rc, _, err = run_cli(*args, *extra)
         assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+PREFILL_LAYER = [k for k in LAYER if "gather" not in k[0]]  # a prefill attends the prompt itself
+
+
+def test_a_prefill_trace_gives_the_prefill_attentions_kernels_and_keeps_the_least_times(tmp_path):
+    """--phase prefill: the kernels between the QKV and O GEMMs are the prefill attention's; decode
+    attention's count and every least kernel time stay the base's (over a prompt, kernels do work)."""
+    from npusim.engine_calibration import calibrate_engine
+
+    layer = [(n, d * 40) for n, d in PREFILL_LAYER]  # a 2048-token prompt's kernels: long
+    kernels = [("void at::native::indexSelectSmallIndex<bf16>", 8.0)] + layer * 2 + [
+        ("void at::native::vectorized_layer_norm_kernel<bf16>", 5.0), ("nvjet_sm90_tst_lm_head_TNT", 200.0),
+        ("void at::native::vectorized_elementwise_kernel<copy>", 1.0)]
+    t, events = 0.0, []
+    for name, dur in kernels:
+        events.append(_event(name, t, dur))
+        t += dur + 0.5
+    path = tmp_path / "prefill.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    model = load_model("llama-3.1-8b").model_copy(update={"num_layers": 2})
+    base = load_engine_profile("torch-graph")
+    mapping, report = calibrate_engine(path, model, base, name="mine", batch=1, context=2048, phase="prefill")
+    profile = engine_profile_from_mapping(mapping, "mine")
+    assert report["phase"] == "prefill"
+    assert profile.kernels["attention_prefill"] == 1 and profile.kernels["attention_decode"] == base.kernels["attention_decode"]
+    assert profile.kernels["rope"] == 3 and profile.kernels["o_proj"] == 2
+    assert profile.kernel_floor_us == base.kernel_floor_us
+    assert "prefill of 1 prompt(s) of 2048 tokens" in profile.provenance["kernels.attention_prefill"].source
+    args = ["calibrate", "engine", "--trace", str(path), "--model", "llama-3.1-8b", "--batch", "1", "--context", "2048",
+            "--base", "torch-graph", "--name", "x", "--out", str(tmp_path / "x.yaml")]
+    for extra, words in ((["--phase", "mixed"], "--phase must be decode or prefill"),
+                         (["--phase", "prefill", "--hw", "h200", "--step-ms", "30"], "host-bound decode step")):
+        rc, _, err = run_cli(*args, *extra)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
