@@ -8,8 +8,9 @@ prefill, and mixed iterations (decodes plus one chunk): h200-2026-12-02-decoder-
 (compile styles, one process each) and h200-2026-12-02-decoder.json (the rest); and
 DeepSeek-V2-Lite (MLA attention, 64 routed experts) in plain PyTorch, graph style, decode and
 prefill (mla_moe_decoder.py: h200-2026-12-02-mla-moe-decoder.json), kept out of the "all" rows. The eager
-rows again in another session (h200-2026-12-04-decoder-eager.json) are reported apart, as
-"torch-eager (2026-12-04)": nothing was fitted to them.
+rows again in another session (h200-2026-12-04-decoder-eager.json), and llama-3.1-8b's graph
+rows again (h200-2026-12-04-decoder-graph.json), are reported apart, as "... (2026-12-04)":
+nothing was fitted to them.
 
 What was fitted, and on what (everything else is a prediction):
 - the device: the h200 profile's tables are microbenchmarks of single kernels (GEMMs over M,
@@ -55,7 +56,8 @@ FIT_EAGER = ("llama-3.1-8b", "eager", "decode", 8, 2048)
 MLA_FILE = "h200-2026-12-02-mla-moe-decoder.json"
 # The eager rows again in another session (2026-12-04, one process per model, nothing fitted to
 # them): how far a dispatch cost fitted in one session carries to the same VM on another day
-OTHER_SESSION = "h200-2026-12-04-decoder-eager.json"
+OTHER_SESSION = ("h200-2026-12-04-decoder-eager.json",
+                 "h200-2026-12-04-decoder-graph.json")  # (graph: llama-3.1-8b, with the prefill trace)
 FIT_MLA = ("deepseek-v2-lite", "decode", 8, 2048)
 
 
@@ -74,9 +76,10 @@ def rows() -> list[dict]:
                 out.append(r)
     for r in json.loads((MEAS / MLA_FILE).read_text())["rows"]:
         out.append({"attn": "gather", "chunk": 0, "cached": 0, **r})
-    for r in json.loads((MEAS / OTHER_SESSION).read_text())["rows"]:
-        if "median_ms" in r and r["style"] in ENGINES and r.get("attn") in ("gather", "sdpa"):
-            out.append({**r, "session": "2026-12-04"})
+    for name in OTHER_SESSION:
+        for r in json.loads((MEAS / name).read_text())["rows"]:
+            if "median_ms" in r and r["style"] in ENGINES and r.get("attn") in ("gather", "sdpa"):
+                out.append({**r, "session": "2026-12-04"})
     return out
 
 

@@ -548,3 +548,25 @@ def test_a_prefill_trace_gives_the_prefill_attentions_kernels_and_keeps_the_leas
                          (["--phase", "prefill", "--hw", "h200", "--step-ms", "30"], "host-bound decode step")):
         rc, _, err = run_cli(*args, *extra)
         assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_calibrate_engine_on_the_committed_h200_prefill_trace_predicts_the_other_prompts(tmp_path):
+    """The real CUDA-graph prefill of 2048 tokens (llama-3.1-8b, torch SDPA on cuDNN): its kernels
+    per op; the profile written from it prices the 512- and 4096-token prefills of the same run
+    (not traced) within 8 % of their measured times."""
+    meas = HW_PROFILE_DIR / "measurements"
+    trace = meas / "traces" / "trace-llama-3.1-8b-graph-prefill-p2048.json.gz"
+    out = tmp_path / "prefill.yaml"
+    rc, text, err = run_cli("calibrate", "engine", "--trace", str(trace), "--model", "llama-3.1-8b", "--batch", "1",
+                            "--context", "2048", "--phase", "prefill", "--base", "torch-graph", "--name", "p",
+                            "--out", str(out), "--json")
+    assert rc == 0, err
+    d = json.loads(text)
+    assert d["phase"] == "prefill" and d["kernels_by_op"]["attention_prefill"] == 2  # cuDNN's kernel and its memset
+    assert d["kernels_by_op"]["attention_decode"] == load_engine_profile("torch-graph").kernels["attention_decode"]
+    measured = {r["prompt"]: r["median_ms"] for r in json.loads((meas / "h200-2026-12-04-decoder-graph.json")
+                                                                .read_text())["rows"] if r["phase"] == "prefill"}
+    cm = CostModel(load_hardware("h200"), load_model("llama-3.1-8b"), engine=load_engine_profile(str(out)))
+    for prompt in (512, 4096):
+        predicted = cm.step_time(prefill_chunks=[(prompt, 0)], num_sampled=1) * 1e3
+        assert abs(predicted / measured[prompt] - 1) < 0.08, (prompt, predicted, measured[prompt])

@@ -660,6 +660,8 @@ class Runner:
             if style.startswith("compile") and name not in p["compile_models"]:
                 continue
             self.count(ctx, style, attn, tb, tc, trace=trace_model)
+        if trace_model and self.args.trace_dir and self.args.trace_prefill:
+            self.trace_prefill(ctx, self.args.trace_prefill)
         if trace_model and attn != "flex" and p["flex_shapes"] and not self.args.no_flex:
             for style in eager_styles:
                 self.count(ctx, style, "flex", tb, tc, trace=False)
@@ -759,6 +761,24 @@ class Runner:
         self.say(f"{name} {style} {phase} {attn} " + " ".join(f"{k}={v}" for k, v in shape.items())
                  + f": {med:.3f} ms (first call {first:.1f} s)")
 
+    def trace_prefill(self, ctx: dict, n: int) -> None:
+        """A chrome trace of one prefill of n tokens (batch 1, no cache), replayed from a graph
+        where the device has graphs: the input of `npusim calibrate engine --phase prefill`."""
+        name = ctx["name"]
+        style = "graph" if not self.on_cpu else "eager"
+        try:
+            os.makedirs(self.args.trace_dir, exist_ok=True)
+            path = os.path.join(self.args.trace_dir, f"trace-{name}-{style}-prefill-p{n}.json.gz")
+            full = self.step_fn(ctx, style, "sdpa", self.build(ctx, "sdpa", chunk=n))
+            fn = capture(full)[0].replay if style == "graph" else full
+            res = profile_step(fn, self.dev, path)
+        except Exception as e:
+            self.skip(f"prefill trace: {type(e).__name__}: {e}", model=name, style=style, phase="prefill", prompt=n)
+            return
+        self.traces.append({"model": name, "style": style, "phase": "prefill", "file": os.path.basename(path),
+                            "bytes": res["trace_bytes"], "prompt": n})
+        self.say(f"{name} {style} prefill {n}: {res['kernels_per_step']} kernels ({res['kernels_by_class']})")
+
     def count(self, ctx: dict, style: str, attn: str, b: int, c: int, trace: bool) -> None:
         name = ctx["name"]
         key = {"model": name, "style": style, "phase": "decode", "attn": attn, "batch": b, "context": c}
@@ -826,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--compile-models", help="comma-separated models the compile styles run (default: llama-3.1-8b, llama-3.2-1b)")
     ap.add_argument("--trace-dir", help="write gzipped chrome traces here")
+    ap.add_argument("--trace-prefill", type=int, default=None, metavar="N",
+                    help="with --trace-dir: also trace the trace model's prefill of N tokens (graph replay)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile styles (default: default)")
     ap.add_argument("--attn", default="gather", choices=["flex", "gather"],
                     help="the decode attention reader of the main rows (default gather; the trace model "
