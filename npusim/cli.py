@@ -597,7 +597,7 @@ def analyze(
     # model spread over the ranks when --ep = tp x dp; the point prices one rank, loaded alike)
     ranks = ep // tp if ep > tp else 1
     if dp is not None:
-        if ep > tp and dp != ranks:
+        if ep > tp and ep % tp == 0 and dp != ranks:  # (an --ep that is no multiple: the layout check says so)
             raise NpusimError(f"--ep {ep} over --tp {tp} devices spans {ranks} data-parallel ranks: --dp must be "
                               f"{ranks}, got {dp} (or --ep 1, --ep {tp} for experts within each replica)")
         if dp > 1 and compare:
@@ -1019,7 +1019,8 @@ def calibrate_engine_cmd(
         console.print(f"npusim on {hw}: device {predicted['device_ms']:.3f} ms, iteration "
                       f"{predicted['iteration_ms']:.3f} ms" + (" (block 16)" if phase == "decode" else ""))
     console.print("--batch agrees with the traced GEMM shapes" if report["batch_checked"] else
-                  "the trace records no GEMM shapes: --batch is taken as given (record_shapes=True lets npusim check it)")
+                  f"the trace records no GEMM shapes: --batch and --phase ({phase}) are taken as given "
+                  "(record_shapes=True lets npusim check them)")
     console.print(f"wrote {path}")
 
 

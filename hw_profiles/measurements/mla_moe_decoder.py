@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count-prefill", type=int, default=None, metavar="N",
                     help="count (and trace) a prefill of N tokens instead of the plan's decode shape")
     args = ap.parse_args(argv)
+    if args.count_prefill is not None and args.count_prefill < 1:
+        print(f"mla_moe_decoder: --count-prefill must be a number of tokens >= 1, got {args.count_prefill}",
+              file=sys.stderr)
+        return 2
     if torch is None:
         print("mla_moe_decoder: needs PyTorch", file=sys.stderr)
         return 2
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # kernels of one eager step, of the whole model and truncated to 1, 2, 3 layers (dense, +MoE, +MoE)
         B, C = p["count_shape"]
-        if args.count_prefill:
+        if args.count_prefill is not None:
             B, C = 0, 0
             batch = make_batch(cfg, dev, prompt=args.count_prefill, block_size=bs, num_slots=num_slots, seed=1)
         else:

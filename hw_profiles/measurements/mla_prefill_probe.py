@@ -6,7 +6,8 @@ Torch only: CUDA (or the CPU: a dry run at small sizes).
 
 MLA prefill (DeepSeek-V2/V3) attends with q/k of 192 dims (128 + 64 RoPE) and v of 128, every head
 its own K and V. The calibration harness (npusim/calibrate.py, prefill_attention) times SDPA on
-contiguous [1, H, S, D] tensors under the first backend of flash, efficient, default that runs;
+contiguous [1, H, S, D] tensors under the first backend that runs of flash, efficient, default
+(until 2026-12-04, when this probe showed SDPA's own choice; since: flash, cudnn, efficient, default);
 a decoder (mla_moe_decoder.py) hands SDPA transposed views of [S, H, D] tensors and lets it pick.
 This probe times both, causal, batch 1, under SDPA's own choice ("default") and under each
 backend forced (flash, efficient, cudnn, math where they run), and names the kernels the default

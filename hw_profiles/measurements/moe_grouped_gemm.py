@@ -125,12 +125,14 @@ def main() -> None:
     dev, kind = device()
     tokens = TOKENS[:3] if args.quick else TOKENS
     shapes = SHAPES[:1] if args.quick else SHAPES
-    if args.models:
+    if args.models is not None:
         known = {s["model"]: s for s in SHAPES + MORE_SHAPES}
-        unknown = [m for m in args.models.split(",") if m not in known]
-        if unknown:
-            ap.error(f"--models: unknown {unknown[0]!r} (known: {', '.join(known)})")
-        shapes = [known[m] for m in args.models.split(",")]
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in known]
+        if unknown or not names:
+            what = f"unknown {unknown[0]!r}" if unknown else "no model given"
+            raise SystemExit(f"moe_grouped_gemm: --models: {what} (known: {', '.join(known)})")
+        shapes = [known[m] for m in names]
         tokens = tokens if args.quick else TOKENS + MORE_TOKENS
     rows = []
     for shape in shapes:
