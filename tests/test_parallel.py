@@ -227,7 +227,8 @@ def test_analyze_data_parallel_replicas_multiply_the_point_and_agree_with_the_ex
     assert told == implicit and told["replicas"]["dp"] == 2 and told["replicas"]["devices"] == 4
     for args, needle in ((["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4", "--dp", "3"], "--dp must be 2, got 3"),
                          (["--model", "llama-3.1-8b", "--dp", "2", "--instances", "2"], "give one of the two"),
-                         (["--model", "llama-3.1-8b", "--dp", "2", "--compare"], "with --dp, use simulate --dp")):
+                         (["--model", "llama-3.1-8b", "--dp", "2", "--compare"], "with --dp, use simulate --dp"),
+                         (["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "3", "--dp", "2"], "a multiple of 2")):
         assert_one_line_error("analyze", ["--hw", "h200", *args], needle)
 
 
