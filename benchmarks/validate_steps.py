@@ -8,8 +8,8 @@ prefill, and mixed iterations (decodes plus one chunk): h200-2026-12-02-decoder-
 (compile styles, one process each) and h200-2026-12-02-decoder.json (the rest); and
 DeepSeek-V2-Lite (MLA attention, 64 routed experts) in plain PyTorch, graph style, decode and
 prefill (mla_moe_decoder.py: h200-2026-12-02-mla-moe-decoder.json), kept out of the "all" rows. The eager
-rows again in another session (h200-2026-12-04-decoder-eager.json), and llama-3.1-8b's graph
-rows again (h200-2026-12-04-decoder-graph.json), are reported apart, as "... (2026-12-04)":
+rows again in another session (h200-2026-12-04-decoder-eager.json), and the graph rows again
+(h200-2026-12-04-decoder-graph.json), are reported apart, as "... (2026-12-04)":
 nothing was fitted to them.
 
 What was fitted, and on what (everything else is a prediction):
@@ -57,7 +57,7 @@ MLA_FILE = "h200-2026-12-02-mla-moe-decoder.json"
 # The eager rows again in another session (2026-12-04, one process per model, nothing fitted to
 # them): how far a dispatch cost fitted in one session carries to the same VM on another day
 OTHER_SESSION = ("h200-2026-12-04-decoder-eager.json",
-                 "h200-2026-12-04-decoder-graph.json")  # (graph: llama-3.1-8b, with the prefill trace)
+                 "h200-2026-12-04-decoder-graph.json")  # (graph, the five models)
 FIT_MLA = ("deepseek-v2-lite", "decode", 8, 2048)
 
 

@@ -565,7 +565,8 @@ def test_calibrate_engine_on_the_committed_h200_prefill_trace_predicts_the_other
     assert d["phase"] == "prefill" and d["kernels_by_op"]["attention_prefill"] == 2  # cuDNN's kernel and its memset
     assert d["kernels_by_op"]["attention_decode"] == load_engine_profile("torch-graph").kernels["attention_decode"]
     measured = {r["prompt"]: r["median_ms"] for r in json.loads((meas / "h200-2026-12-04-decoder-graph.json")
-                                                                .read_text())["rows"] if r["phase"] == "prefill"}
+                                                                .read_text())["rows"]
+                if r["phase"] == "prefill" and r["model"] == "llama-3.1-8b"}
     cm = CostModel(load_hardware("h200"), load_model("llama-3.1-8b"), engine=load_engine_profile(str(out)))
     for prompt in (512, 4096):
         predicted = cm.step_time(prefill_chunks=[(prompt, 0)], num_sampled=1) * 1e3
