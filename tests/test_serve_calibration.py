@@ -15,6 +15,19 @@ from npusim.workload import WorkloadSpec
 KEYS = ("duration", "completed", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")
 
 
+def _bench_file(path, hw, model, engine, ins, outs, conc, rate=float("inf")):
+    """One benchmark 'measured' on `engine` (a scenario's engine mapping), in vllm bench serve's layout."""
+    sc = Scenario(hw=hw, model=model, engine=engine,
+                  workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=len(ins),
+                                        max_concurrency=conc))
+    r = run_scenario(sc)
+    out = {k: r[k] for k in KEYS}
+    out.update(input_lens=ins, output_lens=outs, request_rate="inf" if rate == float("inf") else rate,
+               burstiness=1.0, max_concurrency=conc)
+    path.write_text(json.dumps(out))
+    return path
+
+
 def _bench_files(tmp_path, host_ms, seq_us):
     """Benchmarks 'measured' on an engine whose host terms we know, in vllm bench serve's layout."""
     d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
@@ -28,16 +41,8 @@ def _bench_files(tmp_path, host_ms, seq_us):
     # cost from the per-sequence one (at one batch size the two are one number)
     for i, (rate, n, conc) in enumerate(((float("inf"), 30, 3), (float("inf"), 30, 12), (float("inf"), 24, None))):
         ins, outs = rng.integers(64, 1200, n).tolist(), rng.integers(8, 160, n).tolist()
-        sc = Scenario(hw="h200", model="llama-3.2-1b", engine={"profile": str(truth)},
-                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=rate, num_requests=n,
-                                            max_concurrency=conc))
-        r = run_scenario(sc)
-        out = {k: r[k] for k in KEYS}
-        out.update(input_lens=ins, output_lens=outs, request_rate="inf" if rate == float("inf") else rate,
-                   burstiness=1.0, max_concurrency=conc)
-        f = tmp_path / f"bench{i}.json"
-        f.write_text(json.dumps(out))
-        files.append(f)
+        files.append(_bench_file(tmp_path / f"bench{i}.json", "h200", "llama-3.2-1b", {"profile": str(truth)},
+                                 ins, outs, conc, rate))
     return files
 
 
@@ -89,15 +94,8 @@ def test_the_fit_recovers_a_host_bound_graph_refresh_of_vllm_ascend(tmp_path):
     files = []
     for i, conc in enumerate((2, 8)):
         ins, outs = rng.integers(64, 600, 16).tolist(), rng.integers(32, 128, 16).tolist()
-        sc = Scenario(hw="ascend-910b3", model="qwen2.5-0.5b", engine={"profile": str(truth)},
-                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=float("inf"), num_requests=16,
-                                            max_concurrency=conc))
-        r = run_scenario(sc)
-        out = {k: r[k] for k in KEYS}
-        out.update(input_lens=ins, output_lens=outs, request_rate="inf", burstiness=1.0, max_concurrency=conc)
-        f = tmp_path / f"bench{i}.json"
-        f.write_text(json.dumps(out))
-        files.append(f)
+        files.append(_bench_file(tmp_path / f"bench{i}.json", "ascend-910b3", "qwen2.5-0.5b", {"profile": str(truth)},
+                                 ins, outs, conc))
     args = ["calibrate", "serve", "--hw", "ascend-910b3", "--model", "qwen2.5-0.5b", "--engine", "vllm-ascend-graph",
             "--out", str(tmp_path / "fitted.yaml"), "--json"]
     for f in files:
@@ -121,16 +119,9 @@ def test_the_server_is_described_by_simulates_flags_tensor_parallel_and_fp8_incl
     files = []
     for i, conc in enumerate((2, 16)):
         ins, outs = rng.integers(200, 3000, 24).tolist(), rng.integers(16, 160, 24).tolist()
-        sc = Scenario(hw="h200", model="llama-3.1-8b",
-                      engine={"profile": str(truth), "tensor_parallel_size": 2, "weight_dtype": "fp8"},
-                      workload=WorkloadSpec(input_lens=ins, output_lens=outs, rate=float("inf"), num_requests=24,
-                                            max_concurrency=conc))
-        r = run_scenario(sc)
-        out = {k: r[k] for k in KEYS}
-        out.update(input_lens=ins, output_lens=outs, request_rate="inf", burstiness=1.0, max_concurrency=conc)
-        f = tmp_path / f"bench{i}.json"
-        f.write_text(json.dumps(out))
-        files.append(f)
+        files.append(_bench_file(tmp_path / f"bench{i}.json", "h200", "llama-3.1-8b",
+                                 {"profile": str(truth), "tensor_parallel_size": 2, "weight_dtype": "fp8"},
+                                 ins, outs, conc))
     args = ["calibrate", "serve", "--hw", "h200", "--model", "llama-3.1-8b", "--engine", "vllm", "--json"]
     for f in files:
         args += ["--bench", str(f)]
