@@ -61,3 +61,13 @@ def test_mla_prefill_probe_times_both_layouts_under_every_backend_that_runs(tmp_
         # the calibration's convention: 2 H (D + Dv) causal pairs
         assert r["flops"] == 2.0 * r["heads"] * (r["head_dim"] + r["v_head_dim"]) * r["chunk"] * (r["chunk"] + 1) / 2
     assert all("seconds" in r for r in rows if r["backend"] in ("default", "math"))
+
+
+def test_sync_probe_times_each_step_kind_and_records_syncs(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, str(SCRIPTS / "sync_probe.py"), "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    d = json.loads(out.read_text())
+    assert d["npusim_sync_probe"] == 1 and [s["kind"] for s in d["steps"]] == ["decode", "prefill", "mixed"]
+    for s in d["steps"]:
+        assert s["syncs"] == [] and 0 < s["launched_ms"] <= s["wall_ms"]
