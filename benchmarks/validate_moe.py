@@ -5,8 +5,10 @@ bf16, eager launches timed by wall clock over 20 calls, tokens routed uniformly 
 top-k of E experts): Qwen3-30B-A3B's experts (128, top 8, 2048 -> 768) and Mixtral-8x7B's (8,
 top 2, 4096 -> 14336), 1 to 4096 tokens (2026-12-02), and DeepSeek-V2-Lite's (64, top 6, 2048 ->
 1408), DeepSeek-V3's (256, top 8, 7168 -> 2048) and Qwen3-235B-A22B's (128, top 8, 4096 -> 1536),
-1 to 8192 tokens (2026-12-04). The h200 profile prices MoE layers from these files; here each
-layout is predicted three ways:
+1 to 8192 tokens (2026-12-04), and one tensor-parallel device's share of four of them (each
+expert's intermediate split: Qwen3-30B-A3B over 2, Qwen3-235B-A22B, DeepSeek-V3 and Mixtral over 8,
+as vLLM runs them without expert parallelism; 2026-12-04). The h200 profile prices MoE layers from
+these files; here each layout is predicted three ways:
 - the roofline alone (the profile's matmul and memory efficiencies, fitted to dense GEMMs);
 - from the nearest OTHER layout's measured curve, carried to this layout by the roofline (held out);
 - from the same layout's curve with every other token count left out (interpolation).
@@ -26,7 +28,8 @@ from npusim.costmodel import CostModel
 from npusim.specs import load_hardware, load_model
 
 MEAS_DIR = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"
-MEAS = ("h200-2026-12-02-moe-grouped-gemm.json", "h200-2026-12-04-moe-grouped-gemm.json")
+MEAS = ("h200-2026-12-02-moe-grouped-gemm.json", "h200-2026-12-04-moe-grouped-gemm.json",
+        "h200-2026-12-04-moe-grouped-gemm-tp.json")
 OPS = (("gate_up_proj", "gate_up_seconds"), ("down_proj", "down_seconds"))
 
 
@@ -44,7 +47,9 @@ def main() -> None:
         mine = [r for r in rows if r["model"] == model]
         other = GroupedGemmTable([r for r in rows if r["model"] != model])
         even = GroupedGemmTable([r for i, r in enumerate(mine) if i % 2 == 0 or i == len(mine) - 1])
-        spec = load_model(model)
+        spec = load_model(mine[0].get("base_model", model))
+        if "base_model" in mine[0]:  # one tensor-parallel device's share of every expert
+            spec = spec.model_copy(update={"moe_intermediate_size": mine[0]["expert_size"]})
         roof = CostModel(roofline_hw, spec)
         shape = (spec.num_experts, spec.experts_per_token, spec.hidden_size, spec.moe_intermediate_size)
         for i, r in enumerate(mine):

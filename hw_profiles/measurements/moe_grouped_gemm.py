@@ -29,6 +29,16 @@ MORE_SHAPES = [
     {"model": "deepseek-v2-lite", "experts": 64, "top_k": 6, "hidden": 2048, "expert_size": 1408},
     {"model": "deepseek-v3", "experts": 256, "top_k": 8, "hidden": 7168, "expert_size": 2048},
     {"model": "qwen3-235b-a22b", "experts": 128, "top_k": 8, "hidden": 4096, "expert_size": 1536},
+    # each expert's intermediate split over tensor-parallel devices, as vLLM runs them without
+    # expert parallelism (one device's share)
+    {"model": "qwen3-30b-a3b-tp2", "base_model": "qwen3-30b-a3b", "tp": 2,
+     "experts": 128, "top_k": 8, "hidden": 2048, "expert_size": 384},
+    {"model": "qwen3-235b-a22b-tp8", "base_model": "qwen3-235b-a22b", "tp": 8,
+     "experts": 128, "top_k": 8, "hidden": 4096, "expert_size": 192},
+    {"model": "deepseek-v3-tp8", "base_model": "deepseek-v3", "tp": 8,
+     "experts": 256, "top_k": 8, "hidden": 7168, "expert_size": 256},
+    {"model": "mixtral-8x7b-tp8", "base_model": "mixtral-8x7b", "tp": 8,
+     "experts": 8, "top_k": 2, "hidden": 4096, "expert_size": 1792},
 ]
 TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 MORE_TOKENS = [8192]  # with --models: prefill chunks as long as vLLM's on large devices
