@@ -962,7 +962,7 @@ def calibrate_engine_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """An engine profile from a kernel trace of one forward step: kernels per op per layer and each op's least kernel time."""
-    from npusim.engine_calibration import calibrate_engine, fit_dispatch, write_engine_profile
+    from npusim.engine_calibration import calibrate_engine, fit_dispatch, traced_step_s, write_engine_profile
     from npusim.specs import engine_profile_from_mapping
 
     if not out.endswith((".yaml", ".yml")):
@@ -991,16 +991,8 @@ def calibrate_engine_cmd(
     path = write_engine_profile(mapping, out)
     predicted = None
     if h is not None:
-        cm = CostModel(h, m, engine=profile)
-        if phase == "decode":
-            ctx = batch * (context + 1)
-            slots = batch * ceil_div(context + 1, 16) * 16
-            device = cm.step_time(batch, ctx, slots)
-            host, held = cm.host_times(batch, device)
-        else:
-            device = cm.step_time(prefill_chunks=[(context, 0)] * batch, num_sampled=batch)
-            host, held = cm.host_times(batch, device, has_decode=False, has_prefill=True, tokens=batch * context)
-        predicted = {"device_ms": device * 1e3, "iteration_ms": (host + held) * 1e3}
+        device, iteration = traced_step_s(CostModel(h, m, engine=profile), batch, context, phase)
+        predicted = {"device_ms": device * 1e3, "iteration_ms": iteration * 1e3}
     if as_json:
         _print_json({**report, "out": str(path), "kernels_by_op": profile.kernels,
                      "kernel_floor_us": profile.kernel_floor_us, "predicted": predicted})

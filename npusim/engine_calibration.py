@@ -266,6 +266,18 @@ def calibrate_engine(trace: str | Path, model: ModelSpec, base: EngineProfile, *
     return mapping, report
 
 
+def traced_step_s(cm: Any, batch: int, context: int, phase: str = "decode") -> tuple[float, float]:
+    """(device seconds, iteration seconds) of the traced step as `cm` prices it: `batch` decodes
+    each attending `context` tokens plus the new one (pages of 16), or `batch` prompts of `context`."""
+    if phase == "decode":
+        device = cm.step_time(batch, batch * (context + 1), batch * ceil_div(context + 1, 16) * 16)
+        host, held = cm.host_times(batch, device)
+    else:
+        device = cm.step_time(prefill_chunks=[(context, 0)] * batch, num_sampled=batch)
+        host, held = cm.host_times(batch, device, has_decode=False, has_prefill=True, tokens=batch * context)
+    return device, host + held
+
+
 def fit_dispatch(cm: Any, batch: int, context: int, step_ms: list[float], where: str) -> tuple[float, dict]:
     """An eager engine's host dispatch per kernel from the measured wall time of the traced step.
 
@@ -284,7 +296,7 @@ def fit_dispatch(cm: Any, batch: int, context: int, step_ms: list[float], where:
         raise NpusimError(f"--step-ms fits the dispatch of an eagerly launched engine; the base profile "
                           f"launches graphs (execution: {cm.engine.execution})")
     measured = statistics.median(step_ms)
-    device_ms = cm.step_time(batch, batch * (context + 1), batch * ceil_div(context + 1, 16) * 16) * 1e3
+    device_ms = traced_step_s(cm, batch, context)[0] * 1e3
     host_ms = (cm.host_overhead_s + cm.host_per_sequence_s * batch) * 1e3
     kernels = cm.kernels_per_iteration(True, False)
     us = (measured - host_ms) * 1e3 / kernels

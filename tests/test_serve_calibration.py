@@ -2,6 +2,7 @@
 through benchmarks made with known host terms, and bad files refused in one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,13 +29,19 @@ def _bench_file(path, hw, model, engine, ins, outs, conc, rate=float("inf")):
     return path
 
 
-def _bench_files(tmp_path, host_ms, seq_us):
-    """Benchmarks 'measured' on an engine whose host terms we know, in vllm bench serve's layout."""
-    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
-    d["host_per_iteration_ms"]["value"] = host_ms
-    d["host_per_sequence_us"]["value"] = seq_us
+def _truth(tmp_path, profile: str, **values) -> Path:
+    """The engine profile `profile` with the host terms `values`: what the benchmarks 'ran' on."""
+    d = yaml.safe_load((ENGINE_PROFILE_DIR / f"{profile}.yaml").read_text())
+    for key, value in values.items():
+        d[key]["value"] = value
     truth = tmp_path / "truth.yaml"
     truth.write_text(yaml.safe_dump(d))
+    return truth
+
+
+def _bench_files(tmp_path, host_ms, seq_us):
+    """Benchmarks 'measured' on an engine whose host terms we know, in vllm bench serve's layout."""
+    truth = _truth(tmp_path, "vllm", host_per_iteration_ms=host_ms, host_per_sequence_us=seq_us)
     rng = np.random.default_rng(1)
     files = []
     # batches of a few, about a dozen and two dozen sequences: any two files tell the per-iteration
@@ -86,10 +93,7 @@ def test_bad_benchmark_files_are_refused_in_one_line(tmp_path, edit, needle):
 def test_the_fit_recovers_a_host_bound_graph_refresh_of_vllm_ascend(tmp_path):
     """Benchmarks of a small model on an engine whose whole-graph decode waits for the host's
     refresh of each layer's attention (vllm-ascend): the refresh a layer comes back."""
-    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm-ascend-graph.yaml").read_text())
-    d["graph_update_per_layer_us"]["value"] = 400.0
-    truth = tmp_path / "truth.yaml"
-    truth.write_text(yaml.safe_dump(d))
+    truth = _truth(tmp_path, "vllm-ascend-graph", graph_update_per_layer_us=400.0)
     rng = np.random.default_rng(2)
     files = []
     for i, conc in enumerate((2, 8)):
@@ -111,10 +115,7 @@ def test_the_server_is_described_by_simulates_flags_tensor_parallel_and_fp8_incl
     """Benchmarks of a TP2, FP8 server with known host terms: calibrate serve told so (--tp 2
     --weight-dtype fp8, as simulate takes them) recovers the terms and names the server in the
     profile's sources; told nothing, it fits a single bf16 device, and fits worse."""
-    d = yaml.safe_load((ENGINE_PROFILE_DIR / "vllm.yaml").read_text())
-    d["host_per_iteration_ms"]["value"], d["host_per_sequence_us"]["value"] = 2.0, 100.0
-    truth = tmp_path / "truth.yaml"
-    truth.write_text(yaml.safe_dump(d))
+    truth = _truth(tmp_path, "vllm", host_per_iteration_ms=2.0, host_per_sequence_us=100.0)
     rng = np.random.default_rng(3)
     files = []
     for i, conc in enumerate((2, 16)):
